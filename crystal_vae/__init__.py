@@ -1,0 +1,1 @@
+"""crystal_vae: a continuous latent space of 3-D crystal structures (JAX/Flax)."""

@@ -1,0 +1,175 @@
+"""Reading crystals: CIF text or files -> `Crystal` records, with named rejections.
+
+A `Crystal` is the plain-numpy form every other module works with: the lattice (rows are the
+lattice vectors, Å), fractional coordinates wrapped into [0, 1), atomic numbers, an id and
+numeric properties. Anything that cannot become a usable `Crystal` raises `RejectedCrystal`
+carrying one of the `REASONS` below, so batch jobs can skip and count bad entries.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import io
+import math
+import pathlib
+import warnings
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+from pymatgen.core import Lattice, Structure
+from pymatgen.io.cif import CifParser
+
+UNPARSABLE = "unparsable_cif"
+DISORDERED = "disordered"
+NO_ATOMS = "no_atoms"
+Z_ABOVE_MAX = "z_above_max"
+CELL_TOO_LARGE = "cell_too_large"
+TOO_MANY_ATOMS = "too_many_atoms"
+REASONS = (UNPARSABLE, DISORDERED, NO_ATOMS, Z_ABOVE_MAX, CELL_TOO_LARGE, TOO_MANY_ATOMS)
+
+
+class RejectedCrystal(ValueError):
+  """A crystal that cannot be used; `reason` is one of `REASONS`."""
+
+  def __init__(self, crystal_id: str, reason: str, detail: str):
+    super().__init__(f"{crystal_id}: {reason}: {detail}")
+    self.crystal_id = crystal_id
+    self.reason = reason
+    self.detail = detail
+
+
+@dataclasses.dataclass(frozen=True)
+class CrystalLimits:
+  """What a crystal must satisfy to be voxelised: the paper keeps cells shorter than the box."""
+
+  box: float = 10.0
+  max_z: int = 100
+  max_atoms: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Crystal:
+  """One ordered crystal: lattice rows in Å, fractional coordinates in [0, 1)."""
+
+  id: str
+  lattice: np.ndarray
+  frac_coords: np.ndarray
+  atomic_numbers: np.ndarray
+  properties: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+  @property
+  def num_atoms(self) -> int:
+    return int(self.atomic_numbers.shape[0])
+
+  def to_structure(self) -> Structure:
+    return Structure(Lattice(self.lattice), [int(z) for z in self.atomic_numbers],
+                     self.frac_coords)
+
+
+def crystal_from_structure(structure: Structure, crystal_id: str,
+                           limits: CrystalLimits = CrystalLimits(),
+                           properties: Mapping[str, float] | None = None) -> Crystal:
+  """Checks `structure` against `limits` and converts it; raises `RejectedCrystal`."""
+  if len(structure) == 0:
+    raise RejectedCrystal(crystal_id, NO_ATOMS, "the structure has no sites")
+  if not structure.is_ordered:
+    raise RejectedCrystal(crystal_id, DISORDERED,
+                          "a site has partial occupancy or mixed species")
+  longest = max(structure.lattice.abc)
+  if not longest < limits.box:
+    raise RejectedCrystal(crystal_id, CELL_TOO_LARGE,
+                          f"longest cell side {longest:.3f} Å is not < the {limits.box} Å box")
+  if len(structure) > limits.max_atoms:
+    raise RejectedCrystal(crystal_id, TOO_MANY_ATOMS,
+                          f"{len(structure)} atoms > max_atoms={limits.max_atoms}")
+  numbers = np.array([site.specie.Z for site in structure], dtype=np.int32)
+  if numbers.max() > limits.max_z:
+    raise RejectedCrystal(crystal_id, Z_ABOVE_MAX,
+                          f"Z={numbers.max()} > max_z={limits.max_z}")
+  frac = np.mod(structure.frac_coords, 1.0)
+  frac[frac >= 1.0] = 0.0  # np.mod can round -1e-17 up to exactly 1.0
+  return Crystal(id=crystal_id,
+                 lattice=np.asarray(structure.lattice.matrix, dtype=np.float64),
+                 frac_coords=frac.astype(np.float64),
+                 atomic_numbers=numbers,
+                 properties=dict(properties or {}))
+
+
+def structure_from_cif(cif_text: str, crystal_id: str) -> Structure:
+  """Parses the first structure of a CIF text; raises `RejectedCrystal` when it cannot."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    try:
+      parser = CifParser(io.StringIO(cif_text), occupancy_tolerance=1.0)
+      structures = parser.parse_structures(primitive=False, check_occu=False, on_error="raise")
+    except Exception as error:  # pymatgen raises many exception types for bad CIFs.
+      first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+      raise RejectedCrystal(crystal_id, UNPARSABLE, first_line[:200]) from error
+  if not structures:
+    raise RejectedCrystal(crystal_id, UNPARSABLE, "no structure found in the CIF")
+  return structures[0]
+
+
+def crystal_from_cif(cif_text: str, crystal_id: str, limits: CrystalLimits = CrystalLimits(),
+                     properties: Mapping[str, float] | None = None) -> Crystal:
+  """CIF text -> `Crystal`; raises `RejectedCrystal` with the reason."""
+  return crystal_from_structure(structure_from_cif(cif_text, crystal_id), crystal_id, limits,
+                                properties)
+
+
+def read_cif_file(path: str | pathlib.Path, limits: CrystalLimits = CrystalLimits()) -> Crystal:
+  """Reads one CIF file; its id is the file name without extension."""
+  path = pathlib.Path(path)
+  try:
+    text = path.read_text()
+  except (OSError, UnicodeDecodeError) as error:
+    raise RejectedCrystal(str(path), UNPARSABLE, f"cannot read the file: {error}") from error
+  return crystal_from_cif(text, path.stem, limits)
+
+
+def numeric_properties(row: Mapping[str, str], exclude: Iterable[str]) -> dict[str, float]:
+  """The finite numeric columns of a CSV row (other than `exclude`) as floats."""
+  excluded = set(exclude)
+  properties = {}
+  for key, value in row.items():
+    if key in excluded or key is None or value is None:
+      continue
+    try:
+      number = float(value)
+    except ValueError:
+      continue
+    if math.isfinite(number):
+      properties[key] = number
+  return properties
+
+
+class RejectionLog:
+  """Counts and lists skipped entries so that a batch job can report them at the end."""
+
+  def __init__(self):
+    self.kept = 0
+    self.rejected: list[RejectedCrystal] = []
+
+  def keep(self) -> None:
+    self.kept += 1
+
+  def reject(self, error: RejectedCrystal) -> None:
+    self.rejected.append(error)
+
+  def counts(self) -> dict[str, int]:
+    return dict(collections.Counter(error.reason for error in self.rejected))
+
+  def summary(self) -> str:
+    counts = self.counts()
+    by_reason = ", ".join(f"{reason}={counts[reason]}" for reason in REASONS if reason in counts)
+    return f"kept {self.kept}, skipped {len(self.rejected)}" + (f" ({by_reason})" if by_reason else "")
+
+  def write_csv(self, path: str | pathlib.Path) -> None:
+    """Writes `id,reason,detail` for each skipped entry."""
+    with open(path, "w", newline="") as handle:
+      writer = csv.writer(handle)
+      writer.writerow(["id", "reason", "detail"])
+      for error in self.rejected:
+        writer.writerow([error.crystal_id, error.reason, error.detail])

@@ -1,0 +1,32 @@
+"""crystal_vae: a β-VAE latent space of 3-D crystal structures in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="crystal_vae",
+    version="0.1.0",
+    description="Encode, decode, sample and interpolate 3-D crystal structures with a voxel β-VAE.",
+    packages=setuptools.find_packages(include=["crystal_vae", "crystal_vae.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10,<0.11",
+        "jaxlib>=0.10,<0.11",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.6",
+        "orbax-checkpoint>=0.11",
+        "ml-collections>=1.0",
+        "absl-py>=2.1",
+        "tensorflow-datasets>=4.9.9",
+        "array-record>=0.8",
+        "grain>=0.2.12",
+        "pymatgen>=2025.1",
+        "numpy>=2.0",
+        "scipy>=1.13",
+        "matplotlib>=3.9",
+        "imageio>=2.34",
+        "smact>=3.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+    },
+)
