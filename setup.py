@@ -25,6 +25,7 @@ setuptools.setup(
         "matplotlib>=3.9",
         "imageio>=2.34",
         "smact>=3.0",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],

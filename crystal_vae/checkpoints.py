@@ -1,0 +1,55 @@
+"""Orbax checkpoints holding the train state and the config it was trained with."""
+
+import pathlib
+from typing import Any
+
+import ml_collections
+import orbax.checkpoint as ocp
+
+
+def checkpoint_manager(workdir: str | pathlib.Path, *, max_to_keep: int = 3,
+                       read_only: bool = False) -> ocp.CheckpointManager:
+  """A manager for `workdir/checkpoints` with two items: `state` and `config`."""
+  directory = pathlib.Path(workdir).absolute() / "checkpoints"
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                         read_only=read_only)
+  return ocp.CheckpointManager(directory, options=options, item_names=("state", "config"))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any,
+         config: ml_collections.ConfigDict) -> None:
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             config=ocp.args.JsonSave(config.to_dict())))
+
+
+def restore_config(manager: ocp.CheckpointManager, step: int | None = None
+                   ) -> ml_collections.ConfigDict:
+  """The config saved with checkpoint `step` (default: the latest)."""
+  step = _existing_step(manager, step)
+  restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  return ml_collections.ConfigDict(_lists_to_tuples(restored.config))
+
+
+def restore_state(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None
+                  ) -> Any:
+  """Restores the state of checkpoint `step` (default: latest) into `abstract_state`'s layout."""
+  step = _existing_step(manager, step)
+  restored = manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+  return restored.state
+
+
+def _existing_step(manager: ocp.CheckpointManager, step: int | None) -> int:
+  step = manager.latest_step() if step is None else step
+  if step is None or step not in manager.all_steps():
+    raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {manager.directory}")
+  return step
+
+
+def _lists_to_tuples(value: Any) -> Any:
+  """JSON turns the config's tuples into lists; ConfigDict fields were tuples."""
+  if isinstance(value, dict):
+    return {key: _lists_to_tuples(item) for key, item in value.items()}
+  if isinstance(value, list):
+    return tuple(_lists_to_tuples(item) for item in value)
+  return value

@@ -1,0 +1,310 @@
+"""Training and evaluation of the β-VAE + attention U-Net (paper §3), data parallel with `jax.jit`.
+
+The batch of padded crystals is voxelised on the devices by a jitted function just before the
+step; `train_step(state, batch, rng)` is pure and derives its reparameterisation key from
+`fold_in(rng, step)`, so a resumed run repeats an uninterrupted one exactly.
+"""
+
+import functools
+import math
+import pathlib
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from absl import logging
+import flax
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+import optax
+
+from crystal_vae import checkpoints
+from crystal_vae import datasets
+from crystal_vae import input_pipeline
+from crystal_vae import metric_writer
+from crystal_vae import models
+from crystal_vae import voxelize
+
+Batch = Mapping[str, jax.Array]
+DATA_AXIS = "data"
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+
+def voxel_spec(config: ml_collections.ConfigDict) -> voxelize.GridSpec:
+  voxel = config.voxel
+  return voxelize.GridSpec(grid=voxel.grid, box=voxel.box, sigma=voxel.sigma,
+                           species_radius=voxel.species_radius,
+                           cutoff_sigmas=voxel.cutoff_sigmas)
+
+
+def create_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """A 1-D `data` mesh over `config.num_devices` devices (-1: all of them, on every host)."""
+  devices = jax.devices()
+  count = len(devices) if config.num_devices == -1 else config.num_devices
+  return jax.make_mesh((count,), (DATA_AXIS,), devices=devices[:count],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
+  """Initialises the model's variables and the Adam optimiser."""
+  model = models.model_from_config(config)
+  grid = config.voxel.grid
+  density = jnp.zeros((1, grid, grid, grid), jnp.float32)
+  params_rng, sample_rng = jax.random.split(rng)
+  condition = jnp.ones((1,), jnp.float32) if config.model.conditional else None
+  variables = model.init(params_rng, density, sample_rng, train=False, condition=condition)
+  return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                           batch_stats=variables["batch_stats"],
+                           tx=optax.adam(config.learning_rate))
+
+
+def lattice_parameters(lattice: jax.Array) -> jax.Array:
+  """(…, 3, 3) lattice rows -> (…, 6): a, b, c (Å) and α, β, γ (degrees)."""
+  lengths = jnp.linalg.norm(lattice, axis=-1)
+  def angle(i, j):
+    cosine = jnp.sum(lattice[..., i, :] * lattice[..., j, :], -1) / (lengths[..., i] * lengths[..., j])
+    return jnp.degrees(jnp.arccos(jnp.clip(cosine, -1.0, 1.0)))
+  return jnp.concatenate([lengths, jnp.stack([angle(1, 2), angle(0, 2), angle(0, 1)], -1)], -1)
+
+
+def voxel_losses(outputs: Mapping[str, jax.Array], batch: Batch,
+                 config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+  """Per-example loss terms and accuracies, shape (B,) each."""
+  density, species = batch["density"], batch["species"]
+  voxel_axes = tuple(range(1, density.ndim))
+  mse = jnp.mean((outputs["recon"] - density) ** 2, axis=voxel_axes)
+  mean, logvar = outputs["mean"], outputs["logvar"]
+  kl = 0.5 * jnp.sum(jnp.exp(logvar) + mean ** 2 - 1.0 - logvar, axis=-1)
+  logits = outputs["logits"].astype(jnp.float32)
+  ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, species), axis=voxel_axes)
+  correct = jnp.argmax(logits, -1) == species
+  atom_voxels = species > 0
+  terms = {
+      "mse": mse, "kl": kl, "ce": ce,
+      "voxel_accuracy": jnp.mean(correct, axis=voxel_axes),
+      "atom_voxel_correct": jnp.sum(correct & atom_voxels, axis=voxel_axes),
+      "atom_voxels": jnp.sum(atom_voxels, axis=voxel_axes),
+  }
+  if "lattice" in outputs:
+    scale = jnp.array([config.voxel.box] * 3 + [90.0] * 3)
+    target = lattice_parameters(batch["lattice"])
+    terms["lattice_mse"] = jnp.mean(((outputs["lattice"] - target) / scale) ** 2, axis=-1)
+  return terms
+
+
+def total_loss(terms: Mapping[str, jax.Array], config: ml_collections.ConfigDict) -> jax.Array:
+  """MSE + β·KL + CE (+ lattice): with the U-Net's input gradient scaled by γ this is
+  L_VAE for the encoder/decoder and L_UNet for the U-Net (paper §3)."""
+  loss = terms["mse"] + config.loss.beta * terms["kl"] + terms["ce"]
+  if "lattice_mse" in terms:
+    loss = loss + config.loss.lattice_weight * terms["lattice_mse"]
+  return jnp.mean(loss)
+
+
+def summarise(terms: Mapping[str, jax.Array], config: ml_collections.ConfigDict
+              ) -> dict[str, jax.Array]:
+  """Batch means of the per-example terms plus the paper's two losses."""
+  metrics = {key: jnp.mean(value) for key, value in terms.items()
+             if key not in ("atom_voxel_correct", "atom_voxels")}
+  metrics["atom_voxel_accuracy"] = (jnp.sum(terms["atom_voxel_correct"])
+                                    / jnp.maximum(jnp.sum(terms["atom_voxels"]), 1))
+  metrics["loss_vae"] = metrics["mse"] + config.loss.beta * metrics["kl"] + config.loss.gamma * metrics["ce"]
+  metrics["loss_unet"] = metrics["ce"]
+  return metrics
+
+
+def condition_of(batch: Batch, config: ml_collections.ConfigDict) -> jax.Array | None:
+  """The conditional VAE's per-sample scale: the maximum of the true density."""
+  if not config.model.conditional:
+    return None
+  return jnp.max(batch["density"], axis=(1, 2, 3))
+
+
+def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
+               config: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One Adam step on a voxelised batch; pure, so it is jitted over the device mesh."""
+  sample_rng = jax.random.fold_in(rng, state.step)
+
+  def loss_fn(params):
+    outputs, updates = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats}, batch["density"], sample_rng,
+        train=True, unet_grad_scale=config.loss.gamma, condition=condition_of(batch, config),
+        mutable=["batch_stats"])
+    terms = voxel_losses(outputs, batch, config)
+    return total_loss(terms, config), (terms, updates["batch_stats"])
+
+  (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  metrics = summarise(terms, config)
+  metrics["loss"] = loss
+  return state, metrics
+
+
+def eval_step(state: TrainState, batch: Batch, *, config: ml_collections.ConfigDict
+              ) -> dict[str, jax.Array]:
+  """Sums of the per-example terms over the valid rows, reconstructing from the latent mean."""
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  condition = condition_of(batch, config)
+
+  def reconstruct(model, density):
+    mean, logvar = model.encode(density, train=False, condition=condition)
+    recon = model.decode(mean, train=False, condition=condition)
+    outputs = {"mean": mean, "logvar": logvar, "recon": recon,
+               "logits": model.segment(recon, train=False)}
+    if config.model.lattice_head:
+      outputs["lattice"] = model.predict_lattice(mean)
+    return outputs
+
+  outputs = state.apply_fn(variables, batch["density"], method=reconstruct)
+  terms = voxel_losses(outputs, batch, config)
+  valid = batch["valid"].astype(jnp.float32)
+  sums = {key: jnp.sum(value * valid) for key, value in terms.items()}
+  sums["count"] = jnp.sum(valid)
+  return sums
+
+
+def num_images_for(lattice: np.ndarray, config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """Static per-axis image counts for a batch, rounded up to even numbers to limit recompiles;
+  the same on every host."""
+  counts = voxelize.images_per_axis(lattice, voxel_spec(config), config.representation,
+                                    config.voxel.rotate).reshape(-1, 3).max(axis=0)
+  if jax.process_count() > 1:
+    counts = multihost_utils.process_allgather(counts).reshape(-1, 3).max(axis=0)
+  return tuple(int(2 * math.ceil(count / 2)) for count in counts)
+
+
+class Trainer:
+  """Holds the jitted, mesh-sharded functions for one config."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    self.config = config
+    self.mesh = mesh
+    self.batch_sharding = jax.NamedSharding(mesh, jax.P(DATA_AXIS))
+    self.replicated = jax.NamedSharding(mesh, jax.P())
+    self.spec = voxel_spec(config)
+    self.train_step = jax.jit(functools.partial(train_step, config=config), donate_argnums=0)
+    self.eval_step = jax.jit(functools.partial(eval_step, config=config))
+
+  def shard(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Per-process numpy arrays -> global arrays split over the `data` axis."""
+    return {key: jax.make_array_from_process_local_data(self.batch_sharding, value)
+            for key, value in local_batch.items() if key in ("lattice", "frac_coords",
+                                                           "atomic_numbers", "atom_mask",
+                                                           "valid")}
+
+  def voxelized(self, local_batch: Mapping[str, np.ndarray], key: jax.Array, *,
+                train: bool) -> dict[str, jax.Array]:
+    """Shards the batch and adds `density` and `species` computed on its devices."""
+    batch = self.shard(local_batch)
+    grids = voxelize.voxelize_batch(
+        batch, key, spec=self.spec, representation=self.config.representation,
+        rotate=self.config.voxel.rotate,
+        random_offset=train and self.config.voxel.random_offset,
+        num_images=num_images_for(local_batch["lattice"], self.config))
+    batch.update(density=grids["density"], species=grids["species"])
+    return batch
+
+  def evaluate(self, state: TrainState, source: Any, seed: int) -> dict[str, float]:
+    """Metrics over (a prefix of) `source`, with a fixed placement key."""
+    config = self.config
+    local_batch_size = config.eval.batch_size // jax.process_count()
+    totals: dict[str, float] = {}
+    for index, local_batch in enumerate(input_pipeline.eval_batches(
+        source, batch_size=local_batch_size, max_atoms=config.dataset.max_atoms)):
+      if index == config.eval.num_batches:
+        break
+      key = jax.random.fold_in(jax.random.key(seed), index)
+      sums = jax.device_get(self.eval_step(state, self.voxelized(local_batch, key, train=False)))
+      for name, value in sums.items():
+        totals[name] = totals.get(name, 0.0) + float(value)
+    count = max(totals.pop("count", 0.0), 1.0)
+    metrics = {name: value / count for name, value in totals.items()
+               if name not in ("atom_voxel_correct", "atom_voxels")}
+    metrics["atom_voxel_accuracy"] = (totals["atom_voxel_correct"]
+                                      / max(totals["atom_voxels"], 1.0))
+    metrics["loss_vae"] = metrics["mse"] + config.loss.beta * metrics["kl"] + config.loss.gamma * metrics["ce"]
+    return metrics
+
+
+def _check_finite(pending: list[tuple[int, dict[str, jax.Array]]], last_good: int | None) -> None:
+  for step, metrics in pending:
+    loss = float(jax.device_get(metrics["loss"]))
+    if not math.isfinite(loss):
+      raise FloatingPointError(
+          f"non-finite loss ({loss}) at step {step}; training stopped. The last good checkpoint"
+          f" (step {last_good}) is left intact: lower the learning rate or check the data.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains for `config.num_train_steps`, resuming from the latest checkpoint in `workdir`."""
+  workdir = pathlib.Path(workdir)
+  mesh = create_mesh(config)
+  if config.batch_size % mesh.size or config.eval.batch_size % mesh.size:
+    raise ValueError(f"batch sizes ({config.batch_size}, eval {config.eval.batch_size}) must be"
+                     f" divisible by the {mesh.size} devices")
+  sources = datasets.load_data_sources(config.dataset)
+  if "train" not in sources or len(sources["train"]) == 0:
+    raise ValueError(f"dataset {config.dataset.name!r} has no train split")
+  eval_source = sources.get(config.eval.split)
+
+  trainer = Trainer(config, mesh)
+  manager = checkpoints.checkpoint_manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
+  rng = jax.random.key(config.seed)
+  init_rng, step_rng, placement_rng = jax.random.split(rng, 3)
+  with jax.set_mesh(mesh):
+    state = jax.device_put(create_train_state(config, init_rng), trainer.replicated)
+    if manager.latest_step() is not None:
+      state = checkpoints.restore_state(manager, state)
+      logging.info("Resumed from step %d in %s", int(state.step), manager.directory)
+    start_step = int(state.step)
+    step_rng = jax.device_put(step_rng, trainer.replicated)
+
+    writer = metric_writer.MetricWriter(workdir)
+    batches = input_pipeline.train_batches(
+        sources["train"], batch_size=config.batch_size // jax.process_count(),
+        max_atoms=config.dataset.max_atoms, seed=config.seed, start_step=start_step)
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    last_good = manager.latest_step()
+    timer_step, timer_start = start_step, time.time()
+    for step in range(start_step + 1, config.num_train_steps + 1):
+      local_batch = next(batches)
+      batch = trainer.voxelized(local_batch, jax.random.fold_in(placement_rng, step), train=True)
+      state, metrics = trainer.train_step(state, batch, step_rng)
+      pending.append((step, metrics))
+      is_last = step == config.num_train_steps
+      if step % config.log_every_steps == 0 or is_last:
+        _check_finite(pending, last_good)
+        means = {key: float(np.mean([jax.device_get(m[key]) for _, m in pending]))
+                 for key in pending[-1][1]}
+        pending = []
+        steps_per_second = (step - timer_step) / (time.time() - timer_start)
+        timer_step, timer_start = step, time.time()
+        eta = (config.num_train_steps - step) / max(steps_per_second, 1e-9)
+        writer.write(step, "train", {**means, "steps_per_second": steps_per_second})
+        logging.info("step %d/%d  loss %.5f  mse %.5f  kl %.2f  ce %.4f  %.2f steps/s  ETA %s",
+                     step, config.num_train_steps, means["loss"], means["mse"], means["kl"],
+                     means["ce"], steps_per_second, _format_seconds(eta))
+      if eval_source is not None and (step % config.eval_every_steps == 0 or is_last):
+        metrics = trainer.evaluate(state, eval_source, seed=config.seed)
+        writer.write(step, config.eval.split, metrics)
+        logging.info("eval %s at step %d: %s", config.eval.split, step,
+                     "  ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
+      if step % config.checkpoint_every_steps == 0 or is_last:
+        _check_finite(pending, last_good)
+        checkpoints.save(manager, step, state, config)
+        last_good = step
+    manager.wait_until_finished()
+    writer.close()
+  return state
+
+
+def _format_seconds(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
