@@ -19,6 +19,7 @@ setuptools.setup(
         "tensorflow-datasets>=4.9.9",
         "array-record>=0.8",
         "grain>=0.2.12",
+        "importlib_resources>=6",
         "pymatgen>=2025.1",
         "numpy>=2.0",
         "scipy>=1.13",

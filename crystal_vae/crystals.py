@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 
 import numpy as np
-from pymatgen.core import Lattice, Structure
+from pymatgen.core import DummySpecies, Lattice, Structure
 from pymatgen.io.cif import CifParser
 
 UNPARSABLE = "unparsable_cif"
@@ -84,14 +84,20 @@ def crystal_from_structure(structure: Structure, crystal_id: str,
   if len(structure) > limits.max_atoms:
     raise RejectedCrystal(crystal_id, TOO_MANY_ATOMS,
                           f"{len(structure)} atoms > max_atoms={limits.max_atoms}")
+  dummies = sorted({str(site.specie) for site in structure if isinstance(site.specie, DummySpecies)})
+  if dummies:
+    raise RejectedCrystal(crystal_id, UNPARSABLE, f"non-element species {', '.join(dummies)}")
   numbers = np.array([site.specie.Z for site in structure], dtype=np.int32)
   if numbers.max() > limits.max_z:
     raise RejectedCrystal(crystal_id, Z_ABOVE_MAX,
                           f"Z={numbers.max()} > max_z={limits.max_z}")
   frac = np.mod(structure.frac_coords, 1.0)
   frac[frac >= 1.0] = 0.0  # np.mod can round -1e-17 up to exactly 1.0
+  # Lattice orientation is arbitrary; use pymatgen's (and CIF's) standard one from a,b,c,α,β,γ
+  # so that the unrotated placements and the unit-cell lattice head agree on it.
+  lattice = Lattice.from_parameters(*structure.lattice.parameters).matrix
   return Crystal(id=crystal_id,
-                 lattice=np.asarray(structure.lattice.matrix, dtype=np.float64),
+                 lattice=np.asarray(lattice, dtype=np.float64),
                  frac_coords=frac.astype(np.float64),
                  atomic_numbers=numbers,
                  properties=dict(properties or {}))

@@ -273,35 +273,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     last_good = manager.latest_step()
     timer_step, timer_start = start_step, time.time()
-    for step in range(start_step + 1, config.num_train_steps + 1):
-      local_batch = next(batches)
-      batch = trainer.voxelized(local_batch, jax.random.fold_in(placement_rng, step), train=True)
-      state, metrics = trainer.train_step(state, batch, step_rng)
-      pending.append((step, metrics))
-      is_last = step == config.num_train_steps
-      if step % config.log_every_steps == 0 or is_last:
-        _check_finite(pending, last_good)
-        means = {key: float(np.mean([jax.device_get(m[key]) for _, m in pending]))
-                 for key in pending[-1][1]}
-        pending = []
-        steps_per_second = (step - timer_step) / (time.time() - timer_start)
-        timer_step, timer_start = step, time.time()
-        eta = (config.num_train_steps - step) / max(steps_per_second, 1e-9)
-        writer.write(step, "train", {**means, "steps_per_second": steps_per_second})
-        logging.info("step %d/%d  loss %.5f  mse %.5f  kl %.2f  ce %.4f  %.2f steps/s  ETA %s",
-                     step, config.num_train_steps, means["loss"], means["mse"], means["kl"],
-                     means["ce"], steps_per_second, _format_seconds(eta))
-      if eval_source is not None and (step % config.eval_every_steps == 0 or is_last):
-        metrics = trainer.evaluate(state, eval_source, seed=config.seed)
-        writer.write(step, config.eval.split, metrics)
-        logging.info("eval %s at step %d: %s", config.eval.split, step,
-                     "  ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
-      if step % config.checkpoint_every_steps == 0 or is_last:
-        _check_finite(pending, last_good)
-        checkpoints.save(manager, step, state, config)
-        last_good = step
-    manager.wait_until_finished()
-    writer.close()
+    try:
+      for step in range(start_step + 1, config.num_train_steps + 1):
+        local_batch = next(batches)
+        batch = trainer.voxelized(local_batch, jax.random.fold_in(placement_rng, step), train=True)
+        state, metrics = trainer.train_step(state, batch, step_rng)
+        pending.append((step, metrics))
+        is_last = step == config.num_train_steps
+        if step % config.log_every_steps == 0 or is_last:
+          _check_finite(pending, last_good)
+          means = {key: float(np.mean([jax.device_get(m[key]) for _, m in pending]))
+                   for key in pending[-1][1]}
+          pending = []
+          steps_per_second = (step - timer_step) / (time.time() - timer_start)
+          timer_step, timer_start = step, time.time()
+          eta = (config.num_train_steps - step) / max(steps_per_second, 1e-9)
+          writer.write(step, "train", {**means, "steps_per_second": steps_per_second})
+          logging.info("step %d/%d  loss %.5f  mse %.5f  kl %.2f  ce %.4f  %.2f steps/s  ETA %s",
+                       step, config.num_train_steps, means["loss"], means["mse"], means["kl"],
+                       means["ce"], steps_per_second, _format_seconds(eta))
+        if eval_source is not None and (step % config.eval_every_steps == 0 or is_last):
+          eval_metrics = trainer.evaluate(state, eval_source, seed=config.seed)
+          writer.write(step, config.eval.split, eval_metrics)
+          logging.info("eval %s at step %d: %s", config.eval.split, step,
+                       "  ".join(f"{k} {v:.4g}" for k, v in sorted(eval_metrics.items())))
+        if step % config.checkpoint_every_steps == 0 or is_last:
+          _check_finite(pending, last_good)
+          checkpoints.save(manager, step, state, config)
+          last_good = step
+    finally:  # an interrupted run still finishes writing its last checkpoint
+      manager.wait_until_finished()
+      writer.close()
   return state
 
 

@@ -86,3 +86,21 @@ def test_rejection_log_counts_and_lists(tmp_path):
   log.write_csv(tmp_path / "rejected.csv")
   lines = (tmp_path / "rejected.csv").read_text().splitlines()
   assert lines[0] == "id,reason,detail" and lines[1] == "a,no_atoms,empty" and len(lines) == 4
+
+
+def test_lattice_is_put_in_the_standard_orientation():
+  """a along x, b in the xy plane: the orientation CIF files are read in."""
+  rotated = Lattice(np.array([[-2.0725, -3.5897, 0.0], [-2.0725, 3.5897, 0.0], [0.0, 0.0, -9.496]]))
+  structure = Structure(rotated, ["Hg", "S"], [[0.28, 0.28, 1 / 3], [0.51, 0.51, 0.83]])
+  crystal = crystals.crystal_from_structure(structure, "cinnabar")
+  np.testing.assert_allclose(crystal.lattice[0, 1:], 0.0, atol=1e-9)
+  np.testing.assert_allclose(crystal.lattice[1, 2], 0.0, atol=1e-9)
+  np.testing.assert_allclose(Lattice(crystal.lattice).parameters, rotated.parameters, atol=1e-9)
+  assert crystal.to_structure().matches(structure)
+
+
+def test_dummy_species_is_rejected_as_unparsable():
+  structure = Structure(Lattice.cubic(4.0), ["X0+"], [[0, 0, 0]])
+  with pytest.raises(crystals.RejectedCrystal) as info:
+    crystals.crystal_from_structure(structure, "dummy")
+  assert info.value.reason == crystals.UNPARSABLE and "X" in info.value.detail

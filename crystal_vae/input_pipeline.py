@@ -1,0 +1,119 @@
+"""Padded numpy batches of crystals from a random-access source, with grain.
+
+A source is any sequence of records as stored by `datasets.CrystalDataset` (or of
+`crystals.Crystal`). A batch is a dict of numpy arrays with a static atom axis A = max_atoms:
+
+- `lattice` float32 (B, 3, 3), rows are the lattice vectors;
+- `frac_coords` float32 (B, A, 3) in [0, 1), zeros where padded;
+- `atomic_numbers` int32 (B, A), 0 where padded;
+- `atom_mask` bool (B, A);
+- `index` int32 (B,), the position of the record in its split;
+- `valid` bool (B,), False for the padding rows of a final eval batch.
+
+Each process reads the records `process_index::process_count` of the source and yields
+batches of its own `batch_size`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from crystal_vae import crystals
+
+Batch = dict[str, np.ndarray]
+
+# Batches are assembled by a small thread pool ahead of the consumer.
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+
+
+def pad_crystal(crystal_or_record: crystals.Crystal | Mapping[str, Any],
+                max_atoms: int) -> Batch:
+  """One crystal as `lattice`, `frac_coords`, `atomic_numbers`, `atom_mask` padded to max_atoms."""
+  if isinstance(crystal_or_record, crystals.Crystal):
+    lattice = crystal_or_record.lattice
+    frac_coords = crystal_or_record.frac_coords
+    atomic_numbers = crystal_or_record.atomic_numbers
+  else:
+    lattice = crystal_or_record["lattice"]
+    frac_coords = crystal_or_record["frac_coords"]
+    atomic_numbers = crystal_or_record["atomic_numbers"]
+  num_atoms = len(atomic_numbers)
+  if num_atoms > max_atoms:
+    raise ValueError(f"a crystal has {num_atoms} atoms > max_atoms={max_atoms}; build the "
+                     "dataset with the same max_atoms as the pipeline")
+  padded = {
+      "lattice": np.asarray(lattice, dtype=np.float32).reshape(3, 3),
+      "frac_coords": np.zeros((max_atoms, 3), np.float32),
+      "atomic_numbers": np.zeros((max_atoms,), np.int32),
+      "atom_mask": np.arange(max_atoms) < num_atoms,
+  }
+  padded["frac_coords"][:num_atoms] = np.asarray(frac_coords).reshape(-1, 3)
+  padded["atomic_numbers"][:num_atoms] = atomic_numbers
+  return padded
+
+
+def _example(index: int, record: Any, max_atoms: int, valid: bool = True) -> Batch:
+  example = pad_crystal(record, max_atoms)
+  example["index"] = np.int32(index)
+  example["valid"] = np.bool_(valid)
+  return example
+
+
+def _shard(num_records: int) -> tuple[int, int]:
+  """This process's (shard index, shard count); fails if some shard would be empty."""
+  process_index, process_count = jax.process_index(), jax.process_count()
+  if num_records < process_count:
+    raise ValueError(f"{num_records} records cannot be shared by {process_count} processes")
+  return process_index, process_count
+
+
+def train_batches(source: Sequence[Any], *, batch_size: int, max_atoms: int, seed: int,
+                  start_step: int = 0) -> Iterator[Batch]:
+  """Infinite shuffled batches; the batch of step s depends only on (seed, s, process).
+
+  Each epoch of this process's shard is a fresh permutation (derived from `seed` and the
+  epoch); batches run across epoch boundaries. Starting at `start_step` yields exactly the
+  batches an uninterrupted iterator would have yielded from that step on.
+  """
+  num_records = len(source)
+  process_index, process_count = _shard(num_records)
+  # Mix the seed so that runs with seeds s and s + 1 do not share epochs (grain adds the
+  # epoch number to the shuffle seed).
+  shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
+  dataset = (grain.MapDataset.source(source)
+             # Later epochs read index + epoch * num_records.
+             .map_with_index(lambda index, record: _example(index % num_records, record,
+                                                            max_atoms))
+             [process_index::process_count]
+             .shuffle(seed=shuffle_seed)
+             .repeat()
+             .batch(batch_size, drop_remainder=True))
+  return iter(dataset[start_step:].to_iter_dataset(_READ_OPTIONS))
+
+
+def eval_batches(source: Sequence[Any], *, batch_size: int, max_atoms: int) -> Iterator[Batch]:
+  """One in-order pass over this process's shard.
+
+  Every process yields the same number of batches; rows past the end of the shard repeat the
+  shard's first record (a well-formed crystal) with `valid` False.
+  """
+  num_records = len(source)
+  if not num_records:
+    return iter(())
+  process_index, process_count = _shard(num_records)
+  shard_size = -(-num_records // process_count)
+  num_batches = -(-shard_size // batch_size)
+
+  def example(position: int) -> Batch:
+    index = process_index + position * process_count
+    if index < num_records:
+      return _example(index, source[index], max_atoms)
+    return _example(process_index, source[process_index], max_atoms, valid=False)
+
+  dataset = grain.MapDataset.range(num_batches * batch_size).map(example).batch(batch_size)
+  return iter(dataset.to_iter_dataset(_READ_OPTIONS))
