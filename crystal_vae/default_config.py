@@ -7,6 +7,8 @@ trains the embedded prototypes dataset in a few minutes and still shows the loss
 
 import ml_collections
 
+from crystal_vae import models
+
 REPRESENTATIONS = ("unit_cell", "repeat")
 
 
@@ -42,20 +44,8 @@ def get_config(representation: str, arg: str | None = None) -> ml_collections.Co
   config.voxel.rotate = representation == "unit_cell"
   config.voxel.random_offset = representation == "repeat"
 
-  config.model = ml_collections.ConfigDict()
-  config.model.latent_dim = 300
-  config.model.encoder_features = (16, 32, 64, 128)
-  config.model.encoder_kernels = (5, 3, 3, 3)
-  config.model.encoder_strides = (2, 1, 1, 2)
-  config.model.decoder_start = 5
-  config.model.decoder_features = (64, 32, 16)
-  config.model.decoder_kernels = (5, 5, 4)
-  config.model.decoder_paddings = ("SAME", "VALID", "SAME")
-  config.model.unet_features = (16, 32, 64, 128)
+  config.model = models.default_model_config()
   config.model.lattice_head = representation == "unit_cell"
-  config.model.conditional = False
-  config.model.conv_impl = "auto"
-  config.model.num_classes = max_z + 1
 
   config.loss = ml_collections.ConfigDict()
   config.loss.beta = 1e-4  # KL weight; KL is summed over latent dims, MSE averaged over voxels.

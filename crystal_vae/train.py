@@ -171,10 +171,10 @@ def eval_step(state: TrainState, batch: Batch, *, config: ml_collections.ConfigD
 
 
 def num_images_for(lattice: np.ndarray, config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """Static per-axis image counts for a batch, rounded up to even numbers to limit recompiles;
-  the same on every host."""
-  counts = voxelize.images_per_axis(lattice, voxel_spec(config), config.representation,
-                                    config.voxel.rotate).reshape(-1, 3).max(axis=0)
+  """The batch's static image counts, equal on every host and rounded up to even numbers so that
+  few distinct values (and so few compilations of the voxeliser) occur."""
+  counts = np.array(voxelize.num_images_for(lattice, voxel_spec(config), config.representation,
+                                            config.voxel.rotate))
   if jax.process_count() > 1:
     counts = multihost_utils.process_allgather(counts).reshape(-1, 3).max(axis=0)
   return tuple(int(2 * math.ceil(count / 2)) for count in counts)

@@ -1,0 +1,320 @@
+"""Decoded atoms -> crystals (pymatgen `Structure`, CIF), for both voxel representations.
+
+* "repeat": the lattice is read off the periodicity of the decoded atoms. Candidate translations
+  are the displacements between atoms of the same species seen from a few reference atoms spread
+  over the cube. A candidate is a lattice vector when (almost) every atom whose translate falls
+  inside the cube (at least `margin` from its faces) finds an atom of the same species within
+  `tolerance` there; the accepted vector is refined to the mean of its matched displacements. The
+  basis is the triple of accepted vectors with the smallest volume (then the shortest), which is
+  a primitive cell of the lattice they generate; its right-handed Niggli-reduced form is placed in
+  pymatgen's standard orientation (`Lattice.from_parameters`). All atoms are then folded into the
+  cell and the periodic copies of each site are merged (species: vote over the copies; position:
+  mean of the copies relative to a representative, across the cell wrap). Atoms touching a cube
+  face are cut by it and get a small weight. A site seen in fewer than `min_site_support` of the
+  places inside the cube where the lattice says it should appear is noise and is dropped.
+  Nothing assumes where the cell origin is.
+* "unit_cell": the lattice comes from the model's lattice head (a, b, c Å, α, β, γ degrees) in
+  standard orientation; the cell centre sits at the cube centre (unrotated at evaluation), so
+  cartesian = cube - box / 2 + (a + b + c) / 2. Fractional coordinates are wrapped and atoms that
+  coincide periodically are merged.
+
+A decoded sample that cannot become a crystal gives a `Reconstruction` with `structure=None` and
+one of `REASONS`, so evaluations count it instead of dropping it.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import pathlib
+from collections.abc import Sequence
+
+import numpy as np
+from pymatgen.core import Lattice, Structure
+from pymatgen.io.cif import CifWriter
+from scipy import spatial
+from scipy.cluster import hierarchy
+
+from crystal_vae.segmentation import Atoms
+
+NO_ATOMS = "no_atoms"
+NO_LATTICE = "no_lattice"
+INVALID_LATTICE = "invalid_lattice"
+ATOMS_TOO_CLOSE = "atoms_too_close"
+REASONS = (NO_ATOMS, NO_LATTICE, INVALID_LATTICE, ATOMS_TOO_CLOSE)
+
+# Weight of atoms touching a cube face (cut by it, so their centres are biased inwards).
+_BOUNDARY_WEIGHT = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class Reconstruction:
+  """A crystal, or `structure=None` with a `reason` from `REASONS` and a human-readable detail."""
+
+  structure: Structure | None
+  reason: str | None = None
+  detail: str = ""
+
+  @property
+  def valid(self) -> bool:
+    return self.structure is not None
+
+
+def _invalid(reason: str, detail: str) -> Reconstruction:
+  return Reconstruction(structure=None, reason=reason, detail=detail)
+
+
+def _merge_sites(lattice: np.ndarray, frac: np.ndarray, species: np.ndarray,
+                 weights: np.ndarray, merge_tolerance: float
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Clusters periodic copies (average linkage on minimum-image distances below
+  `merge_tolerance`); returns per site the weighted-vote species, the weighted mean fractional
+  position (relative to its heaviest copy, wrapped into [0, 1)) and the cluster id of each copy."""
+  if frac.shape[0] == 1:
+    return species.copy(), np.mod(frac, 1.0), np.zeros(1, np.int64)
+  distances = Lattice(lattice).get_all_distances(frac, frac)
+  np.fill_diagonal(distances, 0.0)
+  condensed = spatial.distance.squareform(np.minimum(distances, distances.T), checks=False)
+  cluster = hierarchy.fcluster(hierarchy.linkage(condensed, "average"), merge_tolerance,
+                               criterion="distance") - 1
+  site_species, site_frac = [], []
+  for site in range(cluster.max() + 1):
+    members = np.flatnonzero(cluster == site)
+    w = weights[members]
+    votes = {}
+    for z, weight in zip(species[members], w):
+      votes[int(z)] = votes.get(int(z), 0.0) + weight
+    site_species.append(max(votes, key=lambda z: (votes[z], z)))
+    representative = frac[members[np.argmax(w)]]
+    shift = frac[members] - representative
+    shift -= np.round(shift)
+    site_frac.append(representative + (w[:, None] * shift).sum(axis=0) / w.sum())
+  site_frac = np.mod(np.array(site_frac), 1.0)
+  site_frac[site_frac >= 1.0] = 0.0
+  return np.array(site_species, np.int32), site_frac, cluster
+
+
+def _structure(lattice: np.ndarray, species: np.ndarray, frac: np.ndarray,
+               min_distance: float) -> Reconstruction:
+  """Checks interatomic distances and returns the structure in its right-handed Niggli cell,
+  standard orientation."""
+  structure = Structure(Lattice(lattice), [int(z) for z in species], frac)
+  if len(structure) > 1:
+    distances = structure.distance_matrix + np.diag(np.full(len(structure), np.inf))
+    closest = float(distances.min())
+    if closest < min_distance:
+      return _invalid(ATOMS_TOO_CLOSE, f"two sites {closest:.3f} Å apart (< {min_distance} Å)")
+  reduced = structure.get_reduced_structure("niggli")
+  matrix, reduced_frac = reduced.lattice.matrix, reduced.frac_coords
+  if np.linalg.det(matrix) < 0:  # Inversion keeps every position and makes the basis right-handed.
+    matrix, reduced_frac = -matrix, -reduced_frac
+  standard = Lattice.from_parameters(*Lattice(matrix).parameters)
+  return Reconstruction(Structure(standard, reduced.species, np.mod(reduced_frac, 1.0)))
+
+
+def reconstruct_unit_cell(atoms: Atoms, lattice_parameters: Sequence[float], box: float, *,
+                          merge_tolerance: float = 0.3,
+                          min_distance: float = 0.5) -> Reconstruction:
+  """Places decoded atoms (cube coordinates, unrotated) in the cell of the lattice head
+  (a, b, c, α, β, γ) centred in the cube; merges atoms closer than `merge_tolerance` (periodic).
+  """
+  if len(atoms) == 0:
+    return _invalid(NO_ATOMS, "the species grid has no atoms")
+  parameters = np.asarray(lattice_parameters, np.float64)
+  lengths, angles = parameters[:3], np.radians(parameters[3:])
+  cosines = np.cos(angles)
+  metric_det = (1 - np.sum(cosines**2) + 2 * np.prod(cosines))
+  if (not np.all(np.isfinite(parameters)) or np.any(lengths <= 0) or np.any(angles <= 0)
+      or np.any(angles >= np.pi) or metric_det <= 1e-6):
+    return _invalid(INVALID_LATTICE, f"no cell has parameters {np.round(parameters, 3).tolist()}")
+  lattice = Lattice.from_parameters(*parameters).matrix
+  cartesian = atoms.positions - box / 2 + 0.5 * lattice.sum(axis=0)
+  frac = np.mod(cartesian @ np.linalg.inv(lattice), 1.0)
+  species, site_frac, _ = _merge_sites(lattice, frac, atoms.species, np.ones(len(atoms)),
+                                       merge_tolerance)
+  return _structure(lattice, species, site_frac, min_distance)
+
+
+def _inside(points: np.ndarray, box: float, margin: float) -> np.ndarray:
+  return np.all((points >= margin) & (points <= box - margin), axis=-1)
+
+
+def _candidate_translations(positions: np.ndarray, species: np.ndarray, box: float,
+                            tolerance: float, num_references: int) -> np.ndarray:
+  """Cluster means of same-species displacements from reference atoms near the cube centre and
+  its 8 octant centres (so long translations are seen from a corner), one of each ± pair."""
+  targets = np.array([[box / 2] * 3] + list(itertools.product((box / 4, 3 * box / 4), repeat=3)))
+  references = np.unique(np.argmin(
+      np.linalg.norm(positions[None] - targets[:num_references, None], axis=-1), axis=1))
+  displacements = np.concatenate([
+      positions[species == species[r]] - positions[r] for r in references])
+  displacements = displacements[np.linalg.norm(displacements, axis=-1) > tolerance]
+  # One of each ± pair: first non-negligible component positive.
+  sign = np.sign(np.where(np.abs(displacements) > tolerance, displacements, 0.0))
+  first = sign[np.arange(sign.shape[0]), np.argmax(sign != 0, axis=1)]
+  displacements = displacements * np.where(first < 0, -1.0, 1.0)[:, None]
+  if displacements.shape[0] < 2:
+    return displacements
+  cluster = hierarchy.fcluster(hierarchy.linkage(displacements, "single"), tolerance,
+                               criterion="distance")
+  return np.array([displacements[cluster == c].mean(axis=0) for c in np.unique(cluster)])
+
+
+class _TranslationCheck:
+  """Whether a translation maps the decoded atoms onto atoms of the same species."""
+
+  def __init__(self, positions: np.ndarray, species: np.ndarray, box: float, tolerance: float,
+               margin: float, min_checks: int):
+    self.positions, self.species = positions, species
+    self.box, self.tolerance, self.margin = box, tolerance, margin
+    self.min_checks = min_checks
+    self.tree = spatial.cKDTree(positions)
+
+  def __call__(self, translation: np.ndarray) -> tuple[float | None, int, np.ndarray]:
+    """(the fraction of checked atoms that land on an atom of their species, None when fewer
+    than min_checks atoms can be checked; the number checked; the mean matched displacement)."""
+    sources = np.flatnonzero(_inside(self.positions + translation, self.box, self.margin))
+    if sources.size < self.min_checks:
+      return None, sources.size, translation
+    distance, nearest = self.tree.query(self.positions[sources] + translation,
+                                        distance_upper_bound=self.tolerance)
+    found = np.isfinite(distance)
+    found[found] &= self.species[nearest[found]] == self.species[sources[found]]
+    if not found.any():
+      return 0.0, sources.size, translation
+    refined = (self.positions[nearest[found]] - self.positions[sources[found]]).mean(axis=0)
+    return found.mean(), sources.size, refined
+
+
+def _basis(vectors: np.ndarray, max_vectors: int = 24) -> np.ndarray | None:
+  """The non-degenerate triple of the shortest vectors with the smallest volume, then the
+  smallest total length, right-handed; None when they span fewer than three dimensions."""
+  vectors = vectors[np.argsort(np.linalg.norm(vectors, axis=-1))][:max_vectors]
+  if vectors.shape[0] < 3:
+    return None
+  triples = np.array(list(itertools.combinations(range(vectors.shape[0]), 3)))
+  matrices = vectors[triples]
+  volumes = np.abs(np.linalg.det(matrices))
+  lengths = np.linalg.norm(matrices, axis=-1)
+  proper = volumes > 0.2 * lengths.prod(axis=-1)
+  if not proper.any():
+    return None
+  smallest = volumes[proper].min()
+  options = np.flatnonzero(proper & (volumes < 1.1 * smallest))
+  basis = matrices[options[np.argmin(lengths[options].sum(axis=-1))]]
+  if np.linalg.det(basis) < 0:
+    basis = basis * np.array([[1.0], [1.0], [-1.0]])
+  return basis
+
+
+# Integer combinations n (one of each ± pair) of basis vectors checked for a consistent lattice.
+_IMPLIED = np.array([n for n in itertools.product((-2, -1, 0, 1, 2), repeat=3)
+                     if n > (0, 0, 0)], np.float64)
+
+
+def _find_basis(check: _TranslationCheck, candidates: np.ndarray, min_fraction: float,
+                veto_fraction: float) -> tuple[np.ndarray | None, int]:
+  """A basis of the candidates that hold (for at least `min_fraction` of the atoms checked) whose
+  lattice holds: no checkable lattice vector n @ basis (|n_k| <= 2) may fail (hold for less than
+  `veto_fraction` and miss more than two atoms). A failing one reveals a basis vector that is a
+  coincidence seen by few atoms: the least-checked basis vector is removed and the basis chosen
+  again. Returns (basis or None, number of candidates that hold)."""
+  accepted, checks = [], []
+  for translation in candidates:
+    fraction, count, refined = check(translation)
+    if fraction is not None and fraction >= min_fraction:
+      accepted.append(refined)
+      checks.append(count)
+  vectors, checks = np.array(accepted).reshape(-1, 3), np.array(checks, np.int64)
+  num_accepted = vectors.shape[0]
+  while True:
+    basis = _basis(vectors)
+    if basis is None:
+      return None, num_accepted
+    implied = [check(translation)[:2] for translation in _IMPLIED @ basis]
+    # Two misses are allowed: one wrongly decoded atom misses as a source and as a target.
+    if all(fraction is None or fraction >= veto_fraction or (1 - fraction) * count < 2.5
+           for fraction, count in implied):
+      return basis, num_accepted
+    in_basis = [int(np.argmin(np.minimum(np.linalg.norm(vectors - row, axis=-1),
+                                         np.linalg.norm(vectors + row, axis=-1))))
+                for row in basis]
+    weakest = min(in_basis, key=lambda index: checks[index])
+    vectors, checks = np.delete(vectors, weakest, axis=0), np.delete(checks, weakest)
+
+
+def reconstruct_repeat(atoms: Atoms, box: float, *, tolerance: float = 0.3, margin: float = 0.7,
+                       min_checks: int = 3, min_fraction: float = 0.95,
+                       veto_fraction: float = 0.95, merge_tolerance: float = 0.5,
+                       min_site_support: float = 0.5,
+                       min_distance: float = 0.5, num_references: int = 9) -> Reconstruction:
+  """Recovers the lattice and the cell's sites from decoded atoms of a repeat cube.
+
+  Args:
+    atoms: decoded atoms in cube coordinates (any origin; unrotated or rotated alike).
+    box: cube side, Å.
+    tolerance: how close (Å) a translated atom must land to an atom of its species.
+    margin: translates closer than this (Å) to a cube face are not checked (they may be cut).
+    min_checks: a translation needs at least this many checkable atoms.
+    min_fraction: ... and this fraction of them must land on an atom of their species.
+    veto_fraction: a basis is rejected when one of its short lattice vectors holds for less
+      (and misses more than two atoms).
+    merge_tolerance: copies of one site are clustered with average linkage at this distance (Å).
+    min_site_support: sites found in fewer than this fraction of their expected places inside
+      the cube are dropped.
+    min_distance: sites closer than this (Å, periodic) make the sample invalid.
+    num_references: reference atoms (1 to 9) whose displacements give the candidate translations.
+  """
+  if len(atoms) == 0:
+    return _invalid(NO_ATOMS, "the species grid has no atoms")
+  interior = ~atoms.on_boundary
+  positions, species = atoms.positions[interior], atoms.species[interior]
+  if positions.shape[0] < 2:
+    return _invalid(NO_LATTICE, f"{positions.shape[0]} atoms away from the cube faces")
+  check = _TranslationCheck(positions, species, box, tolerance, margin, min_checks)
+  candidates = _candidate_translations(positions, species, box, tolerance, num_references)
+  basis, num_accepted = _find_basis(check, candidates, min_fraction, veto_fraction)
+  if basis is None:
+    return _invalid(NO_LATTICE, f"{num_accepted} of {candidates.shape[0]} candidate translations "
+                    "hold; they do not give a consistent 3-D lattice")
+  frac = atoms.positions @ np.linalg.inv(basis)
+  weights = np.where(atoms.on_boundary, _BOUNDARY_WEIGHT, 1.0)
+  site_species, site_frac, cluster = _merge_sites(basis, np.mod(frac, 1.0), atoms.species,
+                                                  weights, merge_tolerance)
+  # Support: copies found inside the checked region / places there where the lattice puts the site.
+  checked = _inside(atoms.positions, box, margin) & interior
+  found = np.bincount(cluster[checked], minlength=site_species.shape[0])
+  span = np.ceil(box * np.abs(np.linalg.inv(basis)).sum(axis=0)).astype(int) + 1
+  shifts = np.stack(np.meshgrid(*[np.arange(-n, n + 1) for n in span], indexing="ij"),
+                    axis=-1).reshape(-1, 3)
+  places = (site_frac[:, None, :] + shifts[None]) @ basis
+  expected = _inside(places, box, margin).sum(axis=1)
+  keep = (expected == 0) | (found >= min_site_support * expected)
+  if not keep.any():
+    return _invalid(NO_ATOMS, "no site is supported by its periodic copies")
+  return _structure(basis, site_species[keep], site_frac[keep], min_distance)
+
+
+def to_cif(structure: Structure) -> str:
+  """CIF text of a structure (pymatgen `CifWriter`)."""
+  return str(CifWriter(structure))
+
+
+def write_cifs(reconstructions: Sequence[Reconstruction], ids: Sequence[str],
+               directory: str | pathlib.Path) -> tuple[int, int]:
+  """Writes `<id>.cif` for each valid reconstruction and `invalid.csv` (id, reason, detail) for the
+  rest; returns (valid, invalid) counts."""
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  invalid = []
+  for reconstruction, name in zip(reconstructions, ids, strict=True):
+    if reconstruction.valid:
+      (directory / f"{name}.cif").write_text(to_cif(reconstruction.structure))
+    else:
+      invalid.append((name, reconstruction.reason, reconstruction.detail))
+  with open(directory / "invalid.csv", "w", newline="") as handle:
+    writer = csv.writer(handle)
+    writer.writerow(["id", "reason", "detail"])
+    writer.writerows(invalid)
+  return len(reconstructions) - len(invalid), len(invalid)

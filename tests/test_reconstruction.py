@@ -1,0 +1,161 @@
+"""Reconstruction: true grids -> crystals matching the truth; CIF round trip; invalid reasons."""
+
+import csv
+import gzip
+import pathlib
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from pymatgen.analysis.structure_matcher import StructureMatcher
+from pymatgen.core import Lattice, Structure
+
+from crystal_vae import crystals, reconstruction, segmentation, voxelize
+from test_segmentation import SPEC, prototypes, voxelize_crystals
+
+PEROV_VAL = pathlib.Path("/work/shared/data/perov_5/val.csv.gz")
+MATCHER = StructureMatcher(stol=0.5, angle_tol=10, ltol=0.3)
+# Prototypes of different lattice systems and sizes: e.g. Cu (fcc), W (bcc), Mg (hcp), NaCl,
+# CsCl, spinel MgAl2O4 (14 atoms), calcite (10), triclinic cells.
+REPRESENTATIVE = ("Cu", "W", "Mg", "NaCl", "CsCl", "ZnS", "CaF2", "TiO2", "Al2O3", "MgAl2O4")
+
+
+def _matches(result: reconstruction.Reconstruction, crystal: crystals.Crystal) -> bool:
+  true = crystal.to_structure()
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    return (result.valid and len(result.structure) == len(true.get_primitive_structure())
+            and MATCHER.fit(result.structure, true))
+
+
+def _atoms(species, positions, on_boundary=None) -> segmentation.Atoms:
+  species = np.asarray(species, np.int32)
+  return segmentation.Atoms(
+      species=species, positions=np.asarray(positions, np.float64).reshape(-1, 3),
+      voxels=np.full(species.shape[0], 10),
+      on_boundary=(np.zeros(species.shape[0], bool) if on_boundary is None
+                   else np.asarray(on_boundary)))
+
+
+def _representative_prototypes():
+  chosen = {}
+  for crystal in prototypes():
+    formula = crystal.to_structure().composition.reduced_formula
+    if formula in REPRESENTATIVE and formula not in chosen:
+      chosen[formula] = crystal
+  # Plus two low-symmetry cells (monoclinic / triclinic: all angles away from 90 and 120).
+  low = [c for c in prototypes() if np.linalg.norm(c.lattice, axis=1).max() < 7.0
+         and np.all(np.abs(np.array(Lattice(c.lattice).angles) - 90) > 1)]
+  return list(chosen.values()) + low[:2]
+
+
+def test_repeat_oracle_recovers_prototypes_at_any_origin():
+  cells = _representative_prototypes()
+  assert len(cells) >= 10
+  grids = voxelize_crystals(cells, voxelize.REPEAT, random_offset=True, seed=1)
+  assert np.all(np.abs(grids["offset"]).max(axis=1) > 0.1)
+  atoms = segmentation.segment_batch(grids["species"], SPEC.box)
+  failures = [c.id for c, a in zip(cells, atoms)
+              if not _matches(reconstruction.reconstruct_repeat(a, SPEC.box), c)]
+  assert not failures
+
+
+def _perov_cells(count):
+  if not PEROV_VAL.exists():
+    pytest.skip(f"{PEROV_VAL} not available")
+  csv.field_size_limit(sys.maxsize)
+  with gzip.open(PEROV_VAL, "rt", newline="") as handle:
+    rows = [row for _, row in zip(range(count), csv.DictReader(handle))]
+  return [crystals.crystal_from_cif(row["cif"], row["material_id"]) for row in rows]
+
+
+def test_repeat_and_unit_cell_oracles_recover_perov_5():
+  cells = _perov_cells(24)
+  repeat = voxelize_crystals(cells, voxelize.REPEAT)  # Cell corner at the cube origin.
+  for cell, atoms in zip(cells, segmentation.segment_batch(repeat["species"], SPEC.box)):
+    assert _matches(reconstruction.reconstruct_repeat(atoms, SPEC.box), cell), cell.id
+  unit = voxelize_crystals(cells, voxelize.UNIT_CELL)
+  for cell, atoms in zip(cells, segmentation.segment_batch(unit["species"], SPEC.box)):
+    parameters = Lattice(cell.lattice).parameters
+    assert _matches(reconstruction.reconstruct_unit_cell(atoms, parameters, SPEC.box), cell)
+
+
+def test_unit_cell_merges_periodic_duplicates_and_uses_the_cell_centre():
+  lattice = Lattice.from_parameters(4.0, 4.0, 4.0, 90, 90, 90)
+  corner = SPEC.box / 2 - 2.0  # Cube coordinate of the cell origin.
+  # Cs at the origin seen twice (at frac 0 and, across the cell, frac 1 - 0.01), Cl at the centre.
+  atoms = _atoms([55, 55, 17], [[corner] * 3, [corner + 3.96, corner, corner], [SPEC.box / 2] * 3])
+  result = reconstruction.reconstruct_unit_cell(atoms, lattice.parameters, SPEC.box)
+  assert result.valid and len(result.structure) == 2
+  cscl = Structure(lattice, ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+  assert MATCHER.fit(result.structure, cscl)
+  caesium = [site for site in result.structure if site.specie.Z == 55][0]
+  frac = np.mod(caesium.frac_coords + 0.5, 1.0) - 0.5
+  np.testing.assert_allclose(np.abs(frac), [0.005, 0, 0], atol=1e-9)
+
+
+def test_repeat_votes_species_and_drops_unsupported_sites():
+  lattice = 2.5 * np.eye(3)
+  shifts = np.stack(np.meshgrid(*[np.arange(4)] * 3, indexing="ij"), -1).reshape(-1, 3)
+  positions = shifts @ lattice + 1.0  # A simple cubic Fe lattice, origin at (1, 1, 1).
+  species = np.full(positions.shape[0], 26)
+  species[5] = 27  # One copy decoded as Co: outvoted.
+  noise = [[2.2, 2.3, 2.2]]  # One spurious atom: a site seen once among 27 places.
+  atoms = _atoms(np.concatenate([species, [8]]), np.concatenate([positions, noise]))
+  # Each wrong atom misses as source and as target of a translation: 3 misses in ~50 checks.
+  result = reconstruction.reconstruct_repeat(atoms, SPEC.box, min_fraction=0.9, veto_fraction=0.9)
+  assert result.valid
+  assert [site.specie.Z for site in result.structure] == [26]
+  np.testing.assert_allclose(result.structure.lattice.abc, [2.5] * 3, atol=1e-6)
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda: reconstruction.reconstruct_repeat(_atoms([], []), SPEC.box),
+     reconstruction.NO_ATOMS),
+    (lambda: reconstruction.reconstruct_unit_cell(_atoms([], []), (4, 4, 4, 90, 90, 90), SPEC.box),
+     reconstruction.NO_ATOMS),
+    # Atoms without any repeated pattern.
+    (lambda: reconstruction.reconstruct_repeat(
+        _atoms([8, 8, 8, 26], [[2, 2, 2], [3.1, 5.2, 7.9], [7.3, 2.9, 4.4], [5, 5, 5]]),
+        SPEC.box), reconstruction.NO_LATTICE),
+    # A 2-D pattern (a square net of atoms in one plane) spans no 3-D lattice.
+    (lambda: reconstruction.reconstruct_repeat(
+        _atoms([6] * 16, [[1 + 2.5 * i, 1 + 2.5 * j, 5] for i in range(4) for j in range(4)]),
+        SPEC.box), reconstruction.NO_LATTICE),
+    (lambda: reconstruction.reconstruct_unit_cell(
+        _atoms([8], [[5, 5, 5]]), (4, 4, 4, 30, 30, 150), SPEC.box),
+     reconstruction.INVALID_LATTICE),
+    (lambda: reconstruction.reconstruct_unit_cell(
+        _atoms([8], [[5, 5, 5]]), (4, -1, 4, 90, 90, 90), SPEC.box),
+     reconstruction.INVALID_LATTICE),
+    (lambda: reconstruction.reconstruct_unit_cell(
+        _atoms([8, 8], [[5, 5, 5], [5.4, 5, 5]]), (4, 4, 4, 90, 90, 90), SPEC.box),
+     reconstruction.ATOMS_TOO_CLOSE),
+])
+def test_invalid_samples_have_their_reason(make, reason):
+  result = make()
+  assert not result.valid and result.structure is None
+  assert result.reason == reason and result.detail
+
+
+def test_cif_round_trip_and_invalid_list(tmp_path):
+  shifts = np.stack(np.meshgrid(*[np.arange(3)] * 3, indexing="ij"), -1).reshape(-1, 3)
+  cscl = Structure(Lattice.cubic(3.0), ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+  # A repeat cube of CsCl (origin at (1.2, 1.1, 1.3)) and a unit cell of rocksalt-like NaCl.
+  cube = np.concatenate([(shifts + f) @ cscl.lattice.matrix + [1.2, 1.1, 1.3]
+                         for f in cscl.frac_coords])
+  results = [
+      reconstruction.reconstruct_repeat(_atoms([55] * 27 + [17] * 27, cube), SPEC.box),
+      reconstruction.reconstruct_unit_cell(_atoms([11, 17], [[3.5, 3.5, 3.5], [5, 5, 5]]),
+                                           (3.0, 3.0, 3.0, 90, 90, 90), SPEC.box),
+      reconstruction.reconstruct_repeat(_atoms([], []), SPEC.box)]
+  truths = [cscl, Structure(Lattice.cubic(3.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])]
+  assert reconstruction.write_cifs(results, ["cscl", "nacl", "empty"], tmp_path) == (2, 1)
+  for name, result, truth in zip(["cscl", "nacl"], results, truths):
+    read = crystals.read_cif_file(tmp_path / f"{name}.cif")
+    assert MATCHER.fit(read.to_structure(), truth) and len(read.to_structure()) == 2
+    np.testing.assert_allclose(read.lattice, result.structure.lattice.matrix, atol=1e-4)
+  with open(tmp_path / "invalid.csv", newline="") as handle:
+    rows = list(csv.DictReader(handle))
+  assert [(row["id"], row["reason"]) for row in rows] == [("empty", reconstruction.NO_ATOMS)]

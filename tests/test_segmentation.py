@@ -1,0 +1,187 @@
+"""Segmentation: hand-made grids, and true species grids of random and real crystals."""
+
+import gzip
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pymatgen
+import pytest
+from pymatgen.core import Lattice, Structure
+from pymatgen.util.provenance import StructureNL
+from scipy import optimize
+
+from crystal_vae import crystals, segmentation, voxelize
+
+SPEC = voxelize.GridSpec()  # 30^3 voxels in a 10 Å cube, species radius 0.5 Å.
+HALF_VOXEL = 0.5 * SPEC.voxel_size
+
+
+def voxelize_crystals(batch_crystals, representation, random_offset=False, seed=0):
+  """One padded batch through `voxelize_batch`; returns numpy arrays."""
+  num_atoms = max(c.num_atoms for c in batch_crystals)
+  batch = dict(
+      lattice=np.stack([c.lattice for c in batch_crystals]).astype(np.float32),
+      frac_coords=np.stack([np.pad(c.frac_coords, ((0, num_atoms - c.num_atoms), (0, 0)))
+                            for c in batch_crystals]).astype(np.float32),
+      atomic_numbers=np.stack([np.pad(c.atomic_numbers, (0, num_atoms - c.num_atoms))
+                               for c in batch_crystals]).astype(np.int32),
+      atom_mask=np.stack([np.arange(num_atoms) < c.num_atoms for c in batch_crystals]))
+  result = voxelize.voxelize_batch(
+      batch, jax.random.key(seed), spec=SPEC, representation=representation, rotate=False,
+      random_offset=random_offset,
+      num_images=voxelize.num_images_for(batch["lattice"], SPEC, representation, False))
+  return {name: np.asarray(value) for name, value in result.items()}
+
+
+def unit_cell_positions(crystal):
+  """Cube coordinates of the atoms of the unrotated unit-cell placement."""
+  lattice = crystal.lattice.astype(np.float32).astype(np.float64)
+  frac = crystal.frac_coords.astype(np.float32)  # As voxelize wraps them: 1 - 1e-9 -> 0.
+  frac = (frac - np.floor(frac)).astype(np.float64)
+  return frac @ lattice + SPEC.box / 2 - 0.5 * lattice.sum(axis=0)
+
+
+def assert_same_atoms(found: segmentation.Atoms, species, positions):
+  """Counts equal, and a one-to-one assignment with equal species within half a voxel."""
+  assert len(found) == len(species)
+  distance = np.linalg.norm(found.positions[:, None] - positions[None], axis=-1)
+  rows, cols = optimize.linear_sum_assignment(distance)
+  np.testing.assert_array_equal(found.species[rows], np.asarray(species)[cols])
+  assert distance[rows, cols].max() < HALF_VOXEL
+
+
+def prototypes(limits=crystals.CrystalLimits()):
+  path = pathlib.Path(pymatgen.__path__[0]) / "analysis/prototypes/aflow_prototypes.json.gz"
+  with gzip.open(path, "rt") as handle:
+    entries = json.load(handle)
+  found = []
+  for index, entry in enumerate(entries):
+    try:
+      found.append(crystals.crystal_from_structure(
+          StructureNL.from_dict(entry["snl"]).structure, f"aflow_{index}", limits))
+    except crystals.RejectedCrystal:
+      continue
+  return found
+
+
+def min_same_species_distance(crystal) -> float:
+  structure = crystal.to_structure()
+  distances = structure.distance_matrix + np.diag(np.full(len(structure), np.inf))
+  same = crystal.atomic_numbers[:, None] == crystal.atomic_numbers[None, :]
+  return float(distances[same].min()) if same.any() and len(structure) > 1 else np.inf
+
+
+def _grid(cubes):
+  species = np.zeros((len(cubes), 8, 8, 8), np.int32)
+  for index, cube in enumerate(cubes):
+    for (i, j, k), z in cube.items():
+      species[index, i, j, k] = z
+  return species
+
+
+def test_face_connectivity_species_split_and_batch_independence():
+  blob = {(2, 2, 2): 8, (2, 2, 3): 8, (2, 3, 2): 8, (3, 2, 2): 8}
+  # A touching blob of another species (split by species), a voxel touching the first blob only
+  # along an edge (26- but not 6-connected: separate), and a voxel in the next structure at the
+  # same place (structures never connect).
+  touching = {(2, 2, 4): 1, (2, 2, 5): 1, (2, 3, 4): 1}
+  diagonal = {(3, 3, 3): 8}
+  found = segmentation.segment_batch(_grid([blob | touching | diagonal, diagonal]), 8.0,
+                                     min_size=1)
+  assert [len(atoms) for atoms in found] == [3, 1]
+  assert sorted(found[0].species.tolist()) == [1, 8, 8]
+  o_index = np.flatnonzero((found[0].species == 8) & (found[0].voxels == 4))[0]
+  np.testing.assert_allclose(found[0].positions[o_index], np.array([2.25, 2.25, 2.25]) + 0.5)
+  np.testing.assert_allclose(found[1].positions[0], [3.5, 3.5, 3.5])
+
+
+def test_fragments_are_absorbed_or_dropped_and_species_voted():
+  big = {(i, j, k): 26 for i in (2, 3) for j in (2, 3) for k in (2, 3)}  # 8 Fe voxels.
+  wrong = {(2, 2, 4): 27}  # A 1-voxel Co fragment touching the Fe blob: absorbed.
+  lonely = {(6, 6, 6): 8, (6, 6, 7): 8}  # A 2-voxel fragment touching nothing: dropped.
+  atoms = segmentation.segment_batch(_grid([big | wrong | lonely]), 8.0, min_size=3)[0]
+  assert atoms.species.tolist() == [26] and atoms.voxels.tolist() == [9]
+  expected = np.mean([np.array(v) + 0.5 for v in (big | wrong)], axis=0)
+  np.testing.assert_allclose(atoms.positions[0], expected)
+  kept = segmentation.segment_batch(_grid([big | wrong | lonely]), 8.0, min_size=1)[0]
+  assert sorted(kept.species.tolist()) == [8, 26, 27]
+
+
+def test_density_weights_the_centre_and_boundary_is_flagged():
+  cube = {(0, 4, 4): 6, (1, 4, 4): 6}
+  density = np.zeros((1, 8, 8, 8))
+  density[0, 0, 4, 4], density[0, 1, 4, 4] = 1.0, 3.0
+  atoms = segmentation.segment_batch(_grid([cube]), 8.0, density=density, min_size=1)[0]
+  np.testing.assert_allclose(atoms.positions[0], [0.5 * 0.25 + 1.5 * 0.75, 4.5, 4.5])
+  assert atoms.on_boundary.tolist() == [True]
+
+
+def test_random_unit_cells_are_recovered_exactly():
+  rng = np.random.default_rng(0)
+  batch = []
+  while len(batch) < 16:
+    lattice = np.diag(rng.uniform(3.5, 6.0, 3)) + rng.uniform(-0.5, 0.5, (3, 3))
+    count = int(rng.integers(1, 8))
+    structure = crystals.Crystal("r", lattice, rng.uniform(0, 1, (count, 3)),
+                                 rng.choice([1, 6, 8, 26, 79], count).astype(np.int32))
+    crystal = crystals.crystal_from_structure(structure.to_structure(), f"random_{len(batch)}")
+    positions = unit_cell_positions(crystal)
+    # Atoms must be separate spheres (> 1.4 Å apart for one species, > 1 Å otherwise) and inside.
+    distances = crystal.to_structure().distance_matrix + np.diag(np.full(count, np.inf))
+    if (distances.min() > 1.0 and min_same_species_distance(crystal) > 1.4
+        and np.all((positions > 0.7) & (positions < SPEC.box - 0.7))):
+      batch.append(crystal)
+  grids = voxelize_crystals(batch, voxelize.UNIT_CELL)
+  found = segmentation.segment_batch(grids["species"], SPEC.box)
+  for crystal, atoms in zip(batch, found):
+    assert_same_atoms(atoms, crystal.atomic_numbers, unit_cell_positions(crystal))
+  # The density weighting recovers the same atoms.
+  weighted = segmentation.segment_batch(grids["species"], SPEC.box, density=grids["density"])
+  for crystal, atoms in zip(batch, weighted):
+    assert_same_atoms(atoms, crystal.atomic_numbers, unit_cell_positions(crystal))
+
+
+def test_prototype_unit_cells_are_recovered_exactly():
+  usable = [c for c in prototypes() if min_same_species_distance(c) > 1.4
+            and np.all((unit_cell_positions(c) > 0.7) & (unit_cell_positions(c) < SPEC.box - 0.7))]
+  assert len(usable) > 100
+  subset = usable[::6]
+  grids = voxelize_crystals(subset, voxelize.UNIT_CELL)
+  for crystal, atoms in zip(subset, segmentation.segment_batch(grids["species"], SPEC.box)):
+    assert_same_atoms(atoms, crystal.atomic_numbers, unit_cell_positions(crystal))
+
+
+@pytest.mark.parametrize("random_offset", [False, True])
+def test_repeat_grid_interior_atoms_are_recovered(random_offset):
+  rocksalt = crystals.crystal_from_structure(
+      Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"],
+                                [[0, 0, 0], [0.5, 0.5, 0.5]]), "nacl")
+  grids = voxelize_crystals([rocksalt], voxelize.REPEAT, random_offset=random_offset, seed=3)
+  atoms = segmentation.segment(grids["species"][0], SPEC.box)
+  # Every periodic image of the true crystal that lies inside the cube, placed like voxelize.
+  shifts = np.stack(np.meshgrid(*[np.arange(-4, 5)] * 3, indexing="ij"), -1).reshape(-1, 3)
+  lattice = rocksalt.lattice.astype(np.float32).astype(np.float64)
+  images = ((rocksalt.frac_coords[None] + shifts[:, None]) @ lattice).reshape(-1, 3)
+  images += grids["offset"][0]
+  numbers = np.tile(rocksalt.atomic_numbers, shifts.shape[0])
+  interior = np.all((images > 0.7) & (images < SPEC.box - 0.7), axis=-1)
+  inside = np.all((images > -0.5) & (images < SPEC.box + 0.5), axis=-1)
+  # Interior images are found exactly; everything found is an image that touches the cube.
+  assert_same_atoms(
+      segmentation.Atoms(atoms.species[~atoms.on_boundary], atoms.positions[~atoms.on_boundary],
+                         atoms.voxels[~atoms.on_boundary], atoms.on_boundary[~atoms.on_boundary]),
+      numbers[interior], images[interior])
+  assert len(atoms) <= inside.sum()
+  distance = np.linalg.norm(atoms.positions[:, None] - images[None, inside], axis=-1)
+  np.testing.assert_array_equal(atoms.species, numbers[inside][distance.argmin(axis=1)])
+  # Atoms cut by a face have their centre pulled inwards, by less than the species radius.
+  assert np.all(distance.min(axis=1) < SPEC.species_radius)
+
+
+def test_predicted_species_is_the_argmax():
+  logits = np.zeros((1, 2, 2, 2, 4))
+  logits[0, 1, 1, 1, 3] = 1.0
+  species = segmentation.predicted_species(logits)
+  assert species.shape == (1, 2, 2, 2) and species[0, 1, 1, 1] == 3 and species.sum() == 3
