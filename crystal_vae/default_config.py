@@ -64,6 +64,8 @@ def get_config(representation: str, arg: str | None = None) -> ml_collections.Co
   config.eval.split = "validation"
   config.eval.batch_size = 24
   config.eval.num_batches = -1  # -1: the whole split.
+  config.eval.oracle = False  # post-process the TRUE species grids instead of decoded ones.
+  config.eval.min_component_size = 3  # voxels; smaller fragments join a neighbour or are dropped.
 
   if arg in (None, "", "paper"):
     return config

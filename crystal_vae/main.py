@@ -1,4 +1,10 @@
-"""Command line: `python -m crystal_vae.main --config=configs/repeat.py --workdir=DIR [--mode=...]`."""
+"""Command line: `python -m crystal_vae.main --config=configs/repeat.py --workdir=DIR [--mode=...]`.
+
+Modes: `train` (resumes from DIR's latest checkpoint), `evaluate` (reconstruct a split and
+measure it; see evaluate.py).
+"""
+
+import logging as python_logging
 
 from absl import app
 from absl import flags
@@ -6,26 +12,38 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from crystal_vae import evaluate
 from crystal_vae import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file, e.g. configs/repeat.py:quick.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
-flags.DEFINE_enum("mode", "train", ["train"], "What to do with the config and workdir.")
+flags.DEFINE_enum("mode", "train", ["train", "evaluate"], "What to do with the config and workdir.")
 flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() first (multi-host).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(python_logging.Filter):
+  """Drops the INFO chatter of orbax and TFDS so that the progress lines stay readable."""
+
+  def filter(self, record: python_logging.LogRecord) -> bool:
+    noisy = any(name in record.pathname for name in ("orbax", "tensorflow_datasets"))
+    return record.levelno >= python_logging.WARNING or not noisy
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if FLAGS.jax_distributed:
     jax.distributed.initialize()
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
   if FLAGS.mode == "train":
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  elif FLAGS.mode == "evaluate":
+    evaluate.evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,113 @@
+"""A trained model restored from a workdir: voxelise, encode, decode, segment, rebuild crystals.
+
+    model = inference.TrainedModel.restore("workdir")
+    grids = model.voxelize(crystals)                  # true density and species grids
+    mean, logvar = model.encode(grids["density"])
+    decoded = model.decode(mean)                      # density, species, lattice (unit cell)
+    reconstructions = model.to_crystals(decoded)      # pymatgen Structures or reasons
+"""
+
+import dataclasses
+import functools
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from crystal_vae import checkpoints
+from crystal_vae import crystals
+from crystal_vae import input_pipeline
+from crystal_vae import models
+from crystal_vae import reconstruction
+from crystal_vae import segmentation
+from crystal_vae import train
+from crystal_vae import voxelize
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+  """The config, variables and jitted pure functions of a trained `CrystalVAE`."""
+
+  config: ml_collections.ConfigDict
+  variables: Any
+
+  @classmethod
+  def restore(cls, workdir: str | pathlib.Path, step: int | None = None) -> "TrainedModel":
+    """Restores checkpoint `step` (default: the latest) and the config saved with it."""
+    manager = checkpoints.checkpoint_manager(workdir, read_only=True)
+    config = checkpoints.restore_config(manager, step)
+    abstract = jax.eval_shape(lambda: train.create_train_state(config, jax.random.key(0)))
+    state = checkpoints.restore_state(manager, abstract, step)
+    return cls(config, {"params": state.params, "batch_stats": state.batch_stats})
+
+  @property
+  def spec(self) -> voxelize.GridSpec:
+    return train.voxel_spec(self.config)
+
+  @functools.cached_property
+  def _apply(self):
+    model = models.model_from_config(self.config)
+    return jax.jit(model.apply, static_argnames=("method", "train"))
+
+  def voxelize(self, structures: Sequence[crystals.Crystal], *, seed: int = 0
+               ) -> dict[str, np.ndarray]:
+    """True grids as at evaluation: repeat at the origin, unit cells rotated only if configured."""
+    padded = [input_pipeline.pad_crystal(crystal, self.config.dataset.max_atoms)
+              for crystal in structures]
+    batch = {key: np.stack([p[key] for p in padded]) for key in padded[0]}
+    grids = voxelize.voxelize_batch(
+        batch, jax.random.key(seed), spec=self.spec, representation=self.config.representation,
+        rotate=self.config.voxel.rotate, random_offset=False,
+        num_images=voxelize.num_images_for(batch["lattice"], self.spec,
+                                           self.config.representation, self.config.voxel.rotate))
+    return {key: np.asarray(value) for key, value in grids.items()}
+
+  def condition(self, density: np.ndarray) -> jax.Array | None:
+    """The conditional VAE's per-sample scale (the maximum density), None otherwise."""
+    if not self.config.model.conditional:
+      return None
+    return jnp.max(jnp.asarray(density), axis=(1, 2, 3))
+
+  def encode(self, density: np.ndarray, condition: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Latent mean and log-variance, (B, L) each."""
+    if condition is None:
+      condition = self.condition(density)
+    mean, logvar = self._apply(self.variables, jnp.asarray(density), train=False,
+                               condition=condition, method="encode")
+    return np.asarray(mean), np.asarray(logvar)
+
+  def decode(self, z: np.ndarray, condition: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Latents -> decoded `density`, segmented `species` (argmax), and `lattice` (unit cell)."""
+    z = jnp.asarray(z, jnp.float32)
+    if self.config.model.conditional and condition is None:
+      raise ValueError("a conditional model needs a condition (target maximum density)")
+    condition = None if condition is None else jnp.asarray(condition, jnp.float32)
+    density = self._apply(self.variables, z, train=False, condition=condition, method="decode")
+    logits = self._apply(self.variables, density, train=False, method="segment")
+    decoded = {"density": np.asarray(density),
+               "species": segmentation.predicted_species(np.asarray(logits))}
+    if self.config.model.lattice_head:
+      decoded["lattice"] = np.asarray(self._apply(self.variables, z, method="predict_lattice"))
+    return decoded
+
+  def atoms(self, grids: dict[str, np.ndarray], min_size: int = 3) -> list[segmentation.Atoms]:
+    """Connected components (of at least `min_size` voxels) of the species grids, at their
+    density-weighted centres."""
+    return segmentation.segment_batch(grids["species"], self.spec.box, density=grids["density"],
+                                      min_size=min_size)
+
+  def to_crystals(self, grids: dict[str, np.ndarray], atoms: list[segmentation.Atoms] | None = None
+                  ) -> list[reconstruction.Reconstruction]:
+    """Decoded (or true) grids -> crystals; invalid ones carry their reason."""
+    atoms = self.atoms(grids) if atoms is None else atoms
+    if self.config.representation == "repeat":
+      return [reconstruction.reconstruct_repeat(a, self.spec.box) for a in atoms]
+    if "lattice" not in grids:
+      raise ValueError("unit-cell grids need lattice parameters (the model's lattice head)")
+    return [reconstruction.reconstruct_unit_cell(a, lattice, self.spec.box)
+            for a, lattice in zip(atoms, grids["lattice"])]
