@@ -6,7 +6,8 @@ Candidates (all channels-last, same kernel layout as `nn.Conv`: (kd, kh, kw, in,
   depth_fold kernel-depth slices stacked into channels, then one 2-D convolution.
   im2col     all k^3 patches gathered into one matrix, then a matmul.
 Each is run in float32 and bfloat16. Usage:
-  python launch/benchmark_conv.py [--batch 8] [--repeats 7] [--impls xla,depth_sum,...] [--dtypes f32,bf16]
+  python launch/benchmark_conv.py [--batch 8] [--repeats 7] [--impls xla,depth_sum,...]
+      [--dtypes f32,bf16] [--layers enc1,dec2,...]
 Prints one row per layer: median milliseconds of jitted grad(sum(out * ct)) w.r.t. input and kernel.
 """
 

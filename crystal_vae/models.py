@@ -1,0 +1,440 @@
+"""Flax models: the β-VAE over voxel densities, the attention U-Net segmenter and a lattice head.
+
+Everything is channels-last and a pure function of parameters and inputs. Densities are
+(B, G, G, G) arrays; the VAE maps them to a latent (mean, logvar) of size L and back, the U-Net
+maps a (decoded) density to per-voxel species logits (B, G, G, G, max_z + 1), class 0 = no atom.
+
+Shape path of the paper decoder (G = 30, `decoder_start` 5, kernels (5, 5, 4), paddings
+(SAME, VALID, SAME)), computed by `decoder_sizes`:
+  Dense -> 5^3 x 128 -> up 10 -> conv5 SAME 10 x 64 -> up 20 -> conv5 VALID 16 x 32
+  -> up 32 -> conv4 SAME 32 x 16 -> conv3 VALID 30 x 1 (final kernel = 32 - 30 + 1).
+
+Config fields read by `model_from_config` (see `default_model_config` for the paper values):
+  config.voxel.grid            G, the cube's voxels per side.
+  config.dataset.max_z         species classes are 0..max_z.
+  config.model.latent_dim      L.
+  config.model.encoder_features / encoder_kernels / encoder_strides   per encoder conv (SAME).
+  config.model.decoder_start   side of the cube the decoder's Dense output is reshaped to; its
+                               channels are encoder_features[-1].
+  config.model.decoder_features / decoder_kernels / decoder_paddings  per upsampling round.
+  config.model.unet_features   U-Net features per level, finest first (last = bottleneck).
+  config.model.lattice_head    whether to build `LatticeHead`; lattice_hidden its hidden widths.
+  config.model.conditional     multiply the bottleneck by the per-sample `condition` (§4.5).
+  config.model.conv_impl       'auto', 'xla' or 'depth_sum' (see `conv3d`).
+  config.model.dtype           computation dtype name ('float32', 'bfloat16'); params are float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import linen as nn
+from jax import lax
+
+Padding = Sequence[tuple[int, int]]
+CONV_IMPLS = ("auto", "xla", "depth_sum")
+
+
+def _conv_xla(
+    x: jax.Array, kernel: jax.Array, strides: tuple[int, ...], pads: Padding) -> jax.Array:
+  return lax.conv_general_dilated(
+      x, kernel, strides, pads, dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+
+
+def _conv_depth_sum(
+    x: jax.Array, kernel: jax.Array, strides: tuple[int, ...], pads: Padding) -> jax.Array:
+  """3-D convolution as a sum over kernel depth of 2-D convolutions over (H, W).
+
+  Output depth d sees input depth s*d + kd through kernel slice kd; for each kd the strided input
+  depth slice is folded into the batch axis and convolved in 2-D. On CPU, XLA's 3-D convolutions
+  of the paper model are 2-7x slower than this at stride 1 and 30-200x at stride 2, on par only
+  for the 20^3 VALID k5 and 1-channel output layers (launch/benchmark_conv.py).
+  """
+  batch, _, height, width, channels = x.shape
+  x = jnp.pad(x, ((0, 0), pads[0], (0, 0), (0, 0), (0, 0)))
+  out_depth = (x.shape[1] - kernel.shape[0]) // strides[0] + 1
+  end = strides[0] * (out_depth - 1) + 1
+  total = None
+  for kd in range(kernel.shape[0]):
+    depth_slice = x[:, kd:kd + end:strides[0]]
+    y = lax.conv_general_dilated(
+        depth_slice.reshape(batch * out_depth, height, width, channels), kernel[kd], strides[1:],
+        pads[1:], dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    total = y if total is None else total + y
+  return total.reshape(batch, out_depth, *total.shape[1:])
+
+
+def conv3d(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: Sequence[int],
+    padding: str,
+    impl: str = "auto",
+) -> jax.Array:
+  """Channels-last 3-D convolution, x (B, D, H, W, C), kernel (kd, kh, kw, C, F), no bias.
+
+  impl: 'xla' (lax.conv_general_dilated, the fast path on GPU), 'depth_sum' (fast on CPU, see
+  `_conv_depth_sum`), or 'auto' = 'depth_sum' on the CPU backend and 'xla' elsewhere.
+  """
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"conv impl {impl!r} not in {CONV_IMPLS}")
+  if impl == "auto":
+    impl = "depth_sum" if jax.default_backend() == "cpu" else "xla"
+  strides = tuple(strides)
+  pads = lax.padtype_to_pads(x.shape[1:4], kernel.shape[:3], strides, padding)
+  conv = _conv_xla if impl == "xla" else _conv_depth_sum
+  return conv(x, kernel, strides, pads)
+
+
+class Conv3D(nn.Module):
+  """`nn.Conv` for 3-D inputs with a choice of implementation; same parameters and outputs."""
+
+  features: int
+  kernel_size: int
+  strides: int = 1
+  padding: str = "SAME"
+  impl: str = "auto"
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True  # False before BatchNorm, which cancels a bias (its gradient is 0).
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param(
+        "kernel", nn.initializers.lecun_normal(),
+        (self.kernel_size,) * 3 + (x.shape[-1], self.features), self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    y = conv3d(x, kernel, (self.strides,) * 3, self.padding, self.impl)
+    if not self.use_bias:
+      return y
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    return y + bias.astype(y.dtype)
+
+
+@jax.custom_vjp
+def scale_gradient(x: jax.Array, scale: jax.Array | float) -> jax.Array:
+  """Identity whose backward pass multiplies the cotangent by `scale` (no gradient to `scale`)."""
+  del scale
+  return x
+
+
+def _scale_gradient_fwd(x, scale):
+  return x, scale
+
+
+def _scale_gradient_bwd(scale, cotangent):
+  return (cotangent * jnp.asarray(scale, cotangent.dtype), jnp.zeros_like(scale))
+
+
+scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
+
+
+def _resize(x: jax.Array, spatial: Sequence[int]) -> jax.Array:
+  """Trilinear resize of a (B, D, H, W, C) array to the given (D, H, W)."""
+  return jax.image.resize(x, (x.shape[0], *spatial, x.shape[-1]), "trilinear")
+
+
+def _check_condition(conditional: bool, condition: jax.Array | None) -> None:
+  if conditional and condition is None:
+    raise ValueError("conditional model needs a per-sample `condition` (B,)")
+  if not conditional and condition is not None:
+    raise ValueError("`condition` given to an unconditional model (set model.conditional)")
+
+
+class Encoder(nn.Module):
+  """Density (B, G, G, G) -> latent mean and log-variance, each (B, latent_dim), float32.
+
+  Paper appendix: Conv3D k5 s2 16, k3 s1 32, k3 s1 64, k3 s2 128 (SAME), each followed by
+  BatchNorm and LeakyReLU, then flatten and Dense heads. If `conditional`, the flattened features
+  are multiplied by the per-sample `condition` before the heads.
+  """
+
+  latent_dim: int
+  features: Sequence[int]
+  kernels: Sequence[int]
+  strides: Sequence[int]
+  conditional: bool = False
+  conv_impl: str = "auto"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self, density: jax.Array, *, train: bool, condition: jax.Array | None = None
+  ) -> tuple[jax.Array, jax.Array]:
+    _check_condition(self.conditional, condition)
+    x = density[..., None].astype(self.dtype)
+    for features, kernel, stride in zip(self.features, self.kernels, self.strides, strict=True):
+      x = Conv3D(features, kernel, stride, "SAME", self.conv_impl, self.dtype, use_bias=False)(x)
+      x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
+      x = nn.leaky_relu(x)
+    x = x.reshape(x.shape[0], -1)
+    if self.conditional:
+      x = x * condition[:, None].astype(x.dtype)
+    mean = nn.Dense(self.latent_dim, dtype=jnp.float32, name="mean")(x)
+    logvar = nn.Dense(self.latent_dim, dtype=jnp.float32, name="logvar")(x)
+    return mean, logvar
+
+
+def decoder_sizes(
+    grid: int, start: int, kernels: Sequence[int], paddings: Sequence[str]
+) -> tuple[list[int], int]:
+  """Cube sides after each upsampling round and the final VALID conv kernel that lands on `grid`."""
+  sizes = []
+  size = start
+  for kernel, padding in zip(kernels, paddings, strict=True):
+    size *= 2
+    if padding == "VALID":
+      size -= kernel - 1
+    elif padding != "SAME":
+      raise ValueError(f"decoder padding {padding!r} is neither 'SAME' nor 'VALID'")
+    if size < 1:
+      raise ValueError(f"decoder cube vanishes: sides {sizes + [size]} from start {start}")
+    sizes.append(size)
+  if size < grid:
+    raise ValueError(
+        f"decoder cannot reach grid {grid}: start {start}, kernels {tuple(kernels)}, paddings "
+        f"{tuple(paddings)} give sides {sizes}; the last must be >= {grid}")
+  return sizes, size - grid + 1
+
+
+class Decoder(nn.Module):
+  """Latent (B, L) -> density (B, G, G, G), non-negative, float32.
+
+  Dense -> reshape to start^3 x start_features -> per round: trilinear x2 upsampling, Conv3D,
+  LeakyReLU -> Conv3D to 1 channel with the VALID kernel from `decoder_sizes`, ReLU. If
+  `conditional`, the Dense output is multiplied by the per-sample `condition`.
+  """
+
+  grid: int
+  start: int
+  start_features: int
+  features: Sequence[int]
+  kernels: Sequence[int]
+  paddings: Sequence[str]
+  conditional: bool = False
+  conv_impl: str = "auto"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, z: jax.Array, *, condition: jax.Array | None = None) -> jax.Array:
+    _check_condition(self.conditional, condition)
+    _, final_kernel = decoder_sizes(self.grid, self.start, self.kernels, self.paddings)
+    x = nn.Dense(self.start ** 3 * self.start_features, dtype=self.dtype)(z)
+    if self.conditional:
+      x = x * condition[:, None].astype(x.dtype)
+    x = x.reshape(z.shape[0], self.start, self.start, self.start, self.start_features)
+    for features, kernel, padding in zip(self.features, self.kernels, self.paddings, strict=True):
+      x = _resize(x, [2 * side for side in x.shape[1:4]])
+      x = Conv3D(features, kernel, 1, padding, self.conv_impl, self.dtype)(x)
+      x = nn.leaky_relu(x)
+    x = Conv3D(1, final_kernel, 1, "VALID", self.conv_impl, self.dtype)(x)
+    return nn.relu(x[..., 0]).astype(jnp.float32)
+
+
+class ConvBlock(nn.Module):
+  """Two (Conv3D k3 SAME, BatchNorm, ReLU)."""
+
+  features: int
+  conv_impl: str = "auto"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    for _ in range(2):
+      x = Conv3D(self.features, 3, 1, "SAME", self.conv_impl, self.dtype, use_bias=False)(x)
+      x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
+      x = nn.relu(x)
+    return x
+
+
+class AttentionGate(nn.Module):
+  """Additive attention gate (Oktay et al. 2018) on a skip connection.
+
+  skip (B, D, H, W, Cs) is projected by a k2 s2 SAME conv to the gating signal's resolution
+  ceil(D/2) (the coarser level, reached by SAME max-pooling), gate (B, ceil(D/2), .., Cg) by a
+  1x1 conv; alpha = sigmoid(psi(relu(sum))) is resized trilinearly back to (D, H, W).
+  Returns (skip * alpha, alpha); alpha (B, D, H, W, 1) lies in [0, 1].
+  """
+
+  features: int
+  conv_impl: str = "auto"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, skip: jax.Array, gate: jax.Array) -> tuple[jax.Array, jax.Array]:
+    theta = Conv3D(self.features, 2, 2, "SAME", self.conv_impl, self.dtype, name="theta")(skip)
+    phi = Conv3D(self.features, 1, 1, "SAME", self.conv_impl, self.dtype, name="phi")(gate)
+    psi = Conv3D(1, 1, 1, "SAME", self.conv_impl, self.dtype, name="psi")(nn.relu(theta + phi))
+    alpha = _resize(nn.sigmoid(psi), skip.shape[1:4])
+    return skip * alpha, alpha
+
+
+class AttentionUNet(nn.Module):
+  """3-D attention U-Net: density (B, G, G, G) -> species logits (B, G, G, G, num_classes), float32.
+
+  Down: ConvBlock per level, SAME max-pooling x2 between levels (30 -> 15 -> 8 -> 4). Up: the
+  coarser tensor is resized trilinearly to the skip's shape (so odd sides work), concatenated
+  with the attention-gated skip (gated by the coarser tensor) and passed through a ConvBlock.
+  """
+
+  features: Sequence[int]
+  num_classes: int
+  conv_impl: str = "auto"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, density: jax.Array, *, train: bool) -> jax.Array:
+    x = density[..., None].astype(self.dtype)
+    skips = []
+    for level, features in enumerate(self.features):
+      if level:
+        x = nn.max_pool(x, (2, 2, 2), (2, 2, 2), "SAME")
+      x = ConvBlock(features, self.conv_impl, self.dtype)(x, train=train)
+      skips.append(x)
+    for level in reversed(range(len(self.features) - 1)):
+      skip = skips[level]
+      gated, _ = AttentionGate(self.features[level], self.conv_impl, self.dtype)(skip, x)
+      x = jnp.concatenate([gated, _resize(x, skip.shape[1:4])], axis=-1)
+      x = ConvBlock(self.features[level], self.conv_impl, self.dtype)(x, train=train)
+    logits = Conv3D(self.num_classes, 1, 1, "SAME", self.conv_impl, self.dtype)(x)
+    return logits.astype(jnp.float32)
+
+
+class LatticeHead(nn.Module):
+  """MLP latent (B, L) -> (B, 6): a, b, c in Å (softplus, starting near `initial_length`) and
+  α, β, γ in degrees (180 * sigmoid, starting at 90)."""
+
+  hidden: Sequence[int]
+  initial_length: float = 5.0
+
+  @nn.compact
+  def __call__(self, z: jax.Array) -> jax.Array:
+    x = z
+    for width in self.hidden:
+      x = nn.relu(nn.Dense(width)(x))
+    inverse_softplus = float(np.log(np.expm1(self.initial_length)))
+    bias = jnp.array([inverse_softplus] * 3 + [0.0] * 3, jnp.float32)
+    raw = nn.Dense(6, bias_init=lambda *_: bias)(x)
+    return jnp.concatenate([nn.softplus(raw[:, :3]), 180.0 * nn.sigmoid(raw[:, 3:])], axis=-1)
+
+
+class CrystalVAE(nn.Module):
+  """β-VAE (Encoder, Decoder) + AttentionUNet segmenter (+ optional LatticeHead).
+
+  `__call__` samples z = mean + exp(logvar / 2) * eps (eps from `key`) and segments
+  scale_gradient(recon, unet_grad_scale): minimising MSE + β KL + CE with unet_grad_scale = γ
+  gives the U-Net dCE only and the decoder (and encoder) MSE + β KL + γ dCE, the paper's routing.
+  The lattice head reads z.
+  """
+
+  grid: int
+  num_classes: int
+  latent_dim: int = 300
+  encoder_features: Sequence[int] = (16, 32, 64, 128)
+  encoder_kernels: Sequence[int] = (5, 3, 3, 3)
+  encoder_strides: Sequence[int] = (2, 1, 1, 2)
+  decoder_start: int = 5
+  decoder_features: Sequence[int] = (64, 32, 16)
+  decoder_kernels: Sequence[int] = (5, 5, 4)
+  decoder_paddings: Sequence[str] = ("SAME", "VALID", "SAME")
+  unet_features: Sequence[int] = (16, 32, 64, 128)
+  lattice_head: bool = False
+  lattice_hidden: Sequence[int] = (256, 128)
+  conditional: bool = False
+  conv_impl: str = "auto"
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.encoder = Encoder(
+        self.latent_dim, self.encoder_features, self.encoder_kernels, self.encoder_strides,
+        self.conditional, self.conv_impl, self.dtype)
+    self.decoder = Decoder(
+        self.grid, self.decoder_start, self.encoder_features[-1], self.decoder_features,
+        self.decoder_kernels, self.decoder_paddings, self.conditional, self.conv_impl, self.dtype)
+    self.unet = AttentionUNet(self.unet_features, self.num_classes, self.conv_impl, self.dtype)
+    if self.lattice_head:
+      self.lattice = LatticeHead(self.lattice_hidden)
+
+  def encode(
+      self, density: jax.Array, *, train: bool, condition: jax.Array | None = None
+  ) -> tuple[jax.Array, jax.Array]:
+    return self.encoder(density, train=train, condition=condition)
+
+  def decode(
+      self, z: jax.Array, *, train: bool, condition: jax.Array | None = None) -> jax.Array:
+    del train  # The decoder has no batch statistics; the flag keeps the API uniform.
+    return self.decoder(z, condition=condition)
+
+  def segment(self, density: jax.Array, *, train: bool) -> jax.Array:
+    return self.unet(density, train=train)
+
+  def predict_lattice(self, z: jax.Array) -> jax.Array:
+    if not self.lattice_head:
+      raise ValueError("model built without a lattice head (set model.lattice_head)")
+    return self.lattice(z)
+
+  def __call__(
+      self,
+      density: jax.Array,
+      key: jax.Array,
+      *,
+      train: bool,
+      unet_grad_scale: jax.Array | float = 1.0,
+      condition: jax.Array | None = None,
+  ) -> dict[str, jax.Array]:
+    mean, logvar = self.encode(density, train=train, condition=condition)
+    z = mean + jnp.exp(logvar / 2) * jax.random.normal(key, mean.shape, mean.dtype)
+    recon = self.decode(z, train=train, condition=condition)
+    logits = self.segment(scale_gradient(recon, unet_grad_scale), train=train)
+    outputs = dict(mean=mean, logvar=logvar, z=z, recon=recon, logits=logits)
+    if self.lattice_head:
+      outputs["lattice"] = self.predict_lattice(z)
+    return outputs
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+  """The paper's model sizes, to embed as `config.model`."""
+  return ml_collections.ConfigDict(dict(
+      latent_dim=300,
+      encoder_features=(16, 32, 64, 128),
+      encoder_kernels=(5, 3, 3, 3),
+      encoder_strides=(2, 1, 1, 2),
+      decoder_start=5,
+      decoder_features=(64, 32, 16),
+      decoder_kernels=(5, 5, 4),
+      decoder_paddings=("SAME", "VALID", "SAME"),
+      unet_features=(16, 32, 64, 128),
+      lattice_head=False,
+      lattice_hidden=(256, 128),
+      conditional=False,
+      conv_impl="auto",
+      dtype="float32",
+  ))
+
+
+def model_from_config(config: ml_collections.ConfigDict) -> CrystalVAE:
+  """Builds `CrystalVAE` from config.model, config.voxel.grid and config.dataset.max_z."""
+  model = config.model
+  return CrystalVAE(
+      grid=config.voxel.grid,
+      num_classes=config.dataset.max_z + 1,
+      latent_dim=model.latent_dim,
+      encoder_features=tuple(model.encoder_features),
+      encoder_kernels=tuple(model.encoder_kernels),
+      encoder_strides=tuple(model.encoder_strides),
+      decoder_start=model.decoder_start,
+      decoder_features=tuple(model.decoder_features),
+      decoder_kernels=tuple(model.decoder_kernels),
+      decoder_paddings=tuple(model.decoder_paddings),
+      unet_features=tuple(model.unet_features),
+      lattice_head=model.lattice_head,
+      lattice_hidden=tuple(model.lattice_hidden),
+      conditional=model.conditional,
+      conv_impl=model.conv_impl,
+      dtype=jnp.dtype(model.dtype),
+  )

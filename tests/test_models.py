@@ -1,0 +1,225 @@
+"""Tests for crystal_vae.models on small grids and widths (jitted or shape-only to stay fast)."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import traverse_util
+
+from crystal_vae import models
+
+GRID = 14  # Odd on the way down: 14 -> 7 -> 4.
+MAX_Z = 5
+
+
+def key(seed: int) -> jax.Array:
+  """RBG keys: jitted init compiles in ~6 s instead of ~30 s with threefry on this CPU."""
+  return jax.random.key(seed, impl="rbg")
+
+
+def small_config(**model_overrides) -> ml_collections.ConfigDict:
+  model = models.default_model_config()
+  model.update(dict(
+      latent_dim=6,
+      encoder_features=(4, 4, 8, 8),
+      decoder_start=2,
+      decoder_features=(8, 4, 4),
+      decoder_kernels=(3, 3, 3),
+      decoder_paddings=("SAME", "SAME", "SAME"),  # 2 -> 4 -> 8 -> 16, final kernel 3 -> 14.
+      unet_features=(4, 8, 8),
+      lattice_hidden=(8,),
+      conv_impl="xla",  # Compiles faster than depth_sum; both are checked against nn.Conv below.
+  ))
+  model.update(model_overrides)
+  return ml_collections.ConfigDict(dict(
+      model=model, voxel=dict(grid=GRID), dataset=dict(max_z=MAX_Z)))
+
+
+def random_density(batch: int = 2, grid: int = GRID, seed: int = 0) -> jax.Array:
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(rng.exponential(size=(batch, grid, grid, grid)), jnp.float32)
+
+
+def init(model, density, **kwargs):
+  return jax.jit(lambda d: model.init(key(0), d, key(1), train=False,
+                                      **kwargs))(density)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_shapes_and_dtypes(dtype):
+  model = models.model_from_config(small_config(lattice_head=True, dtype=dtype))
+  density = jax.ShapeDtypeStruct((2, GRID, GRID, GRID), jnp.float32)
+  variables = jax.eval_shape(
+      lambda d: model.init(key(0), d, key(1), train=False), density)
+
+  def run_all(variables, density):
+    outputs, updates = model.apply(
+        variables, density, key(2), train=True, mutable=["batch_stats"])
+    mean, logvar = model.apply(variables, density, train=False, method="encode")
+    recon = model.apply(variables, mean, train=False, method="decode")
+    logits = model.apply(variables, recon, train=False, method="segment")
+    lattice = model.apply(variables, mean, method="predict_lattice")
+    return outputs, updates, (mean, logvar, recon, logits, lattice)
+
+  outputs, updates, method_outputs = jax.eval_shape(run_all, variables, density)
+  assert set(updates) == {"batch_stats"}
+  field = (2, GRID, GRID, GRID)
+  expected = dict(mean=(2, 6), logvar=(2, 6), z=(2, 6), recon=field,
+                  logits=(*field, MAX_Z + 1), lattice=(2, 6))
+  assert {k: v.shape for k, v in outputs.items()} == expected
+  assert [v.shape for v in method_outputs] == [(2, 6), (2, 6), field, (*field, MAX_Z + 1), (2, 6)]
+  for value in [*outputs.values(), *method_outputs]:
+    assert value.dtype == jnp.float32
+  for leaf in jax.tree.leaves(variables["params"]):
+    assert leaf.dtype == jnp.float32
+
+
+def test_output_ranges():
+  model = models.model_from_config(small_config(lattice_head=True))
+  density = random_density()
+  outputs, _ = jax.jit(lambda d: model.init_with_output(
+      key(0), d, key(1), train=False))(density)
+  assert jnp.all(outputs["recon"] >= 0) and jnp.any(outputs["recon"] > 0)
+  lengths, angles = outputs["lattice"][:, :3], outputs["lattice"][:, 3:]
+  assert jnp.all(lengths > 0) and jnp.all((angles > 0) & (angles < 180))
+
+
+def test_paper_decoder_shape_path():
+  config = models.default_model_config()
+  sizes, final_kernel = models.decoder_sizes(
+      30, config.decoder_start, config.decoder_kernels, config.decoder_paddings)
+  assert sizes == [10, 16, 32] and final_kernel == 3
+
+
+@pytest.mark.parametrize("grid,start,kernels,paddings", [
+    (30, 5, (5, 5, 4), ("SAME", "VALID", "SAME")),
+    (16, 2, (3, 3, 3), ("SAME", "SAME", "SAME")),
+    (12, 2, (3, 3, 3), ("SAME", "SAME", "VALID")),
+    (20, 3, (3, 3, 3), ("SAME", "SAME", "SAME")),
+])
+def test_decoder_output_is_grid(grid, start, kernels, paddings):
+  decoder = models.Decoder(grid, start, 2, (2, 2, 2), kernels, paddings)
+  z = jnp.ones((1, 3))
+  variables = jax.eval_shape(decoder.init, key(0), z)
+  assert jax.eval_shape(decoder.apply, variables, z).shape == (1, grid, grid, grid)
+
+
+def test_decoder_unreachable_grid_raises():
+  with pytest.raises(ValueError, match="cannot reach grid 30"):
+    models.decoder_sizes(30, 3, (3, 3, 3), ("SAME", "SAME", "SAME"))  # Ends at 24 < 30.
+
+
+@pytest.mark.parametrize("impl", ["xla", "depth_sum"])
+@pytest.mark.parametrize("kernel,stride,padding", [
+    (5, 2, "SAME"), (3, 1, "SAME"), (4, 1, "SAME"), (2, 2, "SAME"), (5, 1, "VALID"),
+    (3, 2, "VALID"),
+])
+def test_conv3d_matches_nn_conv(impl, kernel, stride, padding):
+  x = jax.random.normal(key(0), (2, 9, 8, 7, 3))
+  reference = nn.Conv(5, (kernel,) * 3, (stride,) * 3, padding)
+  conv = models.Conv3D(5, kernel, stride, padding, impl)
+  params = reference.init(key(1), x)
+  own_params = conv.init(key(1), x)
+  assert jax.tree.all(jax.tree.map(jnp.array_equal, params, own_params))
+  params = jax.tree.map(lambda p: p + 0.1, params)  # Non-zero bias.
+  expected = jax.jit(reference.apply)(params, x)
+  np.testing.assert_allclose(jax.jit(conv.apply)(params, x), expected, rtol=1e-5, atol=1e-5)
+  loss = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+  expected_grads = jax.jit(jax.grad(loss(reference), argnums=(0, 1)))(params, x)
+  grads = jax.jit(jax.grad(loss(conv), argnums=(0, 1)))(params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+               grads, expected_grads)
+
+
+def test_scale_gradient_hand_computed():
+  x = jnp.array([1.0, -2.0, 3.0])
+  weights = jnp.array([0.5, 1.0, 2.0])
+  np.testing.assert_array_equal(models.scale_gradient(x, 0.3), x)
+  # d/dx sum(w * x^2) = 2 w x, scaled by 0.3.
+  loss = lambda x, scale: jnp.sum(weights * models.scale_gradient(x, scale) ** 2)
+  np.testing.assert_allclose(jax.grad(loss)(x, 0.3), [0.3, -1.2, 3.6], rtol=1e-6)
+  np.testing.assert_allclose(jax.jit(jax.grad(loss))(x, jnp.float32(0.3)), [0.3, -1.2, 3.6],
+                             rtol=1e-6)
+
+
+def test_gradient_routing():
+  model = models.model_from_config(small_config())
+  density = random_density()
+  species = jax.random.randint(key(3), density.shape, 0, MAX_Z + 1)
+  variables = init(model, density)
+  beta, gamma = 0.7, 0.25
+
+  def weighted_loss(params, weights, scale):
+    outputs, _ = model.apply(
+        {**variables, "params": params}, density, key(2), train=True,
+        unet_grad_scale=scale, mutable=["batch_stats"])
+    mse = jnp.mean((outputs["recon"] - density) ** 2)
+    kl = -0.5 * jnp.mean(1 + outputs["logvar"] - outputs["mean"] ** 2 - jnp.exp(outputs["logvar"]))
+    ce = jnp.mean(nn.log_softmax(outputs["logits"]) * -jax.nn.one_hot(species, MAX_Z + 1))
+    return weights @ jnp.stack([mse, kl, ce])
+
+  # The total loss MSE + beta KL + CE split into its parts; one compilation for all calls.
+  grad = jax.jit(jax.grad(weighted_loss))
+  params = variables["params"]
+  vae_grads = grad(params, jnp.array([1.0, beta, 0.0]), jnp.float32(gamma))
+  ce_grads_scaled = grad(params, jnp.array([0.0, 0.0, 1.0]), jnp.float32(gamma))
+  ce_grads = grad(params, jnp.array([0.0, 0.0, 1.0]), jnp.float32(1.0))
+
+  for leaf in jax.tree.leaves(vae_grads["unet"]):
+    assert not jnp.any(leaf)  # MSE and KL give the U-Net nothing.
+  for scaled, unscaled in zip(jax.tree.leaves(ce_grads_scaled["decoder"]),
+                              jax.tree.leaves(ce_grads["decoder"])):
+    assert jnp.any(scaled)
+    np.testing.assert_allclose(scaled, gamma * unscaled, rtol=1e-4, atol=1e-9)
+  # The U-Net gets the unscaled CE gradient, whatever gamma.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5),
+               ce_grads_scaled["unet"], ce_grads["unet"])
+
+
+def test_conditional_scales_bottleneck():
+  model = models.model_from_config(small_config(conditional=True))
+  density = random_density()
+  ones = jnp.ones(2)
+  variables = init(model, density, condition=ones)
+  condition = jnp.array([2.0, 0.5])
+  encode = jax.jit(lambda v, d, c: model.apply(v, d, train=False, condition=c, method="encode"))
+  decode = jax.jit(lambda v, z, c: model.apply(v, z, train=False, condition=c, method="decode"))
+  mean_1, logvar_1 = encode(variables, density, ones)
+  mean_c, logvar_c = encode(variables, density, condition)
+  heads = variables["params"]["encoder"]
+  # The heads are affine in the scaled features: out(c) - bias = c * (out(1) - bias).
+  for head, out_1, out_c in (("mean", mean_1, mean_c), ("logvar", logvar_1, logvar_c)):
+    bias = heads[head]["bias"]
+    np.testing.assert_allclose(out_c - bias, condition[:, None] * (out_1 - bias), rtol=1e-4,
+                               atol=1e-5)
+  assert not np.allclose(mean_c, mean_1)
+
+  # Without biases the decoder is positively homogeneous (LeakyReLU, ReLU, trilinear resize are),
+  # so multiplying the Dense output by c multiplies the density by c.
+  flat = traverse_util.flatten_dict(variables["params"])
+  no_bias = traverse_util.unflatten_dict(
+      {k: jnp.zeros_like(v) if k[0] == "decoder" and k[-1] == "bias" else v
+       for k, v in flat.items()})
+  unbiased = {**variables, "params": no_bias}
+  z = jax.random.normal(key(4), (2, 6))
+  recon_1 = decode(unbiased, z, ones)
+  recon_c = decode(unbiased, z, condition)
+  assert jnp.any(recon_1 > 0)
+  np.testing.assert_allclose(recon_c, condition[:, None, None, None] * recon_1, rtol=1e-4,
+                             atol=1e-6)
+  with pytest.raises(ValueError, match="needs a per-sample"):
+    model.apply(variables, z, train=False, method="decode")
+
+
+def test_attention_gate_in_unit_interval():
+  skip = 10 * jax.random.normal(key(0), (2, 7, 7, 7, 3))  # Large: sigmoid saturates.
+  gate = 10 * jax.random.normal(key(1), (2, 4, 4, 4, 5))
+  attention = models.AttentionGate(4)
+  variables = jax.jit(attention.init)(key(2), skip, gate)
+  gated, alpha = jax.jit(attention.apply)(variables, skip, gate)
+  assert alpha.shape == (2, 7, 7, 7, 1)
+  assert jnp.all((alpha >= 0) & (alpha <= 1))
+  assert jnp.any(alpha < 0.5) and jnp.any(alpha > 0.5)
+  np.testing.assert_allclose(gated, skip * alpha, rtol=1e-6)

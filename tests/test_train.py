@@ -1,0 +1,154 @@
+"""Training: loss terms by hand, an end-to-end run, exact resume, NaN stop, 1 vs 4 devices."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from pymatgen.core import Lattice
+
+from conftest import tiny_config
+from crystal_vae import checkpoints
+from crystal_vae import input_pipeline
+from crystal_vae import train
+
+
+def _params(workdir) -> dict:
+  """The parameters of the latest checkpoint, as numpy, restored without a template."""
+  manager = checkpoints.checkpoint_manager(workdir, read_only=True)
+  config = checkpoints.restore_config(manager)
+  abstract = jax.eval_shape(lambda: train.create_train_state(config, jax.random.key(0)))
+  return jax.device_get(checkpoints.restore_state(manager, abstract).params)
+
+
+def _assert_trees_close(a, b, **tolerance):
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_allclose(x, y, **tolerance)
+
+
+def test_lattice_parameters_match_pymatgen():
+  lattice = Lattice.from_parameters(3.1, 4.2, 5.3, 70.0, 95.0, 112.0)
+  rotated = lattice.matrix @ np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0]
+  got = train.lattice_parameters(jnp.asarray(rotated, jnp.float32))
+  np.testing.assert_allclose(got, lattice.parameters, rtol=1e-5)
+
+
+def test_loss_terms_against_hand_computed_values(tfds_dir):
+  config = tiny_config(tfds_dir)
+  density = np.zeros((1, 2, 2, 2), np.float32)
+  density[0, 0, 0, 0] = 2.0
+  species = np.zeros((1, 2, 2, 2), np.int32)
+  species[0, 0, 0, 0] = 3
+  logits = np.zeros((1, 2, 2, 2, 4), np.float32)
+  logits[0, 0, 0, 0, 3] = np.log(3.0)  # p(3) = 3 / 6 at the atom voxel, else uniform 1/4.
+  outputs = {"recon": jnp.ones((1, 2, 2, 2)), "mean": jnp.array([[1.0, 0.0]]),
+             "logvar": jnp.array([[0.0, np.log(2.0)]]), "logits": jnp.asarray(logits)}
+  terms = train.voxel_losses(outputs, {"density": density, "species": species}, config)
+  np.testing.assert_allclose(terms["mse"], [(1.0 + 7 * 1.0) / 8], rtol=1e-6)
+  # KL(N(μ,σ²)||N(0,1)) = ½(σ² + μ² − 1 − ln σ²): ½(1+1−1−0) + ½(2+0−1−ln 2).
+  np.testing.assert_allclose(terms["kl"], [0.5 + 0.5 * (1.0 - np.log(2.0))], rtol=1e-6)
+  np.testing.assert_allclose(terms["ce"], [(-np.log(0.5) + 7 * np.log(4.0)) / 8], rtol=1e-6)
+  # argmax is class 3 at the atom voxel (right) and class 0 elsewhere (ties -> first: right).
+  np.testing.assert_allclose(terms["voxel_accuracy"], [1.0])
+  assert int(terms["atom_voxel_correct"][0]) == 1 and int(terms["atom_voxels"][0]) == 1
+  loss = train.total_loss(terms, config)
+  np.testing.assert_allclose(loss, terms["mse"][0] + config.loss.beta * terms["kl"][0]
+                             + terms["ce"][0], rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory, tfds_dir) -> pathlib.Path:
+  """Four uninterrupted steps of the tiny model (checkpoints at 2 and 4)."""
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  train.train_and_evaluate(tiny_config(tfds_dir), str(workdir))
+  return workdir
+
+
+def test_end_to_end_run_writes_metrics_checkpoints_and_events(trained_workdir):
+  records = [json.loads(line) for line in (trained_workdir / "metrics.jsonl").read_text().splitlines()]
+  train_steps = [r["step"] for r in records if r["split"] == "train"]
+  assert train_steps == [2, 4]
+  evals = [r for r in records if r["split"] == "validation"]
+  assert len(evals) == 1 and evals[0]["step"] == 4
+  for key in ("mse", "kl", "ce", "voxel_accuracy", "atom_voxel_accuracy", "loss_vae"):
+    assert np.isfinite(evals[0][key])
+  assert 0.0 <= evals[0]["voxel_accuracy"] <= 1.0
+  manager = checkpoints.checkpoint_manager(trained_workdir, read_only=True)
+  assert manager.all_steps() == [2, 4]
+  assert list((trained_workdir / "tensorboard").glob("events.out.tfevents.*"))
+  assert checkpoints.restore_config(manager).model.decoder_paddings == ("SAME", "SAME", "SAME")
+
+
+def test_resume_after_a_crash_equals_the_uninterrupted_run(trained_workdir, tfds_dir, tmp_path,
+                                                           monkeypatch):
+  real_batches = input_pipeline.train_batches
+
+  def crashing_batches(*args, **kwargs):
+    for count, batch in enumerate(real_batches(*args, **kwargs)):
+      if kwargs["start_step"] + count == 3:  # dies while computing step 4, after checkpoint 2
+        raise KeyboardInterrupt("simulated kill")
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, "train_batches", crashing_batches)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(tiny_config(tfds_dir), str(tmp_path))
+  assert checkpoints.checkpoint_manager(tmp_path, read_only=True).all_steps() == [2]
+  monkeypatch.setattr(input_pipeline, "train_batches", real_batches)
+  train.train_and_evaluate(tiny_config(tfds_dir), str(tmp_path))
+  _assert_trees_close(_params(tmp_path), _params(trained_workdir), rtol=0, atol=0)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tfds_dir, tmp_path, monkeypatch):
+  real_batches = input_pipeline.train_batches
+
+  def poisoned_batches(*args, **kwargs):
+    for count, batch in enumerate(real_batches(*args, **kwargs)):
+      if count == 2:  # step 3
+        batch = dict(batch, frac_coords=np.full_like(batch["frac_coords"], np.nan))
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, "train_batches", poisoned_batches)
+  with pytest.raises(FloatingPointError, match="step 3"):
+    train.train_and_evaluate(tiny_config(tfds_dir), str(tmp_path))
+  assert checkpoints.checkpoint_manager(tmp_path, read_only=True).all_steps() == [2]
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(_params(tmp_path)))
+
+
+_DATA_PARALLEL_SCRIPT = """
+import sys
+import jax
+import numpy as np
+sys.path.insert(0, {tests!r})
+from conftest import tiny_config
+from crystal_vae import train
+assert jax.device_count() == 4, jax.devices()
+params = []
+for devices, workdir in ((1, {one!r}), (4, {four!r})):
+  config = tiny_config({data!r})
+  config.num_devices = devices
+  config.num_train_steps = 3
+  config.eval_every_steps = 100
+  params.append(jax.device_get(train.train_and_evaluate(config, workdir).params))
+for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
+  np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+print("SAME")
+"""
+
+
+def test_one_and_four_devices_train_to_the_same_parameters(tfds_dir, tmp_path):
+  script = _DATA_PARALLEL_SCRIPT.format(tests=str(pathlib.Path(__file__).parent),
+                                        one=str(tmp_path / "one"), four=str(tmp_path / "four"),
+                                        data=tfds_dir)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+  assert result.returncode == 0 and "SAME" in result.stdout, result.stderr[-3000:]
