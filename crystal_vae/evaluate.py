@@ -38,10 +38,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   """Evaluates the latest checkpoint in `workdir` on `config.eval.split` of `config.dataset`.
 
   The model (and its representation and grid) come from the checkpoint's own config; the dataset
-  and the `eval` settings from `config`.
+  and the `eval` settings from `config`. The oracle uses `config` alone and needs no checkpoint.
   """
   start = time.time()
-  model = inference.TrainedModel.restore(workdir)
+  # The oracle needs no trained weights: only the representation and grid of `config`.
+  model = (inference.TrainedModel(config, variables=None) if config.eval.oracle
+           else inference.TrainedModel.restore(workdir))
   split = config.eval.split
   sources = datasets.load_data_sources(config.dataset)
   if split not in sources:

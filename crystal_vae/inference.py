@@ -30,7 +30,10 @@ from crystal_vae import voxelize
 
 @dataclasses.dataclass(frozen=True)
 class TrainedModel:
-  """The config, variables and jitted pure functions of a trained `CrystalVAE`."""
+  """The config, variables and jitted pure functions of a trained `CrystalVAE`.
+
+  With `variables=None` only the config-driven steps (voxelize, atoms, to_crystals) are usable.
+  """
 
   config: ml_collections.ConfigDict
   variables: Any
@@ -55,15 +58,16 @@ class TrainedModel:
 
   def voxelize(self, structures: Sequence[crystals.Crystal], *, seed: int = 0
                ) -> dict[str, np.ndarray]:
-    """True grids as at evaluation: repeat at the origin, unit cells rotated only if configured."""
+    """True grids as at evaluation: unrotated (lattice in the standard orientation), a repeat
+    cube with a cell corner at its origin, a unit cell at its centre."""
     padded = [input_pipeline.pad_crystal(crystal, self.config.dataset.max_atoms)
               for crystal in structures]
     batch = {key: np.stack([p[key] for p in padded]) for key in padded[0]}
     grids = voxelize.voxelize_batch(
         batch, jax.random.key(seed), spec=self.spec, representation=self.config.representation,
-        rotate=self.config.voxel.rotate, random_offset=False,
+        rotate=False, random_offset=False,
         num_images=voxelize.num_images_for(batch["lattice"], self.spec,
-                                           self.config.representation, self.config.voxel.rotate))
+                                           self.config.representation, rotate=False))
     return {key: np.asarray(value) for key, value in grids.items()}
 
   def condition(self, density: np.ndarray) -> jax.Array | None:

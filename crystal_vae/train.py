@@ -170,11 +170,12 @@ def eval_step(state: TrainState, batch: Batch, *, config: ml_collections.ConfigD
   return sums
 
 
-def num_images_for(lattice: np.ndarray, config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+def num_images_for(lattice: np.ndarray, config: ml_collections.ConfigDict,
+                   train: bool) -> tuple[int, int, int]:
   """The batch's static image counts, equal on every host and rounded up to even numbers so that
   few distinct values (and so few compilations of the voxeliser) occur."""
   counts = np.array(voxelize.num_images_for(lattice, voxel_spec(config), config.representation,
-                                            config.voxel.rotate))
+                                            train and config.voxel.rotate))
   if jax.process_count() > 1:
     counts = multihost_utils.process_allgather(counts).reshape(-1, 3).max(axis=0)
   return tuple(int(2 * math.ceil(count / 2)) for count in counts)
@@ -201,13 +202,14 @@ class Trainer:
 
   def voxelized(self, local_batch: Mapping[str, np.ndarray], key: jax.Array, *,
                 train: bool) -> dict[str, jax.Array]:
-    """Shards the batch and adds `density` and `species` computed on its devices."""
+    """Shards the batch and adds `density` and `species` computed on its devices. Training draws
+    random placements (as configured); evaluation is unrotated and, for repeat, at the origin."""
     batch = self.shard(local_batch)
     grids = voxelize.voxelize_batch(
         batch, key, spec=self.spec, representation=self.config.representation,
-        rotate=self.config.voxel.rotate,
+        rotate=train and self.config.voxel.rotate,
         random_offset=train and self.config.voxel.random_offset,
-        num_images=num_images_for(local_batch["lattice"], self.config))
+        num_images=num_images_for(local_batch["lattice"], self.config, train))
     batch.update(density=grids["density"], species=grids["species"])
     return batch
 
