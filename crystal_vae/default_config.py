@@ -67,6 +67,48 @@ def get_config(representation: str, arg: str | None = None) -> ml_collections.Co
   config.eval.oracle = False  # post-process the TRUE species grids instead of decoded ones.
   config.eval.min_component_size = 3  # voxels; smaller fragments join a neighbour or are dropped.
 
+  config.sample = ml_collections.ConfigDict()  # --mode=sample (generation.py)
+  config.sample.num = 64
+  config.sample.seed = 0
+  config.sample.temperature = 1.0  # z ~ N(0, temperature²)
+  config.sample.batch_size = 16
+  config.sample.num_train_structures = 500  # training crystals for the distribution statistics
+  config.sample.gallery = 16  # samples shown in gallery.png
+
+  config.interpolate = ml_collections.ConfigDict()  # --mode=interpolate (generation.py)
+  config.interpolate.start = ""  # a CIF path or a dataset id; "" = the first training crystal
+  config.interpolate.end = ""  # ... "" = the second training crystal
+  config.interpolate.steps = 8
+  config.interpolate.seconds_per_frame = 0.4  # of interpolation.gif
+
+  config.traverse = ml_collections.ConfigDict()  # --mode=traverse (generation.py)
+  config.traverse.crystal = ""  # a CIF path or a dataset id; "" = the first training crystal
+  config.traverse.dim = 0
+  config.traverse.steps = 7
+  config.traverse.low = -3.0
+  config.traverse.high = 3.0
+
+  config.conditional = ml_collections.ConfigDict()  # --mode=conditional (conditional.py)
+  config.conditional.targets = ()  # target maximum densities; () = the range below
+  config.conditional.target_min = 0.5
+  config.conditional.target_max = 4.0
+  config.conditional.num_targets = 5
+  config.conditional.num_samples = 16
+  config.conditional.seed = 0
+  config.conditional.batch_size = 16
+
+  config.discriminator = ml_collections.ConfigDict()  # --mode=discriminator (discriminator.py)
+  config.discriminator.features = (16, 32, 64)
+  config.discriminator.loss = "bce"  # bce | mse, on the sigmoid output regressing λ
+  config.discriminator.learning_rate = 1e-3
+  config.discriminator.batch_size = 16
+  config.discriminator.num_train_steps = 2_000
+  config.discriminator.log_every_steps = 100
+  config.discriminator.num_real = 500  # training crystals whose latent means are mixed
+  config.discriminator.num_eval = 64  # crystals of eval.split scored as "real"
+  config.discriminator.ood_scale = 3.0  # out-of-distribution draws z ~ N(0, ood_scale²)
+  config.discriminator.seed = 0
+
   if arg in (None, "", "paper"):
     return config
   if arg != "quick":
@@ -86,4 +128,11 @@ def get_config(representation: str, arg: str | None = None) -> ml_collections.Co
   config.eval_every_steps = 100
   config.checkpoint_every_steps = 100
   config.eval.batch_size = 16
+  config.sample.num = 32
+  config.sample.num_train_structures = 200
+  config.discriminator.features = (8, 16, 32)
+  config.discriminator.num_train_steps = 300
+  config.discriminator.log_every_steps = 50
+  config.discriminator.num_real = 200
+  config.discriminator.num_eval = 32
   return config

@@ -1,7 +1,8 @@
 """Command line: `python -m crystal_vae.main --config=configs/repeat.py --workdir=DIR [--mode=...]`.
 
 Modes: `train` (resumes from DIR's latest checkpoint), `evaluate` (reconstruct a split and
-measure it; see evaluate.py).
+measure it; see evaluate.py), `sample`, `interpolate`, `traverse` (generation.py), `conditional`
+(conditional.py) and `discriminator` (discriminator.py); each writes under DIR/<mode>/.
 """
 
 import logging as python_logging
@@ -12,14 +13,26 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from crystal_vae import conditional
+from crystal_vae import discriminator
 from crystal_vae import evaluate
+from crystal_vae import generation
 from crystal_vae import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file, e.g. configs/repeat.py:quick.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
-flags.DEFINE_enum("mode", "train", ["train", "evaluate"], "What to do with the config and workdir.")
+MODES = {
+    "train": train.train_and_evaluate,
+    "evaluate": evaluate.evaluate,
+    "sample": generation.sample,
+    "interpolate": generation.interpolate,
+    "traverse": generation.traverse,
+    "conditional": conditional.conditional,
+    "discriminator": discriminator.discriminate,
+}
+flags.DEFINE_enum("mode", "train", list(MODES), "What to do with the config and workdir.")
 flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() first (multi-host).")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -40,10 +53,7 @@ def main(argv):
     jax.distributed.initialize()
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
-  if FLAGS.mode == "train":
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  elif FLAGS.mode == "evaluate":
-    evaluate.evaluate(FLAGS.config, FLAGS.workdir)
+  MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -58,8 +58,12 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> Tra
   grid = config.voxel.grid
   density = jnp.zeros((1, grid, grid, grid), jnp.float32)
   params_rng, sample_rng = jax.random.split(rng)
+  # Parameters draw from an "rbg" key made from the threefry one: XLA compiles its random-bit
+  # generator for the model's ~100 parameter tensors several times faster (3 s vs 15 s on CPU).
+  params_rng = jax.random.wrap_key_data(jnp.tile(jax.random.key_data(params_rng), 2), impl="rbg")
   condition = jnp.ones((1,), jnp.float32) if config.model.conditional else None
-  variables = model.init(params_rng, density, sample_rng, train=False, condition=condition)
+  init = jax.jit(functools.partial(model.init, train=False))
+  variables = init(params_rng, density, sample_rng, condition=condition)
   return TrainState.create(apply_fn=model.apply, params=variables["params"],
                            batch_stats=variables["batch_stats"],
                            tx=optax.adam(config.learning_rate))

@@ -1,0 +1,78 @@
+"""Discriminator: losses by hand, the latent mixture, training on a tiny VAE, the mode."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crystal_vae import discriminator
+from crystal_vae import generation
+from crystal_vae import inference
+from test_generation import small_config
+from test_generation import trained_checkpoint
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tfds_dir):
+  return trained_checkpoint(tmp_path_factory, tfds_dir)
+
+
+def test_losses_against_hand_values():
+  logits, target = jnp.zeros(2), jnp.array([0.5, 1.0])
+  # sigmoid(0) = 0.5: BCE = -t log 0.5 - (1 - t) log 0.5 = log 2; MSE = (0 + 0.25) / 2.
+  np.testing.assert_allclose(discriminator.loss_of(logits, target, "bce"), np.log(2.0), rtol=1e-6)
+  np.testing.assert_allclose(discriminator.loss_of(logits, target, "mse"), 0.125, rtol=1e-6)
+  with pytest.raises(ValueError):
+    discriminator.loss_of(logits, target, "hinge")
+
+
+def test_mixture_moments():
+  real = jnp.full((1, 3), 2.0)  # z = λ ε + (1 − λ) 2, ε ~ N(0, 1), λ ~ U[0, 1]
+  z, condition, mix = discriminator.mixed_latents(jax.random.key(0), real, None, 20_000)
+  assert condition is None and z.shape == (20_000, 3)
+  assert float(mix.min()) >= 0.0 and float(mix.max()) <= 1.0
+  np.testing.assert_allclose(np.mean(z, axis=0), 1.0, atol=0.03)  # E = 2 E[1 − λ] = 1
+  np.testing.assert_allclose(np.var(z, axis=0), 1 / 3 + 4 / 12, atol=0.03)  # E[λ²] + 4 Var λ
+  residual = (z - (1 - mix[:, None]) * 2.0) / mix[:, None]  # = ε
+  np.testing.assert_allclose(np.std(residual, axis=0), 1.0, atol=0.03)
+
+
+def test_training_reduces_the_loss_and_outputs_lie_in_unit_interval(workdir, tfds_dir, tmp_path):
+  config = small_config(tfds_dir)
+  settings = config.discriminator
+  settings.num_train_steps = 40
+  settings.learning_rate = 1e-2
+  settings.log_every_steps = 10
+  model = inference.TrainedModel.restore(workdir)
+  real, conditions = generation.encode_crystals(
+      model, generation.training_crystals(config, settings.num_real, 0), settings.batch_size)
+  trainer = discriminator.Trainer(model, settings)
+  initial, _ = trainer.init(settings.seed)
+  params, losses = trainer.train(real, conditions)
+  assert losses.shape == (40,) and np.all(np.isfinite(losses))
+  keys = [jax.random.key(100 + i) for i in range(4)]  # the same held-out mixtures before/after
+  before = np.mean([trainer.mixed_loss(initial, key, real) for key in keys])
+  after = np.mean([trainer.mixed_loss(params, key, real) for key in keys])
+  assert after < before - 0.01 and after < np.log(2.0)  # better than predicting λ = 1/2
+  scores = trainer.score_latents(params, generation.random_latents(5, 8, 0, 3.0))
+  assert scores.shape == (5,) and np.all((scores >= 0) & (scores <= 1))
+  discriminator.save_params(params, tmp_path / "params")
+  restored = discriminator.restore_params(tmp_path / "params", initial)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_discriminator_mode_writes_summary_and_params(workdir, tfds_dir):
+  config = small_config(tfds_dir)
+  config.discriminator.num_train_steps = 4
+  config.discriminator.log_every_steps = 2
+  results = discriminator.discriminate(config, workdir)
+  out_dir = workdir / "discriminator"
+  saved = json.loads((out_dir / "summary.json").read_text())
+  for name in ("real", "random", "out_of_distribution"):
+    assert 0.0 <= saved[f"{name}_mean"] <= 1.0 and saved[f"{name}_std"] >= 0.0
+    assert saved[f"{name}_mean"] == pytest.approx(results[f"{name}_mean"])
+  assert saved["num_eval"] == 4 and saved["num_real"] == 12
+  assert (out_dir / "params").is_dir() and (out_dir / "scores.png").exists()

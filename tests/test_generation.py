@@ -1,0 +1,280 @@
+"""Generation modes on a tiny trained checkpoint: sample, interpolate, traverse, conditional."""
+
+import csv
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from pymatgen.analysis.structure_matcher import StructureMatcher
+from pymatgen.core import Lattice, Structure
+
+from conftest import tiny_config
+from crystal_vae import conditional
+from crystal_vae import crystals
+from crystal_vae import datasets
+from crystal_vae import generation
+from crystal_vae import inference
+from crystal_vae import reconstruction
+from crystal_vae import train
+
+REPO = pathlib.Path(__file__).parent.parent
+
+
+def small_config(tfds_dir: str, conditional_model: bool = False):
+  """`tiny_config` trained for 2 steps, with small generation settings."""
+  config = tiny_config(tfds_dir)
+  config.model.conditional = conditional_model
+  config.num_train_steps = 2
+  config.checkpoint_every_steps = 2
+  config.sample.num = 6
+  config.sample.batch_size = 4
+  config.sample.num_train_structures = 12
+  config.sample.gallery = 4
+  config.interpolate.steps = 3
+  config.traverse.steps = 3
+  config.conditional.targets = (0.5, 1.0, 2.0, 4.0)
+  config.conditional.num_samples = 4
+  config.conditional.batch_size = 4
+  config.discriminator.features = (4, 8)
+  config.discriminator.batch_size = 8
+  config.discriminator.num_real = 12
+  config.discriminator.num_eval = 4
+  return config
+
+
+def trained_checkpoint(tmp_path_factory, tfds_dir: str, conditional_model: bool = False
+                       ) -> pathlib.Path:
+  """A workdir with a 2-step checkpoint, trained once per test session (shared by modules)."""
+  workdir = tmp_path_factory.getbasetemp() / ("conditional" if conditional_model else "tiny")
+  if not (workdir / "checkpoints" / "2").exists():
+    config = small_config(tfds_dir, conditional_model)
+    config.eval.split = "none"  # no evaluation while training: the checkpoint is all we need
+    train.train_and_evaluate(config, str(workdir))
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tfds_dir) -> pathlib.Path:
+  return trained_checkpoint(tmp_path_factory, tfds_dir)
+
+
+@pytest.fixture(scope="module")
+def model(workdir) -> inference.TrainedModel:
+  return inference.TrainedModel.restore(workdir)
+
+
+def _rock_salt() -> Structure:
+  return Structure(Lattice.cubic(5.64), ["Na"] * 4 + ["Cl"] * 4,
+                   [[0, 0, 0], [0, .5, .5], [.5, 0, .5], [.5, .5, 0],
+                    [.5, .5, .5], [.5, 0, 0], [0, .5, 0], [0, 0, .5]])
+
+
+def _assert_accounted(directory: pathlib.Path, num: int) -> list[Structure]:
+  """valid CIFs + invalid.csv rows = num, each CIF parses; returns the parsed structures."""
+  with open(directory / "invalid.csv") as handle:
+    invalid = list(csv.DictReader(handle))
+  cifs = sorted(directory.glob("*.cif"))
+  assert len(cifs) + len(invalid) == num
+  assert {row["reason"] for row in invalid} <= set(reconstruction.REASONS)
+  assert not {path.stem for path in cifs} & {row["id"] for row in invalid}
+  return [Structure.from_file(path) for path in cifs]
+
+
+def _is_png(path: pathlib.Path) -> bool:
+  return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# Composition validity, distances and statistics against hand-computed cases.
+
+
+@pytest.mark.parametrize("numbers, expected", [
+    ([11, 17], True),             # NaCl
+    ([11, 17, 17], False),        # NaCl2: Na is only +1
+    ([11, 11, 17, 17], True),     # Na2Cl2 reduces to NaCl
+    ([26, 26, 8, 8, 8], True),    # Fe2O3
+    ([11], True),                 # one element
+    ([29, 30], True),             # CuZn: metals only (an alloy)
+    ([], False),
+])
+def test_smact_validity_hand_cases(numbers, expected):
+  assert generation.smact_valid(numbers) is expected
+
+
+def test_alloys_need_include_alloys():
+  assert not generation.smact_valid([29, 30], include_alloys=False)  # no anion: never neutral
+
+
+def test_nearest_neighbour_distances_of_known_structures():
+  np.testing.assert_allclose(generation.nearest_neighbour_distances(_rock_salt()), 5.64 / 2)
+  bcc = Structure(Lattice.cubic(4.23), ["Na", "Na"], [[0, 0, 0], [.5, .5, .5]])
+  np.testing.assert_allclose(generation.nearest_neighbour_distances(bcc), np.sqrt(3) / 2 * 4.23)
+  simple = Structure(Lattice.tetragonal(3.0, 4.0), ["Po"], [[0, 0, 0]])
+  np.testing.assert_allclose(generation.nearest_neighbour_distances(simple), 3.0)
+
+
+def test_sample_summary_hand_case():
+  salt = _rock_salt()
+  sodium = Structure(Lattice.cubic(4.23), ["Na", "Na"], [[0, 0, 0], [.5, .5, .5]])
+  salt2 = Structure(Lattice.cubic(5.0), ["Na", "Cl", "Cl"], [[0, 0, 0], [.5, .5, .5], [0, .5, .5]])
+  rebuilt = [reconstruction.Reconstruction(s) for s in (salt, sodium, salt2)]
+  rebuilt.append(reconstruction.Reconstruction(None, reconstruction.NO_ATOMS, ""))
+  summary = generation.sample_summary(rebuilt, [salt, salt])
+  assert summary["valid_fraction"] == 3 / 4
+  assert summary["composition_valid_fraction"] == 2 / 4  # NaCl2 fails, the invalid one counts
+  assert summary["composition_valid_fraction_of_valid"] == 2 / 3
+  # Number of elements {2, 1, 2} vs {2, 2}: one third of the mass moves by 1.
+  assert summary["wasserstein_num_elements"] == pytest.approx(1 / 3)
+  densities = sorted(s.density for s in (salt, sodium, salt2))
+  expected = np.mean([abs(d - salt.density) for d in densities])
+  assert summary["wasserstein_density"] == pytest.approx(expected)
+
+
+# Latent paths against closed forms.
+
+
+def test_interpolation_paths_against_closed_forms():
+  a, b = np.eye(4, dtype=np.float32)[0] * 2, np.eye(4, dtype=np.float32)[1] * 2
+  linear = generation.interpolate_latents(a, b, 5, "linear")
+  np.testing.assert_allclose(linear[2], (a + b) / 2)
+  slerp = generation.interpolate_latents(a, b, 5, "slerp")
+  t = np.linspace(0, 1, 5)[:, None]
+  np.testing.assert_allclose(slerp, np.cos(t * np.pi / 2) * a + np.sin(t * np.pi / 2) * b,
+                             atol=1e-6)
+  np.testing.assert_array_equal(slerp[[0, -1]], np.stack([a, b]))
+  parallel = generation.interpolate_latents(a, 3 * a, 3, "slerp")
+  np.testing.assert_allclose(parallel[1], 2 * a)
+  with pytest.raises(ValueError):
+    generation.interpolate_latents(a, b, 3, "cubic")
+
+
+def test_traverse_sets_one_coordinate():
+  z = np.arange(5, dtype=np.float32)
+  path = generation.traverse_latents(z, 2, [-3.0, 0.0, 3.0])
+  np.testing.assert_array_equal(path[:, 2], [-3.0, 0.0, 3.0])
+  np.testing.assert_array_equal(np.delete(path, 2, axis=1), np.tile(np.delete(z, 2), (3, 1)))
+  with pytest.raises(ValueError):
+    generation.traverse_latents(z, 5, [0.0])
+
+
+# CIF writing on a deterministic case: the true grids of rock salt and an empty grid.
+
+
+def test_true_grids_rebuild_and_write_parseable_cifs(tfds_dir, tmp_path):
+  config = tiny_config(tfds_dir)
+  config.voxel.grid = 30
+  model = inference.TrainedModel(config, variables=None)  # voxelise and rebuild need no weights
+  salt = crystals.crystal_from_structure(_rock_salt(), "NaCl", crystals.CrystalLimits())
+  grids = {key: np.array(value) for key, value in model.voxelize([salt, salt]).items()}
+  grids["species"][1] = 0  # nothing segmented: no atoms
+  rebuilt = generation.to_crystals(model, grids)
+  counts = generation.write_cifs(rebuilt, ["salt", "empty"], tmp_path)
+  assert counts == {"valid": 1, "invalid": 1, "invalid_no_atoms": 1}
+  (parsed,) = _assert_accounted(tmp_path, 2)
+  assert StructureMatcher().fit(parsed, _rock_salt())
+  with open(tmp_path / "invalid.csv") as handle:
+    assert [row["id"] for row in csv.DictReader(handle)] == ["empty"]
+
+
+# Modes on the tiny checkpoint.
+
+
+def test_sampling_is_reproducible_from_the_seed(model):
+  z, grids, _ = generation.generate(model, 3, seed=7, batch_size=4)
+  z_again, grids_again, _ = generation.generate(model, 3, seed=7, batch_size=4)
+  z_other, grids_other, _ = generation.generate(model, 3, seed=8, batch_size=4)
+  np.testing.assert_array_equal(z, z_again)
+  np.testing.assert_array_equal(grids["density"], grids_again["density"])
+  np.testing.assert_array_equal(grids["species"], grids_again["species"])
+  assert not np.array_equal(z, z_other)
+  assert not np.array_equal(grids["density"], grids_other["density"])
+  np.testing.assert_array_equal(generation.random_latents(3, 8, 7, 2.0), 2 * z)
+  # Batching does not change the decoded grids: padded batches of 4 vs one batch of 3.
+  np.testing.assert_allclose(model.decode(z)["density"], grids["density"], rtol=1e-6, atol=1e-7)
+
+
+def test_sample_mode_from_the_command_line(workdir, tfds_dir):
+  overrides = [f"--config.dataset.data_dir={tfds_dir}", "--config.sample.num=6",
+               "--config.sample.batch_size=4", "--config.sample.num_train_structures=12",
+               "--config.sample.gallery=4", "--config.sample.seed=3"]
+  result = subprocess.run(
+      [sys.executable, "-m", "crystal_vae.main", f"--config={REPO}/configs/repeat.py:quick",
+       f"--workdir={workdir}", "--mode=sample", *overrides],
+      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "valid_fraction" in result.stdout
+  out_dir = workdir / "sample"
+  summary = json.loads((out_dir / "summary.json").read_text())
+  structures = _assert_accounted(out_dir / "cifs", 6)
+  assert summary["num_samples"] == 6 and summary["num_valid"] == len(structures)
+  assert summary["valid_fraction"] == len(structures) / 6
+  assert summary["seed"] == 3 and summary["num_train_structures"] == 12
+  assert summary["nearest_neighbour_median_train"] > 0.5
+  assert _is_png(out_dir / "gallery.png") and _is_png(out_dir / "nearest_neighbours.png")
+
+
+def test_interpolation_endpoints_are_the_inputs_reconstructions(model, tfds_dir):
+  source = datasets.load_data_sources(tiny_config(tfds_dir).dataset)["train"]
+  start, end = (datasets.record_to_crystal(source[i]) for i in (0, 1))
+  paths = generation.interpolation(model, start, end, steps=4)
+  mean, _ = model.encode(model.voxelize([start, end])["density"])
+  reference = model.decode(mean)
+  for method, (grids, rebuilt) in paths.items():
+    assert grids["density"].shape[0] == 4 and len(rebuilt) == 4, method
+    np.testing.assert_array_equal(grids["density"][[0, -1]], reference["density"])
+    np.testing.assert_array_equal(grids["species"][[0, -1]], reference["species"])
+  assert not np.array_equal(paths["linear"][0]["density"][1], paths["slerp"][0]["density"][1])
+
+
+def test_interpolate_mode_writes_cifs_panel_and_gif(workdir, tfds_dir):
+  config = small_config(tfds_dir)
+  source = datasets.load_data_sources(config.dataset)["validation"]
+  config.interpolate.start = datasets.record_to_crystal(source[0]).id  # a dataset id
+  cif = workdir / "end.cif"
+  cif.write_text(reconstruction.to_cif(_rock_salt()))
+  config.interpolate.end = str(cif)  # a CIF file
+  results = generation.interpolate(config, workdir)
+  out_dir = workdir / "interpolate"
+  assert results["start"] == config.interpolate.start and results["end"] == "end"
+  for method in generation.METHODS:
+    _assert_accounted(out_dir / method / "cifs", 3)
+    assert len(results[method]["formulas"]) == 3
+  assert _is_png(out_dir / "panel.png")
+  with Image.open(out_dir / "interpolation.gif") as gif:
+    assert gif.n_frames == 3
+
+
+def test_traverse_mode_writes_a_panel(workdir, tfds_dir):
+  config = small_config(tfds_dir)
+  config.traverse.dim = 5
+  results = generation.traverse(config, workdir)
+  assert results["values"] == [-3.0, 0.0, 3.0] and results["dim"] == 5
+  assert results["mean_abs_change_from_first"][0] == 0.0
+  assert _is_png(workdir / "traverse" / "traverse.png")
+
+
+def test_conditional_generation_follows_the_target(tmp_path_factory, tfds_dir, model):
+  workdir = trained_checkpoint(tmp_path_factory, tfds_dir, conditional_model=True)
+  config = small_config(tfds_dir, conditional_model=True)
+  results = conditional.conditional(config, workdir)
+  means = np.array(results["max_density_mean"])
+  assert results["targets"] == [0.5, 1.0, 2.0, 4.0]
+  assert np.all(np.diff(means) > 0), means
+  # The decoder's bottleneck is multiplied by the target: each latent's maximum follows it.
+  assert results["pearson_target_vs_max_per_latent"] > 0.9
+  assert results["pearson_target_vs_max"] > 0.5
+  geometry = results["geometry"]
+  reference = geometry["reference_target_index"]
+  assert reference == 2
+  assert geometry["normalised_density_correlation"][reference] == pytest.approx(1.0)
+  assert geometry["mean_abs_atom_count_change"][reference] == 0.0
+  assert _is_png(workdir / "conditional" / "conditional.png")
+  saved = json.loads((workdir / "conditional" / "summary.json").read_text())
+  assert saved["max_density_mean"] == pytest.approx(results["max_density_mean"])
+  with pytest.raises(ValueError, match="not conditional"):
+    conditional.decode_at_targets(model, np.zeros((1, 8), np.float32), np.ones(1))
