@@ -25,7 +25,7 @@ setuptools.setup(
         "scipy>=1.13",
         "matplotlib>=3.9",
         "imageio>=2.34",
-        "smact>=3.0",
+        "smact>=4.0",
         "tensorboardX>=2.6",
     ],
     extras_require={

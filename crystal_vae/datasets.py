@@ -41,6 +41,8 @@ from absl import app
 from absl import flags
 from absl import logging
 from etils import epath
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import ml_collections
 import tensorflow_datasets as tfds
@@ -256,9 +258,22 @@ def load_data_sources(dataset_config: Any) -> dict[str, Sequence[Mapping[str, An
   `CrystalDataset`; `record_to_crystal` turns one into a `crystals.Crystal`.
   """
   builder = make_builder(dataset_config)
-  builder.download_and_prepare()
+  if jax.process_index() == 0:
+    builder.download_and_prepare()
+  if jax.process_count() > 1:  # the others wait for process 0's build instead of racing it
+    multihost_utils.sync_global_devices(f"built {builder.builder_config.name}")
+    builder.download_and_prepare()
   sources = builder.as_data_source()
   return {split: sources[split] for split in SPLITS if split in sources}
+
+
+def split_source(dataset_config: Any, split: str) -> Sequence[Mapping[str, Any]]:
+  """The source of one split; a clear error when the dataset does not have it."""
+  sources = load_data_sources(dataset_config)
+  if split not in sources:
+    raise ValueError(f"dataset {dataset_config.name!r} has no {split!r} split"
+                     f" (it has {sorted(sources)})")
+  return sources[split]
 
 
 def rejected_path(builder: CrystalDataset) -> pathlib.Path:

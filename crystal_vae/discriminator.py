@@ -181,7 +181,7 @@ def discriminate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
   trainer = Trainer(model, settings)
   params, losses = trainer.train(real_latents, real_conditions)
 
-  source = datasets.load_data_sources(config.dataset)[config.eval.split]
+  source = datasets.split_source(config.dataset, config.eval.split)
   eval_crystals = [datasets.record_to_crystal(source[i])
                    for i in range(min(settings.num_eval, len(source)))]
   eval_latents, eval_conditions = generation.encode_crystals(model, eval_crystals,

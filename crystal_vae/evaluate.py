@@ -45,11 +45,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   model = (inference.TrainedModel(config, variables=None) if config.eval.oracle
            else inference.TrainedModel.restore(workdir))
   split = config.eval.split
-  sources = datasets.load_data_sources(config.dataset)
-  if split not in sources:
-    raise ValueError(f"dataset {config.dataset.name!r} has no {split!r} split"
-                     f" (it has {sorted(sources)})")
-  source = sources[split]
+  source = datasets.split_source(config.dataset, split)
   count = len(source)
   if config.eval.num_batches > 0:
     count = min(count, config.eval.num_batches * config.eval.batch_size)
@@ -65,7 +61,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
     if config.eval.oracle:
       decoded = dict(grids)
       if model.config.representation == "unit_cell":
-        decoded["lattice"] = np.array([c.to_structure().lattice.parameters for c in batch])
+        decoded["lattice"] = np.stack([c.lattice for c in batch])  # unrotated at evaluation
       decoded_atoms = true_atoms
     else:
       mean, _ = model.encode(grids["density"])

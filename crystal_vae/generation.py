@@ -125,7 +125,7 @@ def load_crystal(name: str, config: ml_collections.ConfigDict, default_index: in
 def training_crystals(config: ml_collections.ConfigDict, num: int, seed: int
                       ) -> list[crystals.Crystal]:
   """Up to `num` crystals of the train split of `config.dataset`, a random subset from `seed`."""
-  source = datasets.load_data_sources(config.dataset)["train"]
+  source = datasets.split_source(config.dataset, "train")
   chosen = np.random.default_rng(seed).permutation(len(source))[:num]
   return [datasets.record_to_crystal(source[int(i)]) for i in np.sort(chosen)]
 

@@ -44,6 +44,10 @@ class TrainedModel:
     manager = checkpoints.checkpoint_manager(workdir, read_only=True)
     config = checkpoints.restore_config(manager, step)
     abstract = jax.eval_shape(lambda: train.create_train_state(config, jax.random.key(0)))
+    # Restore onto this machine's first device, whatever devices the run was trained on.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            abstract)
     state = checkpoints.restore_state(manager, abstract, step)
     return cls(config, {"params": state.params, "batch_stats": state.batch_stats})
 
@@ -60,8 +64,8 @@ class TrainedModel:
                ) -> dict[str, np.ndarray]:
     """True grids as at evaluation: unrotated (lattice in the standard orientation), a repeat
     cube with a cell corner at its origin, a unit cell at its centre."""
-    padded = [input_pipeline.pad_crystal(crystal, self.config.dataset.max_atoms)
-              for crystal in structures]
+    max_atoms = max([self.config.dataset.max_atoms] + [c.num_atoms for c in structures])
+    padded = [input_pipeline.pad_crystal(crystal, max_atoms) for crystal in structures]
     batch = {key: np.stack([p[key] for p in padded]) for key in padded[0]}
     grids = voxelize.voxelize_batch(
         batch, jax.random.key(seed), spec=self.spec, representation=self.config.representation,
@@ -112,6 +116,6 @@ class TrainedModel:
     if self.config.representation == "repeat":
       return [reconstruction.reconstruct_repeat(a, self.spec.box) for a in atoms]
     if "lattice" not in grids:
-      raise ValueError("unit-cell grids need lattice parameters (the model's lattice head)")
+      raise ValueError("unit-cell grids need a lattice (the model's lattice head)")
     return [reconstruction.reconstruct_unit_cell(a, lattice, self.spec.box)
             for a, lattice in zip(atoms, grids["lattice"])]

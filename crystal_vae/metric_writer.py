@@ -12,16 +12,23 @@ import tensorboardX
 class MetricWriter:
   """Appends `{"step": s, "split": name, **metrics}` lines to `metrics.jsonl` and event files.
 
-  Only process 0 writes, so multi-host runs do not clobber each other's files.
+  Only process 0 writes, so multi-host runs do not clobber each other's files. A run resumed
+  at `start_step` first drops the lines of later steps (written before an interruption), so each
+  step appears once.
   """
 
-  def __init__(self, workdir: str | pathlib.Path):
+  def __init__(self, workdir: str | pathlib.Path, start_step: int = 0):
     self._active = jax.process_index() == 0
     if not self._active:
       return
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    self._jsonl = open(workdir / "metrics.jsonl", "a")
+    path = workdir / "metrics.jsonl"
+    if path.exists():
+      kept = [line for line in path.read_text().splitlines()
+              if line.strip() and json.loads(line)["step"] <= start_step]
+      path.write_text("".join(line + "\n" for line in kept))
+    self._jsonl = open(path, "a")
     self._tensorboard = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
 
   def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:

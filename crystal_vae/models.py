@@ -306,8 +306,10 @@ class AttentionUNet(nn.Module):
 
 
 class LatticeHead(nn.Module):
-  """MLP latent (B, L) -> (B, 6): a, b, c in Å (softplus, starting near `initial_length`) and
-  α, β, γ in degrees (180 * sigmoid, starting at 90)."""
+  """MLP latent (B, L) -> (B, 3, 3): the lattice vectors (rows, Å) as they lie in the cube, i.e.
+  rotated like the decoded atoms (a unit cell is placed with a random rotation), starting near
+  `initial_length` times the identity. Predicting the oriented lattice, not only a, b, c, α, β, γ,
+  is what lets atoms decoded in any orientation (e.g. random draws) be placed in the cell."""
 
   hidden: Sequence[int]
   initial_length: float = 5.0
@@ -317,10 +319,8 @@ class LatticeHead(nn.Module):
     x = z
     for width in self.hidden:
       x = nn.relu(nn.Dense(width)(x))
-    inverse_softplus = float(np.log(np.expm1(self.initial_length)))
-    bias = jnp.array([inverse_softplus] * 3 + [0.0] * 3, jnp.float32)
-    raw = nn.Dense(6, bias_init=lambda *_: bias)(x)
-    return jnp.concatenate([nn.softplus(raw[:, :3]), 180.0 * nn.sigmoid(raw[:, 3:])], axis=-1)
+    bias = self.initial_length * jnp.eye(3, dtype=jnp.float32).reshape(9)
+    return nn.Dense(9, bias_init=lambda *_: bias)(x).reshape(-1, 3, 3)
 
 
 class CrystalVAE(nn.Module):

@@ -113,22 +113,22 @@ def _structure(lattice: np.ndarray, species: np.ndarray, frac: np.ndarray,
   return Reconstruction(Structure(standard, reduced.species, np.mod(reduced_frac, 1.0)))
 
 
-def reconstruct_unit_cell(atoms: Atoms, lattice_parameters: Sequence[float], box: float, *,
-                          merge_tolerance: float = 0.3,
+def reconstruct_unit_cell(atoms: Atoms, lattice: np.ndarray, box: float, *,
+                          merge_tolerance: float = 0.3, min_volume: float = 1.0,
                           min_distance: float = 0.5) -> Reconstruction:
-  """Places decoded atoms (cube coordinates, unrotated) in the cell of the lattice head
-  (a, b, c, α, β, γ) centred in the cube; merges atoms closer than `merge_tolerance` (periodic).
+  """Places decoded atoms (cube coordinates) in the cell centred in the cube whose vectors are the
+  rows of `lattice` (3, 3), oriented as in the cube (the lattice head's output); merges atoms
+  closer than `merge_tolerance` (periodic). A cell of volume < `min_volume` Å³ is invalid.
   """
   if len(atoms) == 0:
     return _invalid(NO_ATOMS, "the species grid has no atoms")
-  parameters = np.asarray(lattice_parameters, np.float64)
-  lengths, angles = parameters[:3], np.radians(parameters[3:])
-  cosines = np.cos(angles)
-  metric_det = (1 - np.sum(cosines**2) + 2 * np.prod(cosines))
-  if (not np.all(np.isfinite(parameters)) or np.any(lengths <= 0) or np.any(angles <= 0)
-      or np.any(angles >= np.pi) or metric_det <= 1e-6):
-    return _invalid(INVALID_LATTICE, f"no cell has parameters {np.round(parameters, 3).tolist()}")
-  lattice = Lattice.from_parameters(*parameters).matrix
+  lattice = np.asarray(lattice, np.float64)
+  volume = np.linalg.det(lattice) if np.all(np.isfinite(lattice)) else np.nan
+  if not abs(volume) >= min_volume:
+    return _invalid(INVALID_LATTICE, f"the cell {np.round(lattice, 3).tolist()} has volume"
+                    f" {volume:.3g} Å³ < {min_volume}")
+  if volume < 0:  # A left-handed basis: -lattice spans the same points, right-handed.
+    lattice = -lattice
   cartesian = atoms.positions - box / 2 + 0.5 * lattice.sum(axis=0)
   frac = np.mod(cartesian @ np.linalg.inv(lattice), 1.0)
   species, site_frac, _ = _merge_sites(lattice, frac, atoms.species, np.ones(len(atoms)),

@@ -45,8 +45,10 @@ def voxel_spec(config: ml_collections.ConfigDict) -> voxelize.GridSpec:
 
 
 def create_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """A 1-D `data` mesh over `config.num_devices` devices (-1: all of them, on every host)."""
+  """A 1-D `data` mesh over `config.num_devices` devices (-1: every device of every host)."""
   devices = jax.devices()
+  if config.num_devices != -1 and jax.process_count() > 1:
+    raise ValueError("num_devices must be -1 (all devices) when running on several hosts")
   count = len(devices) if config.num_devices == -1 else config.num_devices
   return jax.make_mesh((count,), (DATA_AXIS,), devices=devices[:count],
                        axis_types=(jax.sharding.AxisType.Auto,))
@@ -69,15 +71,6 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> Tra
                            tx=optax.adam(config.learning_rate))
 
 
-def lattice_parameters(lattice: jax.Array) -> jax.Array:
-  """(…, 3, 3) lattice rows -> (…, 6): a, b, c (Å) and α, β, γ (degrees)."""
-  lengths = jnp.linalg.norm(lattice, axis=-1)
-  def angle(i, j):
-    cosine = jnp.sum(lattice[..., i, :] * lattice[..., j, :], -1) / (lengths[..., i] * lengths[..., j])
-    return jnp.degrees(jnp.arccos(jnp.clip(cosine, -1.0, 1.0)))
-  return jnp.concatenate([lengths, jnp.stack([angle(1, 2), angle(0, 2), angle(0, 1)], -1)], -1)
-
-
 def voxel_losses(outputs: Mapping[str, jax.Array], batch: Batch,
                  config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
   """Per-example loss terms and accuracies, shape (B,) each."""
@@ -97,9 +90,10 @@ def voxel_losses(outputs: Mapping[str, jax.Array], batch: Batch,
       "atom_voxels": jnp.sum(atom_voxels, axis=voxel_axes),
   }
   if "lattice" in outputs:
-    scale = jnp.array([config.voxel.box] * 3 + [90.0] * 3)
-    target = lattice_parameters(batch["lattice"])
-    terms["lattice_mse"] = jnp.mean(((outputs["lattice"] - target) / scale) ** 2, axis=-1)
+    # The lattice as placed in the cube: rows rotated like the atoms (cube = R @ cartesian + o).
+    target = jnp.einsum("bij,bkj->bik", batch["lattice"], batch["rotation"])
+    terms["lattice_mse"] = jnp.mean(((outputs["lattice"] - target) / config.voxel.box) ** 2,
+                                    axis=(-2, -1))
   return terms
 
 
@@ -148,6 +142,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   metrics = summarise(terms, config)
   metrics["loss"] = loss
+  metrics["grad_norm"] = optax.global_norm(grads)
   return state, metrics
 
 
@@ -214,7 +209,7 @@ class Trainer:
         rotate=train and self.config.voxel.rotate,
         random_offset=train and self.config.voxel.random_offset,
         num_images=num_images_for(local_batch["lattice"], self.config, train))
-    batch.update(density=grids["density"], species=grids["species"])
+    batch.update(density=grids["density"], species=grids["species"], rotation=grids["rotation"])
     return batch
 
   def evaluate(self, state: TrainState, source: Any, seed: int) -> dict[str, float]:
@@ -240,12 +235,14 @@ class Trainer:
 
 
 def _check_finite(pending: list[tuple[int, dict[str, jax.Array]]], last_good: int | None) -> None:
+  """Raises if a step since the last check had a non-finite loss or gradient."""
   for step, metrics in pending:
-    loss = float(jax.device_get(metrics["loss"]))
-    if not math.isfinite(loss):
+    loss, grad_norm = (float(x) for x in jax.device_get((metrics["loss"], metrics["grad_norm"])))
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
       raise FloatingPointError(
-          f"non-finite loss ({loss}) at step {step}; training stopped. The last good checkpoint"
-          f" (step {last_good}) is left intact: lower the learning rate or check the data.")
+          f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; training"
+          f" stopped. The last good checkpoint (step {last_good}) is left intact: lower the"
+          " learning rate or check the data.")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -255,10 +252,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if config.batch_size % mesh.size or config.eval.batch_size % mesh.size:
     raise ValueError(f"batch sizes ({config.batch_size}, eval {config.eval.batch_size}) must be"
                      f" divisible by the {mesh.size} devices")
-  sources = datasets.load_data_sources(config.dataset)
-  if "train" not in sources or len(sources["train"]) == 0:
-    raise ValueError(f"dataset {config.dataset.name!r} has no train split")
-  eval_source = sources.get(config.eval.split)
+  train_source = datasets.split_source(config.dataset, "train")
+  # eval.split "" or "none" turns periodic evaluation off; any other missing split is an error.
+  eval_source = (None if config.eval.split in ("", "none")
+                 else datasets.split_source(config.dataset, config.eval.split))
 
   trainer = Trainer(config, mesh)
   manager = checkpoints.checkpoint_manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
@@ -272,9 +269,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     start_step = int(state.step)
     step_rng = jax.device_put(step_rng, trainer.replicated)
 
-    writer = metric_writer.MetricWriter(workdir)
+    writer = metric_writer.MetricWriter(workdir, start_step)
     batches = input_pipeline.train_batches(
-        sources["train"], batch_size=config.batch_size // jax.process_count(),
+        train_source, batch_size=config.batch_size // jax.process_count(),
         max_atoms=config.dataset.max_atoms, seed=config.seed, start_step=start_step)
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     last_good = manager.latest_step()

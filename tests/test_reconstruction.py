@@ -77,8 +77,18 @@ def test_repeat_and_unit_cell_oracles_recover_perov_5():
     assert _matches(reconstruction.reconstruct_repeat(atoms, SPEC.box), cell), cell.id
   unit = voxelize_crystals(cells, voxelize.UNIT_CELL)
   for cell, atoms in zip(cells, segmentation.segment_batch(unit["species"], SPEC.box)):
-    parameters = Lattice(cell.lattice).parameters
-    assert _matches(reconstruction.reconstruct_unit_cell(atoms, parameters, SPEC.box), cell)
+    assert _matches(reconstruction.reconstruct_unit_cell(atoms, cell.lattice, SPEC.box), cell)
+
+
+def test_unit_cell_uses_the_oriented_lattice_of_a_rotated_cell():
+  """A randomly rotated unit cell is rebuilt from the lattice rotated the same way."""
+  cells = _perov_cells(4)
+  grids = voxelize_crystals(cells, voxelize.UNIT_CELL, rotate=True)
+  for cell, atoms, rotation in zip(cells, segmentation.segment_batch(grids["species"], SPEC.box),
+                                   grids["rotation"]):
+    oriented = cell.lattice @ np.asarray(rotation).T
+    assert _matches(reconstruction.reconstruct_unit_cell(atoms, oriented, SPEC.box), cell)
+    assert not _matches(reconstruction.reconstruct_unit_cell(atoms, cell.lattice, SPEC.box), cell)
 
 
 def test_unit_cell_merges_periodic_duplicates_and_uses_the_cell_centre():
@@ -86,7 +96,7 @@ def test_unit_cell_merges_periodic_duplicates_and_uses_the_cell_centre():
   corner = SPEC.box / 2 - 2.0  # Cube coordinate of the cell origin.
   # Cs at the origin seen twice (at frac 0 and, across the cell, frac 1 - 0.01), Cl at the centre.
   atoms = _atoms([55, 55, 17], [[corner] * 3, [corner + 3.96, corner, corner], [SPEC.box / 2] * 3])
-  result = reconstruction.reconstruct_unit_cell(atoms, lattice.parameters, SPEC.box)
+  result = reconstruction.reconstruct_unit_cell(atoms, lattice.matrix, SPEC.box)
   assert result.valid and len(result.structure) == 2
   cscl = Structure(lattice, ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
   assert MATCHER.fit(result.structure, cscl)
@@ -113,7 +123,7 @@ def test_repeat_votes_species_and_drops_unsupported_sites():
 @pytest.mark.parametrize("make, reason", [
     (lambda: reconstruction.reconstruct_repeat(_atoms([], []), SPEC.box),
      reconstruction.NO_ATOMS),
-    (lambda: reconstruction.reconstruct_unit_cell(_atoms([], []), (4, 4, 4, 90, 90, 90), SPEC.box),
+    (lambda: reconstruction.reconstruct_unit_cell(_atoms([], []), 4 * np.eye(3), SPEC.box),
      reconstruction.NO_ATOMS),
     # Atoms without any repeated pattern.
     (lambda: reconstruction.reconstruct_repeat(
@@ -124,13 +134,13 @@ def test_repeat_votes_species_and_drops_unsupported_sites():
         _atoms([6] * 16, [[1 + 2.5 * i, 1 + 2.5 * j, 5] for i in range(4) for j in range(4)]),
         SPEC.box), reconstruction.NO_LATTICE),
     (lambda: reconstruction.reconstruct_unit_cell(
-        _atoms([8], [[5, 5, 5]]), (4, 4, 4, 30, 30, 150), SPEC.box),
+        _atoms([8], [[5, 5, 5]]), [[4, 0, 0], [0, 4, 0], [4, 4, 0]], SPEC.box),  # coplanar
      reconstruction.INVALID_LATTICE),
     (lambda: reconstruction.reconstruct_unit_cell(
-        _atoms([8], [[5, 5, 5]]), (4, -1, 4, 90, 90, 90), SPEC.box),
+        _atoms([8], [[5, 5, 5]]), np.full((3, 3), np.nan), SPEC.box),
      reconstruction.INVALID_LATTICE),
     (lambda: reconstruction.reconstruct_unit_cell(
-        _atoms([8, 8], [[5, 5, 5], [5.4, 5, 5]]), (4, 4, 4, 90, 90, 90), SPEC.box),
+        _atoms([8, 8], [[5, 5, 5], [5.4, 5, 5]]), 4 * np.eye(3), SPEC.box),
      reconstruction.ATOMS_TOO_CLOSE),
 ])
 def test_invalid_samples_have_their_reason(make, reason):
@@ -148,7 +158,7 @@ def test_cif_round_trip_and_invalid_list(tmp_path):
   results = [
       reconstruction.reconstruct_repeat(_atoms([55] * 27 + [17] * 27, cube), SPEC.box),
       reconstruction.reconstruct_unit_cell(_atoms([11, 17], [[3.5, 3.5, 3.5], [5, 5, 5]]),
-                                           (3.0, 3.0, 3.0, 90, 90, 90), SPEC.box),
+                                           3.0 * np.eye(3), SPEC.box),
       reconstruction.reconstruct_repeat(_atoms([], []), SPEC.box)]
   truths = [cscl, Structure(Lattice.cubic(3.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])]
   assert reconstruction.write_cifs(results, ["cscl", "nacl", "empty"], tmp_path) == (2, 1)

@@ -18,7 +18,7 @@ SPEC = voxelize.GridSpec()  # 30^3 voxels in a 10 Å cube, species radius 0.5 Å
 HALF_VOXEL = 0.5 * SPEC.voxel_size
 
 
-def voxelize_crystals(batch_crystals, representation, random_offset=False, seed=0):
+def voxelize_crystals(batch_crystals, representation, random_offset=False, seed=0, rotate=False):
   """One padded batch through `voxelize_batch`; returns numpy arrays."""
   num_atoms = max(c.num_atoms for c in batch_crystals)
   batch = dict(
@@ -29,7 +29,7 @@ def voxelize_crystals(batch_crystals, representation, random_offset=False, seed=
                                for c in batch_crystals]).astype(np.int32),
       atom_mask=np.stack([np.arange(num_atoms) < c.num_atoms for c in batch_crystals]))
   result = voxelize.voxelize_batch(
-      batch, jax.random.key(seed), spec=SPEC, representation=representation, rotate=False,
+      batch, jax.random.key(seed), spec=SPEC, representation=representation, rotate=rotate,
       random_offset=random_offset,
       num_images=voxelize.num_images_for(batch["lattice"], SPEC, representation, False))
   return {name: np.asarray(value) for name, value in result.items()}

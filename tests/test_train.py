@@ -14,16 +14,14 @@ from pymatgen.core import Lattice
 
 from conftest import tiny_config
 from crystal_vae import checkpoints
+from crystal_vae import inference
 from crystal_vae import input_pipeline
 from crystal_vae import train
 
 
 def _params(workdir) -> dict:
-  """The parameters of the latest checkpoint, as numpy, restored without a template."""
-  manager = checkpoints.checkpoint_manager(workdir, read_only=True)
-  config = checkpoints.restore_config(manager)
-  abstract = jax.eval_shape(lambda: train.create_train_state(config, jax.random.key(0)))
-  return jax.device_get(checkpoints.restore_state(manager, abstract).params)
+  """The parameters of the latest checkpoint, as numpy, restored as a user would."""
+  return jax.device_get(inference.TrainedModel.restore(workdir).variables["params"])
 
 
 def _assert_trees_close(a, b, **tolerance):
@@ -34,11 +32,19 @@ def _assert_trees_close(a, b, **tolerance):
     np.testing.assert_allclose(x, y, **tolerance)
 
 
-def test_lattice_parameters_match_pymatgen():
-  lattice = Lattice.from_parameters(3.1, 4.2, 5.3, 70.0, 95.0, 112.0)
-  rotated = lattice.matrix @ np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0]
-  got = train.lattice_parameters(jnp.asarray(rotated, jnp.float32))
-  np.testing.assert_allclose(got, lattice.parameters, rtol=1e-5)
+def test_lattice_loss_compares_with_the_lattice_rotated_like_the_atoms(tfds_dir):
+  config = tiny_config(tfds_dir, "unit_cell")
+  lattice = Lattice.from_parameters(3.1, 4.2, 5.3, 70.0, 95.0, 112.0).matrix
+  rotation = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0]
+  zeros = np.zeros((1, 2, 2, 2), np.float32)
+  outputs = {"recon": zeros, "mean": jnp.zeros((1, 2)), "logvar": jnp.zeros((1, 2)),
+             "logits": jnp.zeros((1, 2, 2, 2, 3)),
+             "lattice": jnp.asarray((lattice @ rotation.T + 0.5)[None], jnp.float32)}
+  batch = {"density": zeros, "species": zeros.astype(np.int32),
+           "lattice": lattice[None].astype(np.float32), "rotation": rotation[None]}
+  terms = train.voxel_losses(outputs, batch, config)
+  # Every entry of the oriented lattice is off by 0.5 Å: MSE of (0.5 / box)².
+  np.testing.assert_allclose(terms["lattice_mse"], [(0.5 / config.voxel.box) ** 2], rtol=1e-4)
 
 
 def test_loss_terms_against_hand_computed_values(tfds_dir):
@@ -104,6 +110,10 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(trained_workdir, tfds
   monkeypatch.setattr(input_pipeline, "train_batches", real_batches)
   train.train_and_evaluate(tiny_config(tfds_dir), str(tmp_path))
   _assert_trees_close(_params(tmp_path), _params(trained_workdir), rtol=0, atol=0)
+  # The log holds each step once, as the uninterrupted run's does.
+  steps = [(r["step"], r["split"]) for r in map(json.loads, (tmp_path / "metrics.jsonl").open())]
+  assert steps == [(r["step"], r["split"])
+                   for r in map(json.loads, (trained_workdir / "metrics.jsonl").open())]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tfds_dir, tmp_path, monkeypatch):
