@@ -64,9 +64,7 @@ class TrainedModel:
                ) -> dict[str, np.ndarray]:
     """True grids as at evaluation: unrotated (lattice in the standard orientation), a repeat
     cube with a cell corner at its origin, a unit cell at its centre."""
-    max_atoms = max([self.config.dataset.max_atoms] + [c.num_atoms for c in structures])
-    padded = [input_pipeline.pad_crystal(crystal, max_atoms) for crystal in structures]
-    batch = {key: np.stack([p[key] for p in padded]) for key in padded[0]}
+    batch = input_pipeline.stack_crystals(structures, self.config.dataset.max_atoms)
     grids = voxelize.voxelize_batch(
         batch, jax.random.key(seed), spec=self.spec, representation=self.config.representation,
         rotate=False, random_offset=False,

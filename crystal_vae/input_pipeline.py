@@ -57,6 +57,13 @@ def pad_crystal(crystal_or_record: crystals.Crystal | Mapping[str, Any],
   return padded
 
 
+def stack_crystals(structures: Sequence[crystals.Crystal], max_atoms: int = 0) -> Batch:
+  """A batch of crystals padded to max(max_atoms, their largest atom count)."""
+  max_atoms = max([max_atoms] + [crystal.num_atoms for crystal in structures])
+  padded = [pad_crystal(crystal, max_atoms) for crystal in structures]
+  return {key: np.stack([p[key] for p in padded]) for key in padded[0]}
+
+
 def _example(index: int, record: Any, max_atoms: int, valid: bool = True) -> Batch:
   example = pad_crystal(record, max_atoms)
   example["index"] = np.int32(index)

@@ -3,7 +3,7 @@
 True species grids of perov_5 validation cells and Materials-Project (mp_cgcnn) cells are built
 with `voxelize_batch` (unrotated); `segment_batch` is timed over them (best of `--repeats`). With
 `--oracle N`, the first N cells of each set also go through `reconstruct_repeat` and
-`reconstruct_unit_cell` (true lattice parameters) and are compared with the true structure by
+`reconstruct_unit_cell` (true lattice, unrotated) and are compared with the true structure by
 `StructureMatcher(stol=0.5, angle_tol=10, ltol=0.3)`, also requiring the exact primitive atom count.
 Usage:
   python launch/benchmark_segmentation.py [--num 256] [--batch 64] [--grid 30] [--oracle 200]
@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from pymatgen.analysis.structure_matcher import StructureMatcher
 
-from crystal_vae import crystals, reconstruction, segmentation, voxelize
+from crystal_vae import crystals, input_pipeline, reconstruction, segmentation, voxelize
 
 DATASETS = (("perov_5", "/work/shared/data/perov_5/val.csv.gz"),
             ("mp_cgcnn", "/work/shared/data/mp_cgcnn/all.csv.gz"))
@@ -45,15 +45,7 @@ def voxelize_cells(cells, spec, representation, random_offset, batch_size, seed=
   """Species and density grids (N, G, G, G) of `cells`, batch by batch."""
   species, density, offsets = [], [], []
   for start in range(0, len(cells), batch_size):
-    chunk = cells[start:start + batch_size]
-    num_atoms = max(c.num_atoms for c in chunk)
-    batch = dict(
-        lattice=np.stack([c.lattice for c in chunk]).astype(np.float32),
-        frac_coords=np.stack([np.pad(c.frac_coords, ((0, num_atoms - c.num_atoms), (0, 0)))
-                              for c in chunk]).astype(np.float32),
-        atomic_numbers=np.stack([np.pad(c.atomic_numbers, (0, num_atoms - c.num_atoms))
-                                 for c in chunk]).astype(np.int32),
-        atom_mask=np.stack([np.arange(num_atoms) < c.num_atoms for c in chunk]))
+    batch = input_pipeline.stack_crystals(cells[start:start + batch_size])
     result = voxelize.voxelize_batch(
         batch, jax.random.key(seed + start), spec=spec, representation=representation,
         rotate=False, random_offset=random_offset,
@@ -71,7 +63,7 @@ def oracle(cells, atoms, representation, spec) -> tuple[int, int, dict[str, int]
     if representation == voxelize.REPEAT:
       result = reconstruction.reconstruct_repeat(found, spec.box)
     else:
-      result = reconstruction.reconstruct_unit_cell(found, cell.to_structure().lattice.parameters,
+      result = reconstruction.reconstruct_unit_cell(found, cell.lattice,
                                                     spec.box)
     if not result.valid:
       reasons[result.reason] = reasons.get(result.reason, 0) + 1

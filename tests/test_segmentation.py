@@ -12,7 +12,7 @@ from pymatgen.core import Lattice, Structure
 from pymatgen.util.provenance import StructureNL
 from scipy import optimize
 
-from crystal_vae import crystals, segmentation, voxelize
+from crystal_vae import crystals, input_pipeline, segmentation, voxelize
 
 SPEC = voxelize.GridSpec()  # 30^3 voxels in a 10 Å cube, species radius 0.5 Å.
 HALF_VOXEL = 0.5 * SPEC.voxel_size
@@ -20,14 +20,7 @@ HALF_VOXEL = 0.5 * SPEC.voxel_size
 
 def voxelize_crystals(batch_crystals, representation, random_offset=False, seed=0, rotate=False):
   """One padded batch through `voxelize_batch`; returns numpy arrays."""
-  num_atoms = max(c.num_atoms for c in batch_crystals)
-  batch = dict(
-      lattice=np.stack([c.lattice for c in batch_crystals]).astype(np.float32),
-      frac_coords=np.stack([np.pad(c.frac_coords, ((0, num_atoms - c.num_atoms), (0, 0)))
-                            for c in batch_crystals]).astype(np.float32),
-      atomic_numbers=np.stack([np.pad(c.atomic_numbers, (0, num_atoms - c.num_atoms))
-                               for c in batch_crystals]).astype(np.int32),
-      atom_mask=np.stack([np.arange(num_atoms) < c.num_atoms for c in batch_crystals]))
+  batch = input_pipeline.stack_crystals(batch_crystals)
   result = voxelize.voxelize_batch(
       batch, jax.random.key(seed), spec=SPEC, representation=representation, rotate=rotate,
       random_offset=random_offset,
