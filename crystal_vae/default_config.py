@@ -50,7 +50,7 @@ def get_config(representation: str, arg: str | None = None) -> ml_collections.Co
   config.loss = ml_collections.ConfigDict()
   config.loss.beta = 1e-4  # KL weight; KL is summed over latent dims, MSE averaged over voxels.
   config.loss.gamma = 0.1  # weight of the U-Net's cross-entropy in the VAE loss (paper).
-  config.loss.lattice_weight = 0.01  # unit_cell only: MSE of the predicted lattice parameters.
+  config.loss.lattice_weight = 0.01  # unit_cell only: MSE (÷ box²) of the predicted oriented lattice.
 
   config.learning_rate = 1e-5
   config.batch_size = 24  # global; split over processes and devices.

@@ -13,8 +13,8 @@
   face are cut by it and get a small weight. A site seen in fewer than `min_site_support` of the
   places inside the cube where the lattice says it should appear is noise and is dropped.
   Nothing assumes where the cell origin is.
-* "unit_cell": the lattice comes from the model's lattice head (a, b, c Å, α, β, γ degrees) in
-  standard orientation; the cell centre sits at the cube centre (unrotated at evaluation), so
+* "unit_cell": the lattice (3 x 3, rows) comes from the model's lattice head, oriented as the
+  cell lies in the cube; the cell centre sits at the cube centre, so
   cartesian = cube - box / 2 + (a + b + c) / 2. Fractional coordinates are wrapped and atoms that
   coincide periodically are merged.
 
