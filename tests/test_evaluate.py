@@ -35,8 +35,10 @@ def test_oracle_recovers_every_perov_5_structure(representation, tfds_dir, tmp_p
   assert json.loads((out / "metrics.json").read_text())["match_rate"] == 1.0
 
 
-def test_evaluate_a_trained_checkpoint_writes_metrics_cifs_and_figures(tfds_dir, tmp_path):
-  config = tiny_config(tfds_dir)
+@pytest.mark.parametrize("representation", ["repeat", "unit_cell"])
+def test_evaluate_a_trained_checkpoint_writes_metrics_cifs_and_figures(representation, tfds_dir,
+                                                                       tmp_path):
+  config = tiny_config(tfds_dir, representation)
   config.num_train_steps = 2
   train.train_and_evaluate(config, str(tmp_path))
   config.eval.num_batches = 2
