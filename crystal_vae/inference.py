@@ -94,25 +94,40 @@ class TrainedModel:
       raise ValueError("a conditional model needs a condition (target maximum density)")
     condition = None if condition is None else jnp.asarray(condition, jnp.float32)
     density = self._apply(self.variables, z, train=False, condition=condition, method="decode")
-    logits = self._apply(self.variables, density, train=False, method="segment")
-    decoded = {"density": np.asarray(density),
-               "species": segmentation.predicted_species(np.asarray(logits))}
+    species = self._apply(self.variables, density, method="segment_species")
+    decoded = {"density": np.asarray(density), "species": np.asarray(species)}
     if self.config.model.lattice_head:
       decoded["lattice"] = np.asarray(self._apply(self.variables, z, method="predict_lattice"))
     return decoded
 
+  @property
+  def fits_density(self) -> bool:
+    """Whether species (and unit-cell positions) are fitted to the density (eval.species_from)."""
+    return self.config.eval.get("species_from", "segmenter") == "density_fit"
+
   def atoms(self, grids: dict[str, np.ndarray], min_size: int = 3) -> list[segmentation.Atoms]:
     """Connected components (of at least `min_size` voxels) of the species grids, at their
-    density-weighted centres."""
-    return segmentation.segment_batch(grids["species"], self.spec.box, density=grids["density"],
-                                      min_size=min_size)
+    density-weighted centres; for a unit cell fitting the density, with positions and species
+    refined by least squares (`segmentation.fit_atoms`). A repeat cube's species are fitted per
+    site, with every periodic image, once the lattice is known (`to_crystals`)."""
+    atoms = segmentation.segment_batch(grids["species"], self.spec.box, density=grids["density"],
+                                       min_size=min_size)
+    if self.fits_density and self.config.representation == "unit_cell":
+      atoms = [segmentation.fit_atoms(a, density, self.spec.box, self.spec.sigma,
+                                      self.config.dataset.max_z)
+               for a, density in zip(atoms, grids["density"])]
+    return atoms
 
   def to_crystals(self, grids: dict[str, np.ndarray], atoms: list[segmentation.Atoms] | None = None
                   ) -> list[reconstruction.Reconstruction]:
     """Decoded (or true) grids -> crystals; invalid ones carry their reason."""
     atoms = self.atoms(grids) if atoms is None else atoms
     if self.config.representation == "repeat":
-      return [reconstruction.reconstruct_repeat(a, self.spec.box) for a in atoms]
+      fits = [reconstruction.DensityFit(density, self.spec.sigma, self.spec.cutoff,
+                                        self.config.dataset.max_z) if self.fits_density else None
+              for density in grids["density"]]
+      return [reconstruction.reconstruct_repeat(a, self.spec.box, density_fit=fit)
+              for a, fit in zip(atoms, fits)]
     if "lattice" not in grids:
       raise ValueError("unit-cell grids need a lattice (the model's lattice head)")
     return [reconstruction.reconstruct_unit_cell(a, lattice, self.spec.box)

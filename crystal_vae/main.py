@@ -13,6 +13,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from crystal_vae import checkpoints
 from crystal_vae import conditional
 from crystal_vae import discriminator
 from crystal_vae import evaluate
@@ -20,8 +21,10 @@ from crystal_vae import generation
 from crystal_vae import train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "A configs/*.py file, e.g. configs/repeat.py:quick.",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "A configs/*.py file, e.g. configs/repeat.py:quick. Without it, the config"
+    " saved with the workdir's latest checkpoint is used (e.g. to sample from pretrained/*).",
+    lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
 MODES = {
     "train": train.train_and_evaluate,
@@ -34,7 +37,7 @@ MODES = {
 }
 flags.DEFINE_enum("mode", "train", list(MODES), "What to do with the config and workdir.")
 flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() first (multi-host).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 
 
 class _QuietLibraries(python_logging.Filter):
@@ -53,7 +56,16 @@ def main(argv):
     jax.distributed.initialize()
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
-  MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir)
+  MODES[FLAGS.mode](FLAGS.config or _saved_config(FLAGS.workdir), FLAGS.workdir)
+
+
+def _saved_config(workdir: str):
+  """The config saved with the latest checkpoint in `workdir`."""
+  manager = checkpoints.checkpoint_manager(workdir, read_only=True)
+  if manager.latest_step() is None:
+    raise SystemExit(f"error: --config is needed: {workdir} holds no checkpoint to take it from")
+  logging.info("Using the config saved with checkpoint %d in %s", manager.latest_step(), workdir)
+  return checkpoints.restore_config(manager)
 
 
 if __name__ == "__main__":

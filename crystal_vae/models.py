@@ -2,7 +2,11 @@
 
 Everything is channels-last and a pure function of parameters and inputs. Densities are
 (B, G, G, G) arrays; the VAE maps them to a latent (mean, logvar) of size L and back, the U-Net
-maps a (decoded) density to per-voxel species logits (B, G, G, G, max_z + 1), class 0 = no atom.
+maps a (decoded) density to per-voxel segmentation outputs whose meaning the species head sets
+(`SPECIES_HEADS`, turned into a species grid by `species_grid`):
+  "classes"  (paper)  logits over 0 (no atom) .. max_z, (B, G, G, G, max_z + 1); species = argmax.
+  "mask_z"            2 channels: an atom / no-atom logit and the atomic number divided by
+                      `Z_SCALE` (a regression); species = round(Z) where the logit is > 0.
 
 Shape path of the paper decoder (G = 30, `decoder_start` 5, kernels (5, 5, 4), paddings
 (SAME, VALID, SAME)), computed by `decoder_sizes`:
@@ -20,6 +24,8 @@ Config fields read by `model_from_config` (see `default_model_config` for the pa
   config.model.unet_features   U-Net features per level, finest first (last = bottleneck).
   config.model.lattice_head    whether to build `LatticeHead`; lattice_hidden its hidden widths.
   config.model.conditional     multiply the bottleneck by the per-sample `condition` (§4.5).
+  config.model.species_head    'classes' (paper) or 'mask_z' (see above).
+  config.model.decoder_output  'relu' (paper) or 'softplus': the decoder's last activation.
   config.model.conv_impl       'auto', 'xla' or 'depth_sum' (see `conv3d`).
   config.model.dtype           computation dtype name ('float32', 'bfloat16'); params are float32.
 """
@@ -38,6 +44,27 @@ from jax import lax
 
 Padding = Sequence[tuple[int, int]]
 CONV_IMPLS = ("auto", "xla", "depth_sum")
+SPECIES_HEADS = ("classes", "mask_z")
+DECODER_OUTPUTS = ("relu", "softplus")
+Z_SCALE = 10.0  # the "mask_z" head regresses Z / Z_SCALE, O(1) for every element.
+
+
+def segmenter_channels(species_head: str, max_z: int) -> int:
+  """Output channels of the U-Net for a species head."""
+  if species_head not in SPECIES_HEADS:
+    raise ValueError(f"species head {species_head!r} not in {SPECIES_HEADS}")
+  return max_z + 1 if species_head == "classes" else 2
+
+
+def species_grid(outputs: jax.Array, species_head: str, max_z: int) -> jax.Array:
+  """Segmentation outputs (..., C) -> int32 species grid (...), 0 = no atom (jnp or numpy in)."""
+  outputs = jnp.asarray(outputs)
+  if species_head == "classes":
+    return jnp.argmax(outputs, axis=-1).astype(jnp.int32)
+  if species_head != "mask_z":
+    raise ValueError(f"species head {species_head!r} not in {SPECIES_HEADS}")
+  z = jnp.clip(jnp.round(outputs[..., 1] * Z_SCALE), 1, max_z).astype(jnp.int32)
+  return jnp.where(outputs[..., 0] > 0, z, 0)
 
 
 def _conv_xla(
@@ -206,8 +233,9 @@ class Decoder(nn.Module):
   """Latent (B, L) -> density (B, G, G, G), non-negative, float32.
 
   Dense -> reshape to start^3 x start_features -> per round: trilinear x2 upsampling, Conv3D,
-  LeakyReLU -> Conv3D to 1 channel with the VALID kernel from `decoder_sizes`, ReLU. If
-  `conditional`, the Dense output is multiplied by the per-sample `condition`.
+  LeakyReLU -> Conv3D to 1 channel with the VALID kernel from `decoder_sizes`, then `output`
+  (ReLU as in the paper, or softplus, which never stops the gradient of a voxel predicted
+  empty). If `conditional`, the Dense output is multiplied by the per-sample `condition`.
   """
 
   grid: int
@@ -216,12 +244,15 @@ class Decoder(nn.Module):
   features: Sequence[int]
   kernels: Sequence[int]
   paddings: Sequence[str]
+  output: str = "relu"
   conditional: bool = False
   conv_impl: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, z: jax.Array, *, condition: jax.Array | None = None) -> jax.Array:
+    if self.output not in DECODER_OUTPUTS:
+      raise ValueError(f"decoder output {self.output!r} not in {DECODER_OUTPUTS}")
     _check_condition(self.conditional, condition)
     _, final_kernel = decoder_sizes(self.grid, self.start, self.kernels, self.paddings)
     x = nn.Dense(self.start ** 3 * self.start_features, dtype=self.dtype)(z)
@@ -232,8 +263,9 @@ class Decoder(nn.Module):
       x = _resize(x, [2 * side for side in x.shape[1:4]])
       x = Conv3D(features, kernel, 1, padding, self.conv_impl, self.dtype)(x)
       x = nn.leaky_relu(x)
-    x = Conv3D(1, final_kernel, 1, "VALID", self.conv_impl, self.dtype)(x)
-    return nn.relu(x[..., 0]).astype(jnp.float32)
+    x = Conv3D(1, final_kernel, 1, "VALID", self.conv_impl, self.dtype)(x)[..., 0]
+    activation = nn.relu if self.output == "relu" else nn.softplus
+    return activation(x.astype(jnp.float32))
 
 
 class ConvBlock(nn.Module):
@@ -275,7 +307,7 @@ class AttentionGate(nn.Module):
 
 
 class AttentionUNet(nn.Module):
-  """3-D attention U-Net: density (B, G, G, G) -> species logits (B, G, G, G, num_classes), float32.
+  """3-D attention U-Net: density (B, G, G, G) -> outputs (B, G, G, G, num_outputs), float32.
 
   Down: ConvBlock per level, SAME max-pooling x2 between levels (30 -> 15 -> 8 -> 4). Up: the
   coarser tensor is resized trilinearly to the skip's shape (so odd sides work), concatenated
@@ -283,7 +315,7 @@ class AttentionUNet(nn.Module):
   """
 
   features: Sequence[int]
-  num_classes: int
+  num_outputs: int
   conv_impl: str = "auto"
   dtype: Any = jnp.float32
 
@@ -301,8 +333,8 @@ class AttentionUNet(nn.Module):
       gated, _ = AttentionGate(self.features[level], self.conv_impl, self.dtype)(skip, x)
       x = jnp.concatenate([gated, _resize(x, skip.shape[1:4])], axis=-1)
       x = ConvBlock(self.features[level], self.conv_impl, self.dtype)(x, train=train)
-    logits = Conv3D(self.num_classes, 1, 1, "SAME", self.conv_impl, self.dtype)(x)
-    return logits.astype(jnp.float32)
+    outputs = Conv3D(self.num_outputs, 1, 1, "SAME", self.conv_impl, self.dtype)(x)
+    return outputs.astype(jnp.float32)
 
 
 class LatticeHead(nn.Module):
@@ -329,11 +361,12 @@ class CrystalVAE(nn.Module):
   `__call__` samples z = mean + exp(logvar / 2) * eps (eps from `key`) and segments
   scale_gradient(recon, unet_grad_scale): minimising MSE + β KL + CE with unet_grad_scale = γ
   gives the U-Net dCE only and the decoder (and encoder) MSE + β KL + γ dCE, the paper's routing.
-  The lattice head reads z.
+  With `teacher_forcing` the U-Net also segments the true density (`segmented_true`), so it
+  learns from clean input while the decoder is still poor. The lattice head reads z.
   """
 
   grid: int
-  num_classes: int
+  max_z: int
   latent_dim: int = 300
   encoder_features: Sequence[int] = (16, 32, 64, 128)
   encoder_kernels: Sequence[int] = (5, 3, 3, 3)
@@ -342,7 +375,9 @@ class CrystalVAE(nn.Module):
   decoder_features: Sequence[int] = (64, 32, 16)
   decoder_kernels: Sequence[int] = (5, 5, 4)
   decoder_paddings: Sequence[str] = ("SAME", "VALID", "SAME")
+  decoder_output: str = "relu"
   unet_features: Sequence[int] = (16, 32, 64, 128)
+  species_head: str = "classes"
   lattice_head: bool = False
   lattice_hidden: Sequence[int] = (256, 128)
   conditional: bool = False
@@ -355,8 +390,11 @@ class CrystalVAE(nn.Module):
         self.conditional, self.conv_impl, self.dtype)
     self.decoder = Decoder(
         self.grid, self.decoder_start, self.encoder_features[-1], self.decoder_features,
-        self.decoder_kernels, self.decoder_paddings, self.conditional, self.conv_impl, self.dtype)
-    self.unet = AttentionUNet(self.unet_features, self.num_classes, self.conv_impl, self.dtype)
+        self.decoder_kernels, self.decoder_paddings, self.decoder_output, self.conditional,
+        self.conv_impl, self.dtype)
+    self.unet = AttentionUNet(self.unet_features,
+                              segmenter_channels(self.species_head, self.max_z),
+                              self.conv_impl, self.dtype)
     if self.lattice_head:
       self.lattice = LatticeHead(self.lattice_hidden)
 
@@ -371,7 +409,12 @@ class CrystalVAE(nn.Module):
     return self.decoder(z, condition=condition)
 
   def segment(self, density: jax.Array, *, train: bool) -> jax.Array:
+    """Segmentation outputs of the species head (see the module docstring)."""
     return self.unet(density, train=train)
+
+  def segment_species(self, density: jax.Array) -> jax.Array:
+    """The int32 species grid (B, G, G, G) of a density, 0 = no atom (inference)."""
+    return species_grid(self.segment(density, train=False), self.species_head, self.max_z)
 
   def predict_lattice(self, z: jax.Array) -> jax.Array:
     if not self.lattice_head:
@@ -386,12 +429,15 @@ class CrystalVAE(nn.Module):
       train: bool,
       unet_grad_scale: jax.Array | float = 1.0,
       condition: jax.Array | None = None,
+      teacher_forcing: bool = False,
   ) -> dict[str, jax.Array]:
     mean, logvar = self.encode(density, train=train, condition=condition)
     z = mean + jnp.exp(logvar / 2) * jax.random.normal(key, mean.shape, mean.dtype)
     recon = self.decode(z, train=train, condition=condition)
-    logits = self.segment(scale_gradient(recon, unet_grad_scale), train=train)
-    outputs = dict(mean=mean, logvar=logvar, z=z, recon=recon, logits=logits)
+    segmented = self.segment(scale_gradient(recon, unet_grad_scale), train=train)
+    outputs = dict(mean=mean, logvar=logvar, z=z, recon=recon, segmented=segmented)
+    if teacher_forcing:  # the U-Net also segments the true density (its gradient: U-Net only)
+      outputs["segmented_true"] = self.segment(density, train=train)
     if self.lattice_head:
       outputs["lattice"] = self.predict_lattice(z)
     return outputs
@@ -408,7 +454,9 @@ def default_model_config() -> ml_collections.ConfigDict:
       decoder_features=(64, 32, 16),
       decoder_kernels=(5, 5, 4),
       decoder_paddings=("SAME", "VALID", "SAME"),
+      decoder_output="relu",
       unet_features=(16, 32, 64, 128),
+      species_head="classes",
       lattice_head=False,
       lattice_hidden=(256, 128),
       conditional=False,
@@ -422,7 +470,7 @@ def model_from_config(config: ml_collections.ConfigDict) -> CrystalVAE:
   model = config.model
   return CrystalVAE(
       grid=config.voxel.grid,
-      num_classes=config.dataset.max_z + 1,
+      max_z=config.dataset.max_z,
       latent_dim=model.latent_dim,
       encoder_features=tuple(model.encoder_features),
       encoder_kernels=tuple(model.encoder_kernels),
@@ -431,7 +479,9 @@ def model_from_config(config: ml_collections.ConfigDict) -> CrystalVAE:
       decoder_features=tuple(model.decoder_features),
       decoder_kernels=tuple(model.decoder_kernels),
       decoder_paddings=tuple(model.decoder_paddings),
+      decoder_output=model.decoder_output,
       unet_features=tuple(model.unet_features),
+      species_head=model.species_head,
       lattice_head=model.lattice_head,
       lattice_hidden=tuple(model.lattice_hidden),
       conditional=model.conditional,

@@ -175,6 +175,55 @@ def segment(species: np.ndarray, box: float, *, density: np.ndarray | None = Non
                        min_size=min_size)[0]
 
 
-def predicted_species(logits: np.ndarray) -> np.ndarray:
-  """The species grid of segmentation logits (..., max_z + 1): argmax over the last axis."""
-  return np.argmax(np.asarray(logits), axis=-1).astype(np.int32)
+def fit_atoms(atoms: Atoms, density: np.ndarray, box: float, sigma: float, max_z: int, *,
+              margin: float = 0.0, iterations: int = 4) -> Atoms:
+  """`atoms` with positions and species refined by a least-squares fit to the density.
+
+  The density of atoms at r_m with atomic numbers Z_m is M(x) = Σ_m Z_m g(x − r_m), g the
+  normalised Gaussian of width `sigma`: linear in Z once the positions are known. Starting from
+  the segmented positions, each Gauss-Newton iteration solves jointly for the Z and position
+  updates; Z is finally rounded to the nearest integer in [1, max_z]. Voxels closer than
+  `margin` Å to a cube face are left out: atoms just outside the cube (not among `atoms`) add
+  density there. An atom whose fitted position moves by more than a voxel keeps its segmented
+  position (the fit is not trusted there).
+  """
+  count = len(atoms)
+  if count == 0:
+    return atoms
+  density = np.asarray(density, np.float64)
+  grid = density.shape[0]
+  centres = (np.arange(grid) + 0.5) * (box / grid)
+  inside = (centres >= margin) & (centres <= box - margin)
+  axis = centres[inside]
+  target = density[np.ix_(inside, inside, inside)].reshape(-1)
+  norm = 1.0 / (sigma ** 3 * (2 * np.pi) ** 1.5)
+  start = np.asarray(atoms.positions, np.float64)
+  positions = start.copy()
+
+  def basis(positions):
+    # g(x - r) is separable: a product of one Gaussian per axis.
+    delta = [axis[:, None] - positions[None, :, d] for d in range(3)]
+    factor = [np.exp(-dd ** 2 / (2 * sigma ** 2)) for dd in delta]
+    gauss = np.einsum("im,jm,km->ijkm", *factor).reshape(-1, count) * norm
+    return gauss, delta, factor
+
+  gauss, _, _ = basis(positions)
+  z, *_ = np.linalg.lstsq(gauss, target, rcond=None)
+  for _ in range(iterations):
+    gauss, delta, factor = basis(positions)
+    columns = [gauss]
+    for d in range(3):
+      # d/dr_d of Z g(x - r) = Z g (x_d - r_d) / sigma^2.
+      scaled = [f * (delta[d] / sigma ** 2 if e == d else 1.0) for e, f in enumerate(factor)]
+      columns.append(np.einsum("im,jm,km->ijkm", *scaled).reshape(-1, count) * norm * z)
+    jacobian = np.concatenate(columns, axis=1)
+    residual = target - gauss @ z
+    step, *_ = np.linalg.lstsq(jacobian, residual, rcond=None)
+    z = z + step[:count]
+    positions = positions + step[count:].reshape(3, count).T
+  moved = np.linalg.norm(positions - start, axis=1) > box / grid
+  positions[moved] = start[moved]
+  gauss, _, _ = basis(positions)
+  z, *_ = np.linalg.lstsq(gauss, target, rcond=None)
+  species = np.clip(np.rint(z), 1, max_z).astype(np.int32)
+  return dataclasses.replace(atoms, species=species, positions=positions)

@@ -25,6 +25,8 @@ import optax
 from crystal_vae import checkpoints
 from crystal_vae import datasets
 from crystal_vae import input_pipeline
+from crystal_vae import learning_curves
+from crystal_vae import losses
 from crystal_vae import metric_writer
 from crystal_vae import models
 from crystal_vae import voxelize
@@ -54,6 +56,32 @@ def create_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
+LR_SCHEDULES = ("constant", "warmup_cosine")
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """`config.learning_rate`, constant (paper) or after a linear warm-up over `warmup_steps` a
+  cosine decay to `final_learning_rate_fraction` of it at `num_train_steps`."""
+  if config.lr_schedule == "constant":
+    return optax.constant_schedule(config.learning_rate)
+  if config.lr_schedule != "warmup_cosine":
+    raise ValueError(f"lr_schedule {config.lr_schedule!r} not in {LR_SCHEDULES}")
+  # A run shorter than its warm-up (e.g. a smoke test) ends during the warm-up.
+  return optax.warmup_cosine_decay_schedule(
+      0.0, config.learning_rate, config.warmup_steps,
+      max(config.num_train_steps, config.warmup_steps + 1),
+      end_value=config.learning_rate * config.final_learning_rate_fraction)
+
+
+def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam on the learning-rate schedule, after clipping the global gradient norm to
+  `grad_clip_norm` (0: no clipping, as in the paper)."""
+  adam = optax.adam(learning_rate_schedule(config))
+  if config.grad_clip_norm <= 0:
+    return adam
+  return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adam)
+
+
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
   """Initialises the model's variables and the Adam optimiser."""
   model = models.model_from_config(config)
@@ -68,7 +96,7 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> Tra
   variables = init(params_rng, density, sample_rng, condition=condition)
   return TrainState.create(apply_fn=model.apply, params=variables["params"],
                            batch_stats=variables["batch_stats"],
-                           tx=optax.adam(config.learning_rate))
+                           tx=optimizer(config))
 
 
 def voxel_losses(outputs: Mapping[str, jax.Array], batch: Batch,
@@ -79,16 +107,24 @@ def voxel_losses(outputs: Mapping[str, jax.Array], batch: Batch,
   mse = jnp.mean((outputs["recon"] - density) ** 2, axis=voxel_axes)
   mean, logvar = outputs["mean"], outputs["logvar"]
   kl = 0.5 * jnp.sum(jnp.exp(logvar) + mean ** 2 - 1.0 - logvar, axis=-1)
-  logits = outputs["logits"].astype(jnp.float32)
-  ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, species), axis=voxel_axes)
-  correct = jnp.argmax(logits, -1) == species
+  model, loss = config.model, config.loss
+  species_loss = functools.partial(losses.species_loss, species=species,
+                                   species_head=model.species_head, balanced=loss.balanced,
+                                   z_weight=loss.z_weight)
+  predicted = models.species_grid(outputs["segmented"], model.species_head, config.dataset.max_z)
+  correct = predicted == species
   atom_voxels = species > 0
   terms = {
-      "mse": mse, "kl": kl, "ce": ce,
+      "mse": mse, "kl": kl, "seg": species_loss(outputs["segmented"]),
       "voxel_accuracy": jnp.mean(correct, axis=voxel_axes),
       "atom_voxel_correct": jnp.sum(correct & atom_voxels, axis=voxel_axes),
+      "atom_voxel_found": jnp.sum((predicted > 0) & atom_voxels, axis=voxel_axes),
       "atom_voxels": jnp.sum(atom_voxels, axis=voxel_axes),
+      "empty_voxel_accuracy": jnp.sum((predicted == 0) & ~atom_voxels, axis=voxel_axes)
+                              / jnp.maximum(jnp.sum(~atom_voxels, axis=voxel_axes), 1),
   }
+  if "segmented_true" in outputs:
+    terms["seg_true"] = species_loss(outputs["segmented_true"])
   if "lattice" in outputs:
     # The lattice as placed in the cube: rows rotated like the atoms (cube = R @ cartesian + o).
     target = jnp.einsum("bij,bkj->bik", batch["lattice"], batch["rotation"])
@@ -98,23 +134,30 @@ def voxel_losses(outputs: Mapping[str, jax.Array], batch: Batch,
 
 
 def total_loss(terms: Mapping[str, jax.Array], config: ml_collections.ConfigDict) -> jax.Array:
-  """MSE + β·KL + CE (+ lattice): with the U-Net's input gradient scaled by γ this is
-  L_VAE for the encoder/decoder and L_UNet for the U-Net (paper §3)."""
-  loss = terms["mse"] + config.loss.beta * terms["kl"] + terms["ce"]
+  """MSE + β·KL + SEG (+ teacher forcing, + lattice): with the U-Net's input gradient scaled by
+  γ this is L_VAE for the encoder/decoder and L_UNet for the U-Net (paper §3); SEG is the
+  species head's loss (the paper's CE for "classes")."""
+  loss = terms["mse"] + config.loss.beta * terms["kl"] + terms["seg"]
+  if "seg_true" in terms:
+    loss = loss + config.loss.teacher_forcing * terms["seg_true"]
   if "lattice_mse" in terms:
     loss = loss + config.loss.lattice_weight * terms["lattice_mse"]
   return jnp.mean(loss)
 
 
+# Per-example voxel counts, summed over the batch (not averaged) into the two atom-voxel rates.
+_ATOM_COUNTS = ("atom_voxel_correct", "atom_voxel_found", "atom_voxels")
+
+
 def summarise(terms: Mapping[str, jax.Array], config: ml_collections.ConfigDict
               ) -> dict[str, jax.Array]:
   """Batch means of the per-example terms plus the paper's two losses."""
-  metrics = {key: jnp.mean(value) for key, value in terms.items()
-             if key not in ("atom_voxel_correct", "atom_voxels")}
-  metrics["atom_voxel_accuracy"] = (jnp.sum(terms["atom_voxel_correct"])
-                                    / jnp.maximum(jnp.sum(terms["atom_voxels"]), 1))
-  metrics["loss_vae"] = metrics["mse"] + config.loss.beta * metrics["kl"] + config.loss.gamma * metrics["ce"]
-  metrics["loss_unet"] = metrics["ce"]
+  metrics = {key: jnp.mean(value) for key, value in terms.items() if key not in _ATOM_COUNTS}
+  atom_voxels = jnp.maximum(jnp.sum(terms["atom_voxels"]), 1)
+  metrics["atom_voxel_accuracy"] = jnp.sum(terms["atom_voxel_correct"]) / atom_voxels
+  metrics["atom_voxel_recall"] = jnp.sum(terms["atom_voxel_found"]) / atom_voxels
+  metrics["loss_vae"] = metrics["mse"] + config.loss.beta * metrics["kl"] + config.loss.gamma * metrics["seg"]
+  metrics["loss_unet"] = metrics["seg"]
   return metrics
 
 
@@ -134,7 +177,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
     outputs, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, batch["density"], sample_rng,
         train=True, unet_grad_scale=config.loss.gamma, condition=condition_of(batch, config),
-        mutable=["batch_stats"])
+        teacher_forcing=config.loss.teacher_forcing > 0, mutable=["batch_stats"])
     terms = voxel_losses(outputs, batch, config)
     return total_loss(terms, config), (terms, updates["batch_stats"])
 
@@ -143,6 +186,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
   metrics = summarise(terms, config)
   metrics["loss"] = loss
   metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["learning_rate"] = learning_rate_schedule(config)(state.step - 1)
   return state, metrics
 
 
@@ -156,7 +200,7 @@ def eval_step(state: TrainState, batch: Batch, *, config: ml_collections.ConfigD
     mean, logvar = model.encode(density, train=False, condition=condition)
     recon = model.decode(mean, train=False, condition=condition)
     outputs = {"mean": mean, "logvar": logvar, "recon": recon,
-               "logits": model.segment(recon, train=False)}
+               "segmented": model.segment(recon, train=False)}
     if config.model.lattice_head:
       outputs["lattice"] = model.predict_lattice(mean)
     return outputs
@@ -226,11 +270,11 @@ class Trainer:
       for name, value in sums.items():
         totals[name] = totals.get(name, 0.0) + float(value)
     count = max(totals.pop("count", 0.0), 1.0)
-    metrics = {name: value / count for name, value in totals.items()
-               if name not in ("atom_voxel_correct", "atom_voxels")}
-    metrics["atom_voxel_accuracy"] = (totals["atom_voxel_correct"]
-                                      / max(totals["atom_voxels"], 1.0))
-    metrics["loss_vae"] = metrics["mse"] + config.loss.beta * metrics["kl"] + config.loss.gamma * metrics["ce"]
+    metrics = {name: value / count for name, value in totals.items() if name not in _ATOM_COUNTS}
+    atom_voxels = max(totals["atom_voxels"], 1.0)
+    metrics["atom_voxel_accuracy"] = totals["atom_voxel_correct"] / atom_voxels
+    metrics["atom_voxel_recall"] = totals["atom_voxel_found"] / atom_voxels
+    metrics["loss_vae"] = metrics["mse"] + config.loss.beta * metrics["kl"] + config.loss.gamma * metrics["seg"]
     return metrics
 
 
@@ -292,9 +336,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           timer_step, timer_start = step, time.time()
           eta = (config.num_train_steps - step) / max(steps_per_second, 1e-9)
           writer.write(step, "train", {**means, "steps_per_second": steps_per_second})
-          logging.info("step %d/%d  loss %.5f  mse %.5f  kl %.2f  ce %.4f  %.2f steps/s  ETA %s",
-                       step, config.num_train_steps, means["loss"], means["mse"], means["kl"],
-                       means["ce"], steps_per_second, _format_seconds(eta))
+          logging.info("step %d/%d  loss %.5f  mse %.5f  kl %.2f  seg %.4f  atom voxels: found"
+                       " %.3f, species right %.3f  %.2f steps/s  ETA %s", step,
+                       config.num_train_steps, means["loss"], means["mse"], means["kl"],
+                       means["seg"], means["atom_voxel_recall"], means["atom_voxel_accuracy"],
+                       steps_per_second, _format_seconds(eta))
         if eval_source is not None and (step % config.eval_every_steps == 0 or is_last):
           eval_metrics = trainer.evaluate(state, eval_source, seed=config.seed)
           writer.write(step, config.eval.split, eval_metrics)
@@ -304,6 +350,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           _check_finite(pending, last_good)
           checkpoints.save(manager, step, state, config)
           last_good = step
+          if jax.process_index() == 0:
+            learning_curves.draw(workdir)
     finally:  # an interrupted run still finishes writing its last checkpoint
       manager.wait_until_finished()
       writer.close()

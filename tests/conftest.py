@@ -23,6 +23,12 @@ def tiny_config(data_dir: str, representation: str = "repeat") -> ml_collections
   config.model.decoder_paddings = ("SAME", "SAME", "SAME")
   config.model.unet_features = (4, 8)
   config.batch_size = 8
+  # Two to four steps: no warm-up, no clipping, a ReLU output and a rate at which they move the
+  # decoder enough for the generation and discriminator tests to see different latents.
+  config.warmup_steps = 0
+  config.grad_clip_norm = 0.0
+  config.model.decoder_output = "relu"
+  config.learning_rate = 1e-3
   config.eval.batch_size = 8
   config.eval.num_batches = 1
   config.num_train_steps = 4

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -278,3 +279,23 @@ def test_conditional_generation_follows_the_target(tmp_path_factory, tfds_dir, m
   assert saved["max_density_mean"] == pytest.approx(results["max_density_mean"])
   with pytest.raises(ValueError, match="not conditional"):
     conditional.decode_at_targets(model, np.zeros((1, 8), np.float32), np.ones(1))
+
+
+def test_a_mode_without_config_uses_the_checkpoints_own(workdir, tmp_path):
+  """`--workdir=W --mode=sample` alone: the config (dataset, sample settings) saved with W's
+  checkpoint is used; a workdir without a checkpoint is refused in one line."""
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("sample", "interpolate"))
+  result = subprocess.run(
+      [sys.executable, "-m", "crystal_vae.main", f"--workdir={copy}", "--mode=sample"],
+      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads((copy / "sample" / "summary.json").read_text())
+  assert summary["num_samples"] == 6 and summary["num_train_structures"] == 12  # saved values
+  empty = subprocess.run(
+      [sys.executable, "-m", "crystal_vae.main", f"--workdir={tmp_path / 'empty'}",
+       "--mode=sample"], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      capture_output=True, text=True, timeout=120, check=False)
+  assert empty.returncode != 0
+  assert "--config is needed" in empty.stderr and "Traceback" not in empty.stderr

@@ -59,15 +59,15 @@ def test_shapes_and_dtypes(dtype):
         variables, density, key(2), train=True, mutable=["batch_stats"])
     mean, logvar = model.apply(variables, density, train=False, method="encode")
     recon = model.apply(variables, mean, train=False, method="decode")
-    logits = model.apply(variables, recon, train=False, method="segment")
+    segmented = model.apply(variables, recon, train=False, method="segment")
     lattice = model.apply(variables, mean, method="predict_lattice")
-    return outputs, updates, (mean, logvar, recon, logits, lattice)
+    return outputs, updates, (mean, logvar, recon, segmented, lattice)
 
   outputs, updates, method_outputs = jax.eval_shape(run_all, variables, density)
   assert set(updates) == {"batch_stats"}
   field = (2, GRID, GRID, GRID)
   expected = dict(mean=(2, 6), logvar=(2, 6), z=(2, 6), recon=field,
-                  logits=(*field, MAX_Z + 1), lattice=(2, 3, 3))
+                  segmented=(*field, MAX_Z + 1), lattice=(2, 3, 3))
   assert {k: v.shape for k, v in outputs.items()} == expected
   assert [v.shape for v in method_outputs] == [(2, 6), (2, 6), field, (*field, MAX_Z + 1), (2, 3, 3)]
   for value in [*outputs.values(), *method_outputs]:
@@ -157,7 +157,7 @@ def test_gradient_routing():
         unet_grad_scale=scale, mutable=["batch_stats"])
     mse = jnp.mean((outputs["recon"] - density) ** 2)
     kl = -0.5 * jnp.mean(1 + outputs["logvar"] - outputs["mean"] ** 2 - jnp.exp(outputs["logvar"]))
-    ce = jnp.mean(nn.log_softmax(outputs["logits"]) * -jax.nn.one_hot(species, MAX_Z + 1))
+    ce = jnp.mean(nn.log_softmax(outputs["segmented"]) * -jax.nn.one_hot(species, MAX_Z + 1))
     return weights @ jnp.stack([mse, kl, ce])
 
   # The total loss MSE + beta KL + CE split into its parts; one compilation for all calls.

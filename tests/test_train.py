@@ -38,7 +38,7 @@ def test_lattice_loss_compares_with_the_lattice_rotated_like_the_atoms(tfds_dir)
   rotation = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0]
   zeros = np.zeros((1, 2, 2, 2), np.float32)
   outputs = {"recon": zeros, "mean": jnp.zeros((1, 2)), "logvar": jnp.zeros((1, 2)),
-             "logits": jnp.zeros((1, 2, 2, 2, 3)),
+             "segmented": jnp.zeros((1, 2, 2, 2, 2)),
              "lattice": jnp.asarray((lattice @ rotation.T + 0.5)[None], jnp.float32)}
   batch = {"density": zeros, "species": zeros.astype(np.int32),
            "lattice": lattice[None].astype(np.float32), "rotation": rotation[None]}
@@ -49,6 +49,8 @@ def test_lattice_loss_compares_with_the_lattice_rotated_like_the_atoms(tfds_dir)
 
 def test_loss_terms_against_hand_computed_values(tfds_dir):
   config = tiny_config(tfds_dir)
+  config.model.species_head = "classes"
+  config.loss.balanced = False
   density = np.zeros((1, 2, 2, 2), np.float32)
   density[0, 0, 0, 0] = 2.0
   species = np.zeros((1, 2, 2, 2), np.int32)
@@ -56,18 +58,18 @@ def test_loss_terms_against_hand_computed_values(tfds_dir):
   logits = np.zeros((1, 2, 2, 2, 4), np.float32)
   logits[0, 0, 0, 0, 3] = np.log(3.0)  # p(3) = 3 / 6 at the atom voxel, else uniform 1/4.
   outputs = {"recon": jnp.ones((1, 2, 2, 2)), "mean": jnp.array([[1.0, 0.0]]),
-             "logvar": jnp.array([[0.0, np.log(2.0)]]), "logits": jnp.asarray(logits)}
+             "logvar": jnp.array([[0.0, np.log(2.0)]]), "segmented": jnp.asarray(logits)}
   terms = train.voxel_losses(outputs, {"density": density, "species": species}, config)
   np.testing.assert_allclose(terms["mse"], [(1.0 + 7 * 1.0) / 8], rtol=1e-6)
   # KL(N(μ,σ²)||N(0,1)) = ½(σ² + μ² − 1 − ln σ²): ½(1+1−1−0) + ½(2+0−1−ln 2).
   np.testing.assert_allclose(terms["kl"], [0.5 + 0.5 * (1.0 - np.log(2.0))], rtol=1e-6)
-  np.testing.assert_allclose(terms["ce"], [(-np.log(0.5) + 7 * np.log(4.0)) / 8], rtol=1e-6)
+  np.testing.assert_allclose(terms["seg"], [(-np.log(0.5) + 7 * np.log(4.0)) / 8], rtol=1e-6)
   # argmax is class 3 at the atom voxel (right) and class 0 elsewhere (ties -> first: right).
   np.testing.assert_allclose(terms["voxel_accuracy"], [1.0])
   assert int(terms["atom_voxel_correct"][0]) == 1 and int(terms["atom_voxels"][0]) == 1
   loss = train.total_loss(terms, config)
   np.testing.assert_allclose(loss, terms["mse"][0] + config.loss.beta * terms["kl"][0]
-                             + terms["ce"][0], rtol=1e-6)
+                             + terms["seg"][0], rtol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +86,8 @@ def test_end_to_end_run_writes_metrics_checkpoints_and_events(trained_workdir):
   assert train_steps == [2, 4]
   evals = [r for r in records if r["split"] == "validation"]
   assert len(evals) == 1 and evals[0]["step"] == 4
-  for key in ("mse", "kl", "ce", "voxel_accuracy", "atom_voxel_accuracy", "loss_vae"):
+  for key in ("mse", "kl", "seg", "voxel_accuracy", "atom_voxel_accuracy", "atom_voxel_recall",
+              "loss_vae"):
     assert np.isfinite(evals[0][key])
   assert 0.0 <= evals[0]["voxel_accuracy"] <= 1.0
   manager = checkpoints.checkpoint_manager(trained_workdir, read_only=True)
@@ -162,3 +165,59 @@ def test_one_and_four_devices_train_to_the_same_parameters(tfds_dir, tmp_path):
   result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                           timeout=600, check=False)
   assert result.returncode == 0 and "SAME" in result.stdout, result.stderr[-3000:]
+
+
+def test_warmup_cosine_learning_rate_against_hand_computed_values(tfds_dir):
+  config = tiny_config(tfds_dir)
+  config.learning_rate, config.num_train_steps = 2e-3, 110
+  config.lr_schedule, config.warmup_steps, config.final_learning_rate_fraction = (
+      "warmup_cosine", 10, 0.05)
+  schedule = train.learning_rate_schedule(config)
+  final = 2e-3 * 0.05
+  # Linear warm-up from 0, then final + (peak - final) (1 + cos(π t / 100)) / 2.
+  for step, expected in [(0, 0.0), (5, 1e-3), (10, 2e-3), (60, final + (2e-3 - final) / 2),
+                         (110, final)]:
+    np.testing.assert_allclose(schedule(step), expected, rtol=1e-5, atol=1e-9)
+  config.lr_schedule = "constant"
+  np.testing.assert_allclose(train.learning_rate_schedule(config)(50), 2e-3)
+  config.lr_schedule = "step"
+  with pytest.raises(ValueError, match="lr_schedule"):
+    train.learning_rate_schedule(config)
+
+
+def test_teacher_forcing_adds_the_weighted_loss_on_the_true_density(tfds_dir):
+  config = tiny_config(tfds_dir)
+  config.loss.teacher_forcing = 0.5
+  state = train.create_train_state(config, jax.random.key(0))
+  grid = config.voxel.grid
+  rng = np.random.default_rng(0)
+  batch = {"density": jnp.asarray(rng.exponential(size=(2, grid, grid, grid)), jnp.float32),
+           "species": jnp.asarray(rng.integers(0, 3, (2, grid, grid, grid)) * 8, jnp.int32)}
+  outputs = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                           batch["density"], jax.random.key(1), train=False, teacher_forcing=True)
+  terms = train.voxel_losses(outputs, batch, config)
+  assert terms["seg_true"].shape == (2,) and np.all(terms["seg_true"] > 0)
+  np.testing.assert_allclose(
+      train.total_loss(terms, config),
+      np.mean(terms["mse"] + config.loss.beta * terms["kl"] + terms["seg"]
+              + 0.5 * terms["seg_true"]), rtol=1e-6)
+
+
+def test_export_keeps_the_model_and_drops_the_adam_moments(trained_workdir, tmp_path):
+  out = tmp_path / "pretrained"
+  repo = pathlib.Path(__file__).parent.parent
+  result = subprocess.run(
+      [sys.executable, str(repo / "launch" / "export_pretrained.py"),
+       f"--workdir={trained_workdir}", f"--out={out}"],
+      cwd=repo, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  _assert_trees_close(_params(out), _params(trained_workdir), rtol=0, atol=0)
+  manager = checkpoints.checkpoint_manager(out, read_only=True)
+  config = checkpoints.restore_config(manager)
+  abstract = jax.eval_shape(lambda: train.create_train_state(config, jax.random.key(0)))
+  state = checkpoints.restore_state(manager, abstract)
+  assert int(state.step) == 4 and manager.all_steps() == [4]
+  assert all(not np.any(leaf) for leaf in jax.tree.leaves(state.opt_state))
+  assert (out / "metrics.jsonl").read_text() == (trained_workdir / "metrics.jsonl").read_text()
+  assert (out / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,64 @@
+"""Species-head losses and species grids against hand-computed values."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crystal_vae import losses
+from crystal_vae import models
+
+
+def _one_atom_voxel() -> np.ndarray:
+  species = np.zeros((1, 2, 2, 2), np.int32)
+  species[0, 0, 0, 0] = 3
+  return species
+
+
+def _softplus(x: float) -> float:
+  return float(np.log1p(np.exp(x)))
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_classes_cross_entropy(balanced):
+  species = _one_atom_voxel()
+  logits = np.zeros((1, 2, 2, 2, 4), np.float32)
+  logits[0, 0, 0, 0, 3] = np.log(3.0)  # p(3) = 3 / 6 at the atom voxel, else uniform 1/4.
+  loss = losses.species_loss(jnp.asarray(logits), jnp.asarray(species), species_head="classes",
+                             balanced=balanced, z_weight=0.0)
+  atom, empty = -np.log(0.5), np.log(4.0)
+  expected = 0.5 * (atom + empty) if balanced else (atom + 7 * empty) / 8
+  np.testing.assert_allclose(loss, [expected], rtol=1e-6)
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_mask_z_loss(balanced):
+  species = _one_atom_voxel()
+  outputs = np.zeros((1, 2, 2, 2, 2), np.float32)
+  outputs[..., 0] = -1.0  # atom logit: -1 everywhere ...
+  outputs[0, 0, 0, 0, 0] = 2.0  # ... and 2 at the atom voxel
+  outputs[0, 0, 0, 0, 1] = 0.5  # Z / 10 predicted 0.5 for Z = 3: error 0.2
+  outputs[0, 1, 1, 1, 1] = 9.0  # a Z guess at an empty voxel costs nothing
+  loss = losses.species_loss(jnp.asarray(outputs), jnp.asarray(species), species_head="mask_z",
+                             balanced=balanced, z_weight=0.7)
+  atom, empty = _softplus(-2.0), _softplus(-1.0)  # -log σ(2), -log(1 − σ(−1))
+  mask = 0.5 * (atom + empty) if balanced else (atom + 7 * empty) / 8
+  np.testing.assert_allclose(loss, [mask + 0.7 * 0.2 ** 2], rtol=1e-5)
+
+
+def test_balanced_mean_of_a_cube_without_atoms_is_the_empty_mean():
+  values = jnp.arange(8.0).reshape(1, 2, 2, 2)
+  atoms = jnp.zeros((1, 2, 2, 2), bool)
+  np.testing.assert_allclose(losses.voxel_mean(values, atoms, True), [0.5 * 3.5])
+
+
+def test_species_grids_of_both_heads():
+  logits = np.zeros((1, 2, 2, 2, 4))
+  logits[0, 1, 1, 1, 3] = 1.0
+  species = np.asarray(models.species_grid(logits, "classes", 3))
+  assert species.shape == (1, 2, 2, 2) and species[0, 1, 1, 1] == 3 and species.sum() == 3
+  outputs = np.zeros((3, 2))
+  outputs[:, 0] = [1.0, -1.0, 0.5]  # atom, empty, atom
+  outputs[:, 1] = [2.64, 2.64, 12.0]  # Z 26.4 -> 26; ignored; 120 -> clipped to max_z
+  np.testing.assert_array_equal(models.species_grid(outputs, "mask_z", 100), [26, 0, 100])
+  with pytest.raises(ValueError, match="species head"):
+    models.species_grid(outputs, "ordinal", 100)
