@@ -227,7 +227,9 @@ def test_interpolation_endpoints_are_the_inputs_reconstructions(model, tfds_dir)
   reference = model.decode(mean)
   for method, (grids, rebuilt) in paths.items():
     assert grids["density"].shape[0] == 4 and len(rebuilt) == 4, method
-    np.testing.assert_array_equal(grids["density"][[0, -1]], reference["density"])
+    # Equal up to float rounding: the path is decoded in other batches than the reference.
+    np.testing.assert_allclose(grids["density"][[0, -1]], reference["density"], rtol=1e-6,
+                               atol=1e-7)
     np.testing.assert_array_equal(grids["species"][[0, -1]], reference["species"])
   assert not np.array_equal(paths["linear"][0]["density"][1], paths["slerp"][0]["density"][1])
 
