@@ -69,6 +69,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
       decoded_atoms = model.atoms(decoded, config.eval.min_component_size)
       voxel_errors.append(metrics.voxel_mse(decoded["density"], grids["density"]))
     rebuilt = model.to_crystals(decoded, decoded_atoms)
+    if model.fits_density and model.config.representation == "repeat":
+      decoded_atoms = [r.cube_atoms for r in rebuilt]
     comparisons += [metrics.compare_atoms(p, t) for p, t in zip(decoded_atoms, true_atoms)]
     predicted += rebuilt
     true += [crystal.to_structure() for crystal in batch]

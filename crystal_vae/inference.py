@@ -20,6 +20,7 @@ import numpy as np
 
 from crystal_vae import checkpoints
 from crystal_vae import crystals
+from crystal_vae import density_fit
 from crystal_vae import input_pipeline
 from crystal_vae import models
 from crystal_vae import reconstruction
@@ -102,14 +103,13 @@ class TrainedModel:
 
   @property
   def fits_density(self) -> bool:
-    """Whether species (and unit-cell positions) are fitted to the density (eval.species_from)."""
-    return self.config.eval.get("species_from", "segmenter") == "density_fit"
+    """Whether atoms are read off the decoded density (`eval.atoms_from`) or segmented."""
+    return self.config.eval.atoms_from == "density"
 
   def atoms(self, grids: dict[str, np.ndarray], min_size: int = 3) -> list[segmentation.Atoms]:
     """Connected components (of at least `min_size` voxels) of the species grids, at their
     density-weighted centres; for a unit cell fitting the density, with positions and species
-    refined by least squares (`segmentation.fit_atoms`). A repeat cube's species are fitted per
-    site, with every periodic image, once the lattice is known (`to_crystals`)."""
+    refined by least squares (`segmentation.fit_atoms`)."""
     atoms = segmentation.segment_batch(grids["species"], self.spec.box, density=grids["density"],
                                        min_size=min_size)
     if self.fits_density and self.config.representation == "unit_cell":
@@ -121,13 +121,14 @@ class TrainedModel:
   def to_crystals(self, grids: dict[str, np.ndarray], atoms: list[segmentation.Atoms] | None = None
                   ) -> list[reconstruction.Reconstruction]:
     """Decoded (or true) grids -> crystals; invalid ones carry their reason."""
+    if self.config.representation == "repeat" and self.fits_density:
+      return [reconstruction.reconstruct_repeat_from_density(
+          density_fit.DensityFit(density, self.spec.box, self.spec.sigma, self.spec.cutoff),
+          max_z=self.config.dataset.max_z, min_z=self.config.eval.min_site_z)
+              for density in grids["density"]]
     atoms = self.atoms(grids) if atoms is None else atoms
     if self.config.representation == "repeat":
-      fits = [reconstruction.DensityFit(density, self.spec.sigma, self.spec.cutoff,
-                                        self.config.dataset.max_z) if self.fits_density else None
-              for density in grids["density"]]
-      return [reconstruction.reconstruct_repeat(a, self.spec.box, density_fit=fit)
-              for a, fit in zip(atoms, fits)]
+      return [reconstruction.reconstruct_repeat(a, self.spec.box) for a in atoms]
     if "lattice" not in grids:
       raise ValueError("unit-cell grids need a lattice (the model's lattice head)")
     return [reconstruction.reconstruct_unit_cell(a, lattice, self.spec.box)

@@ -13,6 +13,8 @@
   face are cut by it and get a small weight. A site seen in fewer than `min_site_support` of the
   places inside the cube where the lattice says it should appear is noise and is dropped.
   Nothing assumes where the cell origin is.
+  `reconstruct_repeat_from_density` instead reads the lattice, the sites and their atomic
+  numbers off the decoded density itself, by least squares (`density_fit`), with no segmentation.
 * "unit_cell": the lattice (3 x 3, rows) comes from the model's lattice head, oriented as the
   cell lies in the cube; the cell centre sits at the cube centre, so
   cartesian = cube - box / 2 + (a + b + c) / 2. Fractional coordinates are wrapped and atoms that
@@ -36,6 +38,7 @@ from pymatgen.io.cif import CifWriter
 from scipy import spatial
 from scipy.cluster import hierarchy
 
+from crystal_vae import density_fit
 from crystal_vae.segmentation import Atoms
 
 NO_ATOMS = "no_atoms"
@@ -55,14 +58,17 @@ class Reconstruction:
   structure: Structure | None
   reason: str | None = None
   detail: str = ""
+  # Read off the density (`reconstruct_repeat_from_density`): the crystal's atoms inside the cube
+  # it was read from, in cube coordinates (empty when there is no crystal).
+  cube_atoms: Atoms | None = None
 
   @property
   def valid(self) -> bool:
     return self.structure is not None
 
 
-def _invalid(reason: str, detail: str) -> Reconstruction:
-  return Reconstruction(structure=None, reason=reason, detail=detail)
+def _invalid(reason: str, detail: str, cube_atoms: Atoms | None = None) -> Reconstruction:
+  return Reconstruction(structure=None, reason=reason, detail=detail, cube_atoms=cube_atoms)
 
 
 def _merge_sites(lattice: np.ndarray, frac: np.ndarray, species: np.ndarray,
@@ -244,118 +250,11 @@ def _find_basis(check: _TranslationCheck, candidates: np.ndarray, min_fraction: 
     vectors, checks = np.delete(vectors, weakest, axis=0), np.delete(checks, weakest)
 
 
-@dataclasses.dataclass(frozen=True)
-class DensityFit:
-  """What `fit_sites` needs to refit site species to a (decoded) density grid (G, G, G)
-  over the cube: the Gaussian width and how far (Å) outside the cube images still count."""
-
-  density: np.ndarray
-  sigma: float
-  cutoff: float
-  max_z: int
-
-
-def _rows_times(rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
-  """(r, i, m) x (q, m) -> (r, i, q), summed over m, as one BLAS matrix product."""
-  return (rows.reshape(-1, rows.shape[-1]) @ columns.T).reshape(*rows.shape[:2], -1)
-
-
-def _least_squares(matrix: np.ndarray, target: np.ndarray) -> np.ndarray:
-  """argmin_x |matrix x - target|² through the (small) normal equations."""
-  gram = matrix.T @ matrix
-  return np.linalg.lstsq(gram, matrix.T @ target, rcond=None)[0]
-
-
-def fit_sites(basis: np.ndarray, site_frac: np.ndarray, box: float, fit: DensityFit,
-              iterations: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Atomic numbers, fractional positions and the lattice of a repeat cube's sites, refined by
-  least squares on the cube's density.
-
-  The repeat density is M(x) = Σ_s Z_s Σ_n g(x − r_s − n·B) over every periodic image whose
-  Gaussian reaches the cube (B: lattice rows), so the fit uses all voxels, including those near
-  the faces. It is linear in Z; Gauss-Newton iterations refine the positions r_s and the lattice
-  B jointly with Z: positions and lattice read off segmented atoms are off by a few hundredths
-  of an Å, which over several periods is enough to move a fitted Z by one. Z is rounded to the
-  nearest integer in [1, max_z]. If the fit moves a site or lattice vector by more than 0.5 Å
-  it is not trusted and the given geometry is kept (Z then comes from the linear fit alone).
-  """
-  density = np.asarray(fit.density, np.float64).reshape(-1)
-  grid = fit.density.shape[0]
-  axis = (np.arange(grid) + 0.5) * (box / grid)
-  norm = 1.0 / (fit.sigma ** 3 * (2 * np.pi) ** 1.5)
-  corners = np.array(list(itertools.product((-fit.cutoff, box + fit.cutoff), repeat=3)))
-
-  def design(positions: np.ndarray, lattice: np.ndarray, gradients: bool):
-    """Per site Σ_n g (V,); with `gradients` also d/dr (V, 3) and d/dB (V, 3, 3) per unit Z.
-
-    g(x − p) = gx gy gz is separable, so a sum over images is one matrix product of the x
-    factors with the outer products of the y and z factors; d/dp_d replaces factor d by
-    g_d (x_d − p_d) / σ², and p = r + n·B gives dp_d/dB_id = n_i.
-    """
-    inverse = np.linalg.inv(lattice)
-    value, d_position, d_lattice = [], [], []
-    for position in positions:
-      span = (corners - position) @ inverse
-      low, high = np.floor(span.min(axis=0)), np.ceil(span.max(axis=0))
-      shifts = np.stack(np.meshgrid(*[np.arange(a, b + 1) for a, b in zip(low, high)],
-                                    indexing="ij"), axis=-1).reshape(-1, 3)
-      places = position + shifts @ lattice
-      near = np.all((places > -fit.cutoff) & (places < box + fit.cutoff), axis=1)
-      places, shifts = places[near], shifts[near]
-      delta = [axis[:, None] - places[None, :, d] for d in range(3)]
-      factor = [np.exp(-dd ** 2 / (2 * fit.sigma ** 2)) * norm ** (1 / 3) for dd in delta]
-      yz = (factor[1][:, None, :] * factor[2][None, :, :]).reshape(-1, len(places))
-      if not gradients:
-        value.append((factor[0] @ yz.T).reshape(-1))
-        continue
-      derivative = [f * dd / fit.sigma ** 2 for f, dd in zip(factor, delta)]
-      weights = np.concatenate([np.ones((1, len(places))), shifts.T])  # (4, images): 1, n_i
-      # Rows: g, then per direction d the derivative weighted by 1, n_0, n_1, n_2.
-      x_rows = np.concatenate([factor[0][None], derivative[0][None] * weights[:, None]])
-      by_x = _rows_times(x_rows, yz)  # (5, G, G*G)
-      dy_z = (derivative[1][:, None, :] * factor[2][None, :, :]).reshape(-1, len(places))
-      y_dz = (factor[1][:, None, :] * derivative[2][None, :, :]).reshape(-1, len(places))
-      weighted_x = factor[0][None] * weights[:, None]  # (4, G, images)
-      by_y = _rows_times(weighted_x, dy_z)
-      by_z = _rows_times(weighted_x, y_dz)
-      value.append(by_x[0].reshape(-1))
-      per_direction = np.stack([by_x[1:], by_y, by_z]).reshape(3, 4, -1)  # (d, 1 + i, V)
-      d_position.append(per_direction[:, 0].T)
-      d_lattice.append(per_direction[:, 1:].transpose(2, 1, 0))  # (V, i, d)
-    value = np.stack(value, axis=1)
-    if not gradients:
-      return value
-    return value, np.stack(d_position, axis=1), np.stack(d_lattice, axis=1)
-
-  lattice = np.asarray(basis, np.float64)
-  positions = np.asarray(site_frac, np.float64) @ lattice
-  z = _least_squares(design(positions, lattice, False), density)
-  fitted_positions, fitted_lattice, count = positions.copy(), lattice.copy(), len(z)
-  for _ in range(iterations):
-    value, d_position, d_lattice = design(fitted_positions, fitted_lattice, True)
-    jacobian = np.concatenate([
-        value, (d_position * z[None, :, None]).reshape(density.size, -1),
-        np.einsum("vsij,s->vij", d_lattice, z).reshape(density.size, 9)], axis=1)
-    step = _least_squares(jacobian, density - value @ z)
-    z = z + step[:count]
-    fitted_positions = fitted_positions + step[count:4 * count].reshape(-1, 3)
-    fitted_lattice = fitted_lattice + step[4 * count:].reshape(3, 3)
-  trusted = (np.all(np.isfinite(fitted_positions)) and np.all(np.isfinite(fitted_lattice))
-             and np.abs(fitted_positions - positions).max() <= 0.5
-             and np.abs(fitted_lattice - lattice).max() <= 0.5)
-  if trusted:
-    positions, lattice = fitted_positions, fitted_lattice
-  z = _least_squares(design(positions, lattice, False), density)
-  species = np.clip(np.rint(z), 1, fit.max_z).astype(np.int32)
-  return species, np.mod(positions @ np.linalg.inv(lattice), 1.0), lattice
-
-
 def reconstruct_repeat(atoms: Atoms, box: float, *, tolerance: float = 0.3, margin: float = 0.7,
                        min_checks: int = 3, min_fraction: float = 0.95,
                        veto_fraction: float = 0.95, merge_tolerance: float = 0.5,
                        min_site_support: float = 0.5,
-                       min_distance: float = 0.5, num_references: int = 9,
-                       density_fit: DensityFit | None = None) -> Reconstruction:
+                       min_distance: float = 0.5, num_references: int = 9) -> Reconstruction:
   """Recovers the lattice and the cell's sites from decoded atoms of a repeat cube.
 
   Args:
@@ -372,8 +271,6 @@ def reconstruct_repeat(atoms: Atoms, box: float, *, tolerance: float = 0.3, marg
       the cube are dropped.
     min_distance: sites closer than this (Å, periodic) make the sample invalid.
     num_references: reference atoms (1 to 9) whose displacements give the candidate translations.
-    density_fit: if given, the sites' species and positions are fitted to this density
-      (`fit_sites`) instead of voted and averaged over the atoms.
   """
   if len(atoms) == 0:
     return _invalid(NO_ATOMS, "the species grid has no atoms")
@@ -402,10 +299,27 @@ def reconstruct_repeat(atoms: Atoms, box: float, *, tolerance: float = 0.3, marg
   keep = (expected == 0) | (found >= min_site_support * expected)
   if not keep.any():
     return _invalid(NO_ATOMS, "no site is supported by its periodic copies")
-  site_species, site_frac = site_species[keep], site_frac[keep]
-  if density_fit is not None:
-    site_species, site_frac, basis = fit_sites(basis, site_frac, box, density_fit)
-  return _structure(basis, site_species, site_frac, min_distance)
+  return _structure(basis, site_species[keep], site_frac[keep], min_distance)
+
+
+def reconstruct_repeat_from_density(fit: density_fit.DensityFit, *, max_z: int, min_z: float,
+                                    min_distance: float = 0.5, boundary: float = 0.5
+                                    ) -> Reconstruction:
+  """A repeat cube's crystal from its density alone (`density_fit`): the lattice from the
+  density's translations, the sites and their Z (rounded, in [1, max_z]) by least squares; sites
+  with Z < `min_z` are noise. `cube_atoms` holds the crystal's atoms inside the cube (those
+  within `boundary` Å of a face marked `on_boundary`)."""
+  none = density_fit.images_in_cube(np.zeros(0, np.int32), np.zeros((0, 3)), np.eye(3), fit.box)
+  basis = density_fit.lattice_from_density(fit.density, fit.box)
+  if basis is None:
+    return _invalid(NO_LATTICE, "the density's translations do not span a 3-D lattice", none)
+  z, site_frac, basis = density_fit.find_sites(fit, basis, min_z=min_z)
+  if z.size == 0:
+    return _invalid(NO_ATOMS, f"no site of the density has Z >= {min_z}", none)
+  species = np.clip(np.rint(z), 1, max_z).astype(np.int32)
+  result = _structure(basis, species, site_frac, min_distance)
+  atoms = density_fit.images_in_cube(species, site_frac, basis, fit.box, boundary)
+  return dataclasses.replace(result, cube_atoms=atoms)
 
 
 def to_cif(structure: Structure) -> str:

@@ -35,6 +35,26 @@ def test_oracle_recovers_every_perov_5_structure(representation, tfds_dir, tmp_p
   assert json.loads((out / "metrics.json").read_text())["match_rate"] == 1.0
 
 
+@pytest.mark.skipif(not (PEROV_5 / "val.csv.gz").exists(), reason="needs ../shared/data/perov_5")
+def test_oracle_reads_perov_5_off_the_density_alone(tfds_dir, tmp_path):
+  """atoms_from=density on TRUE densities: the ceiling of the density fit (measured: 62 of the
+  first 64 validation crystals; the in-cube atoms are the fitted crystal's images)."""
+  config = default_config.get_config("repeat")
+  config.dataset.name = "perov_5"
+  config.dataset.path = str(PEROV_5)
+  config.dataset.data_dir = tfds_dir
+  config.eval.oracle = True
+  config.eval.atoms_from = "density"
+  config.eval.batch_size = 16
+  config.eval.num_batches = 2
+  results = evaluate.evaluate(config, tmp_path)
+  assert results["num_samples"] == 32
+  assert results["match_rate"] >= 0.9 and results["valid_rate"] >= 0.9
+  assert results["species_exact"] >= 0.9
+  assert results["distance_true_to_predicted_p50"] <= 0.1
+  assert results["distance_predicted_to_true_p50"] <= 0.1
+
+
 @pytest.mark.parametrize("representation", ["repeat", "unit_cell"])
 def test_evaluate_a_trained_checkpoint_writes_metrics_cifs_and_figures(representation, tfds_dir,
                                                                        tmp_path):

@@ -169,25 +169,3 @@ def test_cif_round_trip_and_invalid_list(tmp_path):
   with open(tmp_path / "invalid.csv", newline="") as handle:
     rows = list(csv.DictReader(handle))
   assert [(row["id"], row["reason"]) for row in rows] == [("empty", reconstruction.NO_ATOMS)]
-
-
-def test_repeat_density_fit_restores_species_and_lattice():
-  """Species voted from the atoms are all wrong by one; the fit of every site, with all its
-  periodic images, to the density restores them and the lattice, at any origin."""
-  cells = _representative_prototypes()
-  grids = voxelize_crystals(cells, voxelize.REPEAT, random_offset=True, seed=2)
-  atoms = segmentation.segment_batch(grids["species"], SPEC.box)
-  failures = []
-  for cell, found, density in zip(cells, atoms, grids["density"]):
-    wrong = segmentation.Atoms(found.species + 1, found.positions, found.voxels,
-                               found.on_boundary)
-    assert not _matches(reconstruction.reconstruct_repeat(wrong, SPEC.box), cell)
-    fit = reconstruction.DensityFit(density, SPEC.sigma, SPEC.cutoff, max_z=100)
-    result = reconstruction.reconstruct_repeat(wrong, SPEC.box, density_fit=fit)
-    true_lengths = sorted(Lattice(cell.lattice).abc)
-    if not (_matches(result, cell)
-            and np.allclose(sorted(result.structure.lattice.get_niggli_reduced_lattice().abc),
-                            sorted(Lattice(cell.lattice).get_niggli_reduced_lattice().abc),
-                            atol=0.01)):
-      failures.append((cell.id, true_lengths))
-  assert not failures
