@@ -40,6 +40,9 @@ _MIN_OVERLAP = 0.1
 # The folded cell is binned at about this spacing (Å) and smoothed over ~0.7 bin.
 _BIN_SIZE = 0.25
 _SMOOTHING_BINS = 0.7
+# Folded (residual) peaks below this Z's isolated peak height are not tried as sites: a light
+# site next to heavy ones shows only a fraction of its peak until they are fitted.
+_MIN_PEAK_Z = 0.5
 _NEIGHBOURS = [offset for offset in itertools.product((-1, 0, 1), repeat=3) if any(offset)]
 
 
@@ -294,7 +297,7 @@ def find_sites(fit: DensityFit, basis: np.ndarray, *, min_z: float, min_separati
   """The cell's sites (see module doc): unrounded Z, fractional positions and the refined
   lattice. A site needs a folded (residual) peak of at least half an isolated Z = `min_z`
   atom's, a fitted Z >= `min_z` and `min_separation` Å from the other sites."""
-  threshold = 0.5 * min_z * fit.unit_peak
+  threshold = _MIN_PEAK_Z * fit.unit_peak
   density = np.asarray(fit.density, np.float64)
   sites = np.zeros((0, 3))
 
@@ -312,7 +315,8 @@ def find_sites(fit: DensityFit, basis: np.ndarray, *, min_z: float, min_separati
     if len(sites) == 0:
       break
     _, sites, _ = fit_sites(fit, basis, sites, iterations=2, refine_lattice=False)
-    z, sites = _prune(fit, basis, sites, min_z)
+    # Half the bar while sites are missing: a light site's Z is low until its neighbours are in.
+    z, sites = _prune(fit, basis, sites, 0.5 * min_z)
     residual = density - (site_images(fit, sites @ basis, basis) @ z).reshape(density.shape)
     if not add_peaks(residual):
       break

@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from pymatgen.analysis.structure_matcher import StructureMatcher
+from pymatgen.analysis.structure_matcher import FrameworkComparator, StructureMatcher
 from pymatgen.core import Structure
 from scipy import spatial
 
@@ -119,21 +119,27 @@ def structure_matcher() -> StructureMatcher:
 
 def match_metrics(predicted: Sequence[Structure | None],
                   true: Sequence[Structure]) -> dict[str, float]:
-  """CDVAE match rate (None = invalid = miss) and mean normalised RMS distance of the matches."""
+  """CDVAE match rate (None = invalid = miss), mean normalised RMS distance of the matches, and
+  the framework match rate: lattice and positions match with the species ignored
+  (`FrameworkComparator`), which tells geometry errors from species errors."""
   matcher = structure_matcher()
-  distances = []
+  framework = StructureMatcher(stol=0.5, angle_tol=10, ltol=0.3,
+                               comparator=FrameworkComparator())
+  distances, frameworks = [], 0
   for prediction, target in zip(predicted, true, strict=True):
     if prediction is None:
       continue
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
       result = matcher.get_rms_dist(prediction, target)
+      frameworks += bool(framework.fit(prediction, target))
     if result is not None:
       distances.append(result[0])
-  return {"match_rate": len(distances) / len(true) if len(true) else float("nan"),
+  count = len(true)
+  return {"match_rate": len(distances) / count if count else float("nan"),
+          "framework_match_rate": frameworks / count if count else float("nan"),
           "rms_dist": float(np.mean(distances)) if distances else float("nan"),
-          "valid_rate": (sum(p is not None for p in predicted) / len(true)
-                         if len(true) else float("nan"))}
+          "valid_rate": sum(p is not None for p in predicted) / count if count else float("nan")}
 
 
 def _figure():

@@ -2,6 +2,9 @@
 
     python launch/export_pretrained.py --workdir=runs/perov5_repeat --out=pretrained/perov5_repeat
 
+With `--config=configs/repeat.py:cpu` the export carries that config instead of the checkpoint's
+(e.g. to ship newer evaluation settings); it must build the same model.
+
 Writes OUT/checkpoints/<step>/ (the state with the Adam moments reset to zero, which compress to
 almost nothing, and the config), OUT/metrics.jsonl and OUT/learning_curves.png. OUT restores like
 any workdir (`inference.TrainedModel.restore`, every `--mode`), and training resumes from it
@@ -15,6 +18,7 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+from ml_collections import config_flags
 
 from crystal_vae import checkpoints
 from crystal_vae import learning_curves
@@ -22,7 +26,14 @@ from crystal_vae import train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training workdir.")
 _OUT = flags.DEFINE_string("out", None, "The pretrained workdir to write (must not exist).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Optional: the config to save instead of the checkpoint's (same model).")
 flags.mark_flags_as_required(["workdir", "out"])
+
+
+def _shapes(config) -> list:
+  abstract = jax.eval_shape(lambda: train.create_train_state(config, jax.random.key(0)))
+  return [(leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(abstract.params)]
 
 
 def main(argv):
@@ -35,6 +46,10 @@ def main(argv):
   abstract = jax.eval_shape(lambda: train.create_train_state(config, jax.random.key(0)))
   state = checkpoints.restore_state(source, abstract)
   state = state.replace(opt_state=jax.tree.map(jnp.zeros_like, state.opt_state))
+  if _CONFIG.value is not None:
+    if _shapes(_CONFIG.value) != _shapes(config):
+      raise app.UsageError("--config builds a different model than the checkpoint's config")
+    config = _CONFIG.value
   step = int(state.step)
   target = checkpoints.checkpoint_manager(out, max_to_keep=1)
   checkpoints.save(target, step, state, config)

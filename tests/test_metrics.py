@@ -77,9 +77,12 @@ def test_match_metrics_counts_invalid_as_misses():
   perturbed = rocksalt.copy()
   perturbed.translate_sites([0], [0.02, 0, 0])
   wrong = Structure(Lattice.cubic(3.0), ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
-  result = metrics.match_metrics([rocksalt, perturbed, wrong, None], [rocksalt] * 4)
-  assert result["match_rate"] == pytest.approx(0.5)
-  assert result["valid_rate"] == pytest.approx(0.75)
+  relabelled = rocksalt.copy()
+  relabelled.replace_species({"Na": "K", "Cl": "Br"})
+  result = metrics.match_metrics([rocksalt, perturbed, wrong, None, relabelled], [rocksalt] * 5)
+  assert result["match_rate"] == pytest.approx(2 / 5)
+  assert result["framework_match_rate"] == pytest.approx(3 / 5)
+  assert result["valid_rate"] == pytest.approx(4 / 5)
   expected = metrics.structure_matcher().get_rms_dist(perturbed, rocksalt)[0]
   assert expected > 0
   assert result["rms_dist"] == pytest.approx(expected / 2)

@@ -221,3 +221,15 @@ def test_export_keeps_the_model_and_drops_the_adam_moments(trained_workdir, tmp_
   assert all(not np.any(leaf) for leaf in jax.tree.leaves(state.opt_state))
   assert (out / "metrics.jsonl").read_text() == (trained_workdir / "metrics.jsonl").read_text()
   assert (out / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_with_a_config_of_another_model_is_refused(trained_workdir, tmp_path):
+  repo = pathlib.Path(__file__).parent.parent
+  result = subprocess.run(
+      [sys.executable, str(repo / "launch" / "export_pretrained.py"),
+       f"--workdir={trained_workdir}", f"--out={tmp_path / 'out'}",
+       "--config=configs/repeat.py:quick"],
+      cwd=repo, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      timeout=300, check=False)
+  assert result.returncode != 0
+  assert "builds a different model" in result.stderr
