@@ -6,6 +6,8 @@ from typing import Any
 import ml_collections
 import orbax.checkpoint as ocp
 
+from crystal_vae import default_config
+
 
 def checkpoint_manager(workdir: str | pathlib.Path, *, max_to_keep: int = 3,
                        read_only: bool = False) -> ocp.CheckpointManager:
@@ -24,10 +26,22 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
 
 def restore_config(manager: ocp.CheckpointManager, step: int | None = None
                    ) -> ml_collections.ConfigDict:
-  """The config saved with checkpoint `step` (default: the latest)."""
+  """The config saved with checkpoint `step` (default: the latest). Fields added to the project
+  since it was saved take their paper defaults, so older workdirs keep working."""
   step = _existing_step(manager, step)
   restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return ml_collections.ConfigDict(_lists_to_tuples(restored.config))
+  saved = _lists_to_tuples(restored.config)
+  return ml_collections.ConfigDict(
+      _merged(default_config.get_config(saved["representation"]).to_dict(), saved))
+
+
+def _merged(defaults: dict, saved: dict) -> dict:
+  """`saved` with the keys only `defaults` has added, recursively."""
+  merged = dict(defaults)
+  for key, value in saved.items():
+    both_dicts = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+    merged[key] = _merged(defaults[key], value) if both_dicts else value
+  return merged
 
 
 def restore_state(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None

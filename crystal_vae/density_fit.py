@@ -134,12 +134,11 @@ def lattice_from_density(density: np.ndarray, box: float) -> np.ndarray | None:
   span fewer than three dimensions."""
   basis = []
   for vector in lattice_vectors(density, box):
-    length = np.linalg.norm(vector)
-    if len(basis) == 1 and np.linalg.norm(np.cross(basis[0], vector)) < 0.3 * length * np.linalg.norm(basis[0]):
-      continue
-    if len(basis) == 2 and abs(np.linalg.det(np.array(basis + [vector]))) < 0.2 * length * np.prod(
-        np.linalg.norm(basis, axis=1)):
-      continue
+    lengths = np.prod(np.linalg.norm(basis, axis=1)) * np.linalg.norm(vector) if basis else 1.0
+    if len(basis) == 1 and np.linalg.norm(np.cross(basis[0], vector)) < 0.3 * lengths:
+      continue  # (anti)parallel to the first
+    if len(basis) == 2 and abs(np.linalg.det(np.array(basis + [vector]))) < 0.2 * lengths:
+      continue  # (nearly) in the plane of the first two
     basis.append(vector)
     if len(basis) == 3:
       basis = np.array(basis)
@@ -295,8 +294,8 @@ def _prune(fit: DensityFit, basis: np.ndarray, site_frac: np.ndarray, min_z: flo
 def find_sites(fit: DensityFit, basis: np.ndarray, *, min_z: float, min_separation: float = 1.0,
                rounds: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The cell's sites (see module doc): unrounded Z, fractional positions and the refined
-  lattice. A site needs a folded (residual) peak of at least half an isolated Z = `min_z`
-  atom's, a fitted Z >= `min_z` and `min_separation` Å from the other sites."""
+  lattice. A site needs a folded (residual) peak at least as high as an isolated atom's of
+  Z = 0.5, a fitted Z >= `min_z` and `min_separation` Å from the other sites."""
   threshold = _MIN_PEAK_Z * fit.unit_peak
   density = np.asarray(fit.density, np.float64)
   sites = np.zeros((0, 3))

@@ -6,6 +6,8 @@ measure it; see evaluate.py), `sample`, `interpolate`, `traverse` (generation.py
 """
 
 import logging as python_logging
+import pathlib
+import sys
 
 from absl import app
 from absl import flags
@@ -13,11 +15,11 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from crystal_vae import checkpoints
 from crystal_vae import conditional
 from crystal_vae import discriminator
 from crystal_vae import evaluate
 from crystal_vae import generation
+from crystal_vae import saved_config
 from crystal_vae import train
 
 FLAGS = flags.FLAGS
@@ -56,17 +58,21 @@ def main(argv):
     jax.distributed.initialize()
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
-  MODES[FLAGS.mode](FLAGS.config or _saved_config(FLAGS.workdir), FLAGS.workdir)
+  MODES[FLAGS.mode](FLAGS.config or saved_config.get_config(FLAGS.workdir), FLAGS.workdir)
 
 
-def _saved_config(workdir: str):
-  """The config saved with the latest checkpoint in `workdir`."""
-  manager = checkpoints.checkpoint_manager(workdir, read_only=True)
-  if manager.latest_step() is None:
-    raise SystemExit(f"error: --config is needed: {workdir} holds no checkpoint to take it from")
-  logging.info("Using the config saved with checkpoint %d in %s", manager.latest_step(), workdir)
-  return checkpoints.restore_config(manager)
+def with_saved_config(argv: list[str]) -> list[str]:
+  """Without `--config`, `--config.*` overrides apply to the config saved in `--workdir=DIR`."""
+  if any(arg == "--config" or arg.startswith("--config=") for arg in argv):
+    return argv
+  if not any(arg.startswith("--config.") for arg in argv):
+    return argv
+  workdirs = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--workdir=")]
+  if not workdirs:
+    return argv
+  # Before the overrides: absl parses flags in order.
+  return argv[:1] + [f"--config={pathlib.Path(saved_config.__file__)}:{workdirs[-1]}"] + argv[1:]
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, argv=with_saved_config(sys.argv))

@@ -295,6 +295,14 @@ def test_a_mode_without_config_uses_the_checkpoints_own(workdir, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads((copy / "sample" / "summary.json").read_text())
   assert summary["num_samples"] == 6 and summary["num_train_structures"] == 12  # saved values
+  # `--config.*` overrides without --config apply to the saved config.
+  overridden = subprocess.run(
+      [sys.executable, "-m", "crystal_vae.main", f"--workdir={copy}", "--mode=sample",
+       "--config.sample.num=3"], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      capture_output=True, text=True, timeout=300, check=False)
+  assert overridden.returncode == 0, overridden.stderr[-3000:]
+  summary = json.loads((copy / "sample" / "summary.json").read_text())
+  assert summary["num_samples"] == 3 and summary["num_train_structures"] == 12
   empty = subprocess.run(
       [sys.executable, "-m", "crystal_vae.main", f"--workdir={tmp_path / 'empty'}",
        "--mode=sample"], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
