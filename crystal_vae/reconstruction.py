@@ -310,6 +310,8 @@ def reconstruct_repeat_from_density(fit: density_fit.DensityFit, *, max_z: int, 
   with Z < `min_z` are noise. `cube_atoms` holds the crystal's atoms inside the cube (those
   within `boundary` Å of a face marked `on_boundary`)."""
   none = density_fit.images_in_cube(np.zeros(0, np.int32), np.zeros((0, 3)), np.eye(3), fit.box)
+  if not np.any(fit.density > 0.5 * fit.unit_peak):
+    return _invalid(NO_ATOMS, "the density has no peak of an atom (Z >= 0.5)", none)
   basis = density_fit.lattice_from_density(fit.density, fit.box)
   if basis is None:
     return _invalid(NO_LATTICE, "the density's translations do not span a 3-D lattice", none)

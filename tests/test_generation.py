@@ -171,7 +171,8 @@ def test_true_grids_rebuild_and_write_parseable_cifs(tfds_dir, tmp_path):
   model = inference.TrainedModel(config, variables=None)  # voxelise and rebuild need no weights
   salt = crystals.crystal_from_structure(_rock_salt(), "NaCl", crystals.CrystalLimits())
   grids = {key: np.array(value) for key, value in model.voxelize([salt, salt]).items()}
-  grids["species"][1] = 0  # nothing segmented: no atoms
+  grids["species"][1] = 0  # nothing segmented and no density: no atoms
+  grids["density"][1] = 0
   rebuilt = generation.to_crystals(model, grids)
   counts = generation.write_cifs(rebuilt, ["salt", "empty"], tmp_path)
   assert counts == {"valid": 1, "invalid": 1, "invalid_no_atoms": 1}
