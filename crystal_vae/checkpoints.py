@@ -3,6 +3,7 @@
 import pathlib
 from typing import Any
 
+from absl import logging
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -26,10 +27,9 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
 
 def restore_config(manager: ocp.CheckpointManager, step: int | None = None
                    ) -> ml_collections.ConfigDict:
-  """The config saved with checkpoint `step` (default: the latest). Fields added to the project
-  since it was saved take their paper defaults, so older workdirs keep working."""
-  step = _existing_step(manager, step)
-  restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  """The config saved with checkpoint `step` (default: the newest that restores). Fields added
+  to the project since it was saved take their paper defaults, so older workdirs keep working."""
+  restored = _restore(manager, step, ocp.args.Composite(config=ocp.args.JsonRestore()))[1]
   saved = _lists_to_tuples(restored.config)
   return ml_collections.ConfigDict(
       _merged(default_config.get_config(saved["representation"]).to_dict(), saved))
@@ -45,19 +45,42 @@ def _merged(defaults: dict, saved: dict) -> dict:
 
 
 def restore_state(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None
-                  ) -> Any:
-  """Restores the state of checkpoint `step` (default: latest) into `abstract_state`'s layout."""
-  step = _existing_step(manager, step)
-  restored = manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-  return restored.state
+                  ) -> tuple[int, Any]:
+  """(step, state) of checkpoint `step` (default: the newest that restores) in
+  `abstract_state`'s layout."""
+  step, restored = _restore(
+      manager, step, ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+  return step, restored.state
 
 
-def _existing_step(manager: ocp.CheckpointManager, step: int | None) -> int:
-  step = manager.latest_step() if step is None else step
-  if step is None or step not in manager.all_steps():
-    raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {manager.directory}")
-  return step
+def set_aside_newer(manager: ocp.CheckpointManager, step: int) -> None:
+  """Renames the checkpoints newer than `step` (ones that did not restore) to
+  `<step>.unrestorable`, so that the run can save those steps again; their files are kept."""
+  for newer in [s for s in manager.all_steps() if s > step]:
+    path = pathlib.Path(manager.directory) / str(newer)
+    path.rename(path.with_name(f"{newer}.unrestorable"))
+    logging.warning("checkpoint %d set aside as %s", newer, path.with_name(f"{newer}.unrestorable"))
+  manager.reload()
+
+
+def _restore(manager: ocp.CheckpointManager, step: int | None, args: Any) -> tuple[int, Any]:
+  """Restores `args` from checkpoint `step`; without a step from the newest checkpoint that
+  restores, with one warning line for each newer one skipped (e.g. a truncated file)."""
+  if step is not None:
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint {step} in {manager.directory}")
+    return step, manager.restore(step, args=args)
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+  for step in steps:
+    try:
+      return step, manager.restore(step, args=args)
+    except Exception as error:  # pylint: disable=broad-exception-caught
+      reason = (str(error).strip().splitlines() or [""])[0].split(" See full")[0]
+      logging.warning("checkpoint %d in %s does not restore, skipped: %s: %s", step,
+                      manager.directory, type(error).__name__, reason[:200])
+  raise RuntimeError(f"no checkpoint in {manager.directory} restores (tried {steps})")
 
 
 def _lists_to_tuples(value: Any) -> Any:

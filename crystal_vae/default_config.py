@@ -19,6 +19,10 @@ def get_config(representation: str, arg: str | None = None) -> ml_collections.Co
     raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {representation!r}")
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # A workdir whose latest checkpoint starts the parameters this model shares with it (same
+  # path and shape), e.g. to add a head to a trained model; "" = random initialisation. Used
+  # only when the workdir has no checkpoint of its own.
+  config.init_from = ""
   config.representation = representation
   config.num_devices = -1  # -1: every local device; the batch is split over a `data` mesh axis.
 
@@ -55,12 +59,16 @@ def get_config(representation: str, arg: str | None = None) -> ml_collections.Co
   config.loss.z_weight = 0.1  # species_head "mask_z": weight of the Z / 10 regression.
   config.loss.teacher_forcing = 0.0  # weight of the U-Net's loss on the TRUE density.
   config.loss.lattice_weight = 0.01  # unit_cell only: MSE (÷ box²) of the predicted oriented lattice.
+  config.loss.composition_weight = 0.1  # model.composition_head: weight of its cross-entropy.
 
   config.learning_rate = 1e-5
   config.lr_schedule = "constant"  # constant | warmup_cosine
   config.warmup_steps = 0
   config.final_learning_rate_fraction = 0.01  # warmup_cosine: the rate at the last step.
   config.grad_clip_norm = 0.0  # clip the global gradient norm to this; 0 = no clipping.
+  # (regex, multiplier) pairs: parameters whose path ("composition/Dense_0/kernel") matches take
+  # steps `multiplier` times the learning rate, e.g. a head added to a trained model.
+  config.lr_mults = ()
   config.batch_size = 24  # global; split over processes and devices.
   config.num_train_steps = 200_000
   config.log_every_steps = 100

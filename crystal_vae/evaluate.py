@@ -55,6 +55,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   out_dir = pathlib.Path(workdir) / "eval" / name
 
   comparisons, voxel_errors, predicted, true, ids = [], [], [], [], []
+  compositions_exact = []
   for begin in range(0, count, config.eval.batch_size):
     batch = [datasets.record_to_crystal(source[i])
              for i in range(begin, min(begin + config.eval.batch_size, count))]
@@ -66,10 +67,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
         decoded["lattice"] = np.stack([c.lattice for c in batch])  # unrotated at evaluation
       decoded_atoms = true_atoms
     else:
-      mean, _ = model.encode(grids["density"])
+      mean, _ = model.encode(grids["density"], composition=grids["composition"])
       decoded = model.decode(mean, condition=model.condition(grids["density"]))
       decoded_atoms = model.atoms(decoded, config.eval.min_component_size)
       voxel_errors.append(metrics.voxel_mse(decoded["density"], grids["density"]))
+      if "composition" in decoded:  # the composition head's counts for the true number of atoms
+        compositions_exact += [
+            np.array_equal(reconstruction.composition_counts(fractions, crystal.num_atoms),
+                           np.bincount(crystal.atomic_numbers, minlength=fractions.size))
+            for fractions, crystal in zip(decoded["composition"], batch)]
     rebuilt = model.to_crystals(decoded, decoded_atoms)
     if model.fits_density and model.config.representation == "repeat":
       # Both sides as the images of a crystal (the evaluation cube: unrotated, origin at a corner).
@@ -93,6 +99,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
     if not r.valid:
       reasons[r.reason] = reasons.get(r.reason, 0) + 1
   results["invalid_reasons"] = reasons
+  if compositions_exact:
+    results["composition_exact"] = float(np.mean(compositions_exact))
   mse = np.concatenate(voxel_errors) if voxel_errors else None
   if mse is not None:
     results.update(metrics.voxel_metrics(mse))
@@ -106,7 +114,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   logging.info("wrote %s: %s", out_dir, json.dumps(results, sort_keys=True))
   print(f"Evaluation of {len(ids)} {split} crystals written to {out_dir}")
   for key in ("match_rate", "framework_match_rate", "rms_dist", "valid_rate",
-              "cell_atom_count_exact", "atom_count_exact", "atom_count_within_2", "species_exact",
+              "cell_atom_count_exact", "composition_exact", "atom_count_exact", "atom_count_within_2", "species_exact",
               "distance_true_to_predicted_p50", "distance_predicted_to_true_p50", "voxel_mse_mean"):
     if key in results:
       print(f"  {key}: {results[key]:.4f}")

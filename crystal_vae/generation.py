@@ -497,7 +497,7 @@ def encode_crystals(model: inference.TrainedModel, structures: Sequence[crystals
   for begin in range(0, len(structures), batch_size):
     grids = model.voxelize(structures[begin:begin + batch_size])
     condition = model.condition(grids["density"])
-    means.append(model.encode(grids["density"], condition)[0])
+    means.append(model.encode(grids["density"], condition, grids["composition"])[0])
     conditions.append(None if condition is None else np.asarray(condition))
   if conditions[0] is None:
     return np.concatenate(means), None

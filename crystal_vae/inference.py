@@ -1,9 +1,9 @@
 """A trained model restored from a workdir: voxelise, encode, decode, segment, rebuild crystals.
 
     model = inference.TrainedModel.restore("workdir")
-    grids = model.voxelize(crystals)                  # true density and species grids
-    mean, logvar = model.encode(grids["density"])
-    decoded = model.decode(mean)                      # density, species, lattice (unit cell)
+    grids = model.voxelize(crystals)                  # true density, species, composition
+    mean, logvar = model.encode(grids["density"], composition=grids["composition"])
+    decoded = model.decode(mean)                      # density, species (+ lattice, composition)
     reconstructions = model.to_crystals(decoded)      # pymatgen Structures or reasons
 """
 
@@ -22,6 +22,7 @@ from crystal_vae import checkpoints
 from crystal_vae import crystals
 from crystal_vae import density_fit
 from crystal_vae import input_pipeline
+from crystal_vae import losses
 from crystal_vae import models
 from crystal_vae import reconstruction
 from crystal_vae import segmentation
@@ -49,7 +50,7 @@ class TrainedModel:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                             abstract)
-    state = checkpoints.restore_state(manager, abstract, step)
+    _, state = checkpoints.restore_state(manager, abstract, step)
     return cls(config, {"params": state.params, "batch_stats": state.batch_stats})
 
   @property
@@ -64,13 +65,16 @@ class TrainedModel:
   def voxelize(self, structures: Sequence[crystals.Crystal], *, seed: int = 0
                ) -> dict[str, np.ndarray]:
     """True grids as at evaluation: unrotated (lattice in the standard orientation), a repeat
-    cube with a cell corner at its origin, a unit cell at its centre."""
+    cube with a cell corner at its origin, a unit cell at its centre; with `composition` (the
+    fraction of each crystal's atoms per Z)."""
     batch = input_pipeline.stack_crystals(structures, self.config.dataset.max_atoms)
     grids = voxelize.voxelize_batch(
         batch, jax.random.key(seed), spec=self.spec, representation=self.config.representation,
         rotate=False, random_offset=False,
         num_images=voxelize.num_images_for(batch["lattice"], self.spec,
                                            self.config.representation, rotate=False))
+    grids["composition"] = losses.composition_fractions(
+        batch["atomic_numbers"], batch["atom_mask"], self.config.dataset.max_z + 1)
     return {key: np.asarray(value) for key, value in grids.items()}
 
   def condition(self, density: np.ndarray) -> jax.Array | None:
@@ -79,17 +83,24 @@ class TrainedModel:
       return None
     return jnp.max(jnp.asarray(density), axis=(1, 2, 3))
 
-  def encode(self, density: np.ndarray, condition: np.ndarray | None = None
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """Latent mean and log-variance, (B, L) each."""
+  def encode(self, density: np.ndarray, condition: np.ndarray | None = None,
+             composition: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Latent mean and log-variance, (B, L) each. A model with a composition head also reads
+    the crystals' `composition` (`voxelize` gives it); other models ignore it."""
     if condition is None:
       condition = self.condition(density)
+    if not self.config.model.composition_head:
+      composition = None
+    elif composition is None:
+      raise ValueError("this model encodes the composition with the density: pass"
+                       " composition=grids['composition'] from `voxelize`")
     mean, logvar = self._apply(self.variables, jnp.asarray(density), train=False,
-                               condition=condition, method="encode")
+                               condition=condition, composition=composition, method="encode")
     return np.asarray(mean), np.asarray(logvar)
 
   def decode(self, z: np.ndarray, condition: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Latents -> decoded `density`, segmented `species` (argmax), and `lattice` (unit cell)."""
+    """Latents -> decoded `density`, segmented `species` (argmax), `lattice` (unit cell) and
+    `composition` (fractions per Z, with a composition head)."""
     z = jnp.asarray(z, jnp.float32)
     if self.config.model.conditional and condition is None:
       raise ValueError("a conditional model needs a condition (target maximum density)")
@@ -99,6 +110,9 @@ class TrainedModel:
     decoded = {"density": np.asarray(density), "species": np.asarray(species)}
     if self.config.model.lattice_head:
       decoded["lattice"] = np.asarray(self._apply(self.variables, z, method="predict_lattice"))
+    if self.config.model.composition_head:
+      logits = self._apply(self.variables, z, method="predict_composition")
+      decoded["composition"] = np.asarray(jax.nn.softmax(logits))
     return decoded
 
   @property
@@ -120,16 +134,22 @@ class TrainedModel:
 
   def to_crystals(self, grids: dict[str, np.ndarray], atoms: list[segmentation.Atoms] | None = None
                   ) -> list[reconstruction.Reconstruction]:
-    """Decoded (or true) grids -> crystals; invalid ones carry their reason."""
+    """Decoded (or true) grids -> crystals; invalid ones carry their reason. With a decoded
+    `composition` the species follow it (`reconstruction.species_from_composition`), except in
+    the repeat representation read off segmented atoms, whose cube holds many cells."""
+    compositions = (grids["composition"] if self.config.model.composition_head
+                    else [None] * len(grids["density"]))
     if self.config.representation == "repeat" and self.fits_density:
       return [reconstruction.reconstruct_repeat_from_density(
           density_fit.DensityFit(density, self.spec.box, self.spec.sigma, self.spec.cutoff),
-          max_z=self.config.dataset.max_z, min_z=self.config.eval.min_site_z)
-              for density in grids["density"]]
+          max_z=self.config.dataset.max_z, min_z=self.config.eval.min_site_z,
+          composition=composition)
+              for density, composition in zip(grids["density"], compositions)]
     atoms = self.atoms(grids) if atoms is None else atoms
     if self.config.representation == "repeat":
       return [reconstruction.reconstruct_repeat(a, self.spec.box) for a in atoms]
     if "lattice" not in grids:
       raise ValueError("unit-cell grids need a lattice (the model's lattice head)")
-    return [reconstruction.reconstruct_unit_cell(a, lattice, self.spec.box)
-            for a, lattice in zip(atoms, grids["lattice"])]
+    return [reconstruction.reconstruct_unit_cell(a, lattice, self.spec.box,
+                                                 composition=composition)
+            for a, lattice, composition in zip(atoms, grids["lattice"], compositions)]

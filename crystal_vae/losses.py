@@ -44,3 +44,27 @@ def species_loss(outputs: jax.Array, species: jax.Array, *, species_head: str, b
   mask = optax.sigmoid_binary_cross_entropy(outputs[..., 0], atoms.astype(outputs.dtype))
   z_error = (outputs[..., 1] - species.astype(outputs.dtype) / models.Z_SCALE) ** 2
   return voxel_mean(mask, atoms, balanced) + z_weight * _per_example(z_error, atoms)
+
+
+def composition_fractions(atomic_numbers: jax.Array, atom_mask: jax.Array, num_classes: int
+                          ) -> jax.Array:
+  """(B, A) padded atomic numbers -> (B, num_classes): the fraction of each cell's atoms per Z."""
+  counts = jnp.sum(jax.nn.one_hot(atomic_numbers, num_classes) * atom_mask[..., None], axis=1)
+  return counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
+
+
+def composition_cross_entropy(logits: jax.Array, atomic_numbers: jax.Array, atom_mask: jax.Array
+                              ) -> jax.Array:
+  """Per-example cross-entropy of the composition head's softmax against the true fractions."""
+  target = composition_fractions(atomic_numbers, atom_mask, logits.shape[-1])
+  return optax.softmax_cross_entropy(logits, target)
+
+
+
+def composition_exact(logits: jax.Array, atomic_numbers: jax.Array, atom_mask: jax.Array
+                      ) -> jax.Array:
+  """Per example: whether n times every predicted fraction is within 0.5 of the true count (n
+  atoms), i.e. the head's composition rounds to the true one."""
+  target = composition_fractions(atomic_numbers, atom_mask, logits.shape[-1])
+  num_atoms = jnp.sum(atom_mask, axis=-1, keepdims=True)
+  return jnp.all(jnp.abs(jax.nn.softmax(logits) - target) * num_atoms < 0.5, axis=-1)

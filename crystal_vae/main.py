@@ -5,6 +5,7 @@ measure it; see evaluate.py), `sample`, `interpolate`, `traverse` (generation.py
 (conditional.py) and `discriminator` (discriminator.py); each writes under DIR/<mode>/.
 """
 
+import ast
 import logging as python_logging
 import pathlib
 import sys
@@ -16,6 +17,7 @@ import jax
 from ml_collections import config_flags
 
 from crystal_vae import conditional
+from crystal_vae import crystals
 from crystal_vae import discriminator
 from crystal_vae import evaluate
 from crystal_vae import generation
@@ -50,6 +52,26 @@ class _QuietLibraries(python_logging.Filter):
     return record.levelno >= python_logging.WARNING or not noisy
 
 
+# Errors in what the user gave (a missing file, folder or checkpoint; a crystal that cannot be
+# voxelised) end the run with one line, not a traceback.
+_INPUT_ERRORS = (FileNotFoundError, NotADirectoryError, crystals.RejectedCrystal)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing; a misspelled `--config.*` override gives one line."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as error:  # ml_collections: no such config field
+    text = str(error)
+    try:
+      text = ast.literal_eval(text)  # a KeyError's message arrives quoted
+    except (ValueError, SyntaxError):
+      pass
+    lines = [line.strip(" '\"") for line in str(text).splitlines() if line.strip()]
+    hint = f". {lines[-1]}" if len(lines) > 1 else ""
+    raise SystemExit(f"error: the config has no field {lines[0]!r}{hint}") from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -58,7 +80,10 @@ def main(argv):
     jax.distributed.initialize()
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
-  MODES[FLAGS.mode](FLAGS.config or saved_config.get_config(FLAGS.workdir), FLAGS.workdir)
+  try:
+    MODES[FLAGS.mode](FLAGS.config or saved_config.get_config(FLAGS.workdir), FLAGS.workdir)
+  except _INPUT_ERRORS as error:
+    raise SystemExit(f"error: {error}") from None
 
 
 def with_saved_config(argv: list[str]) -> list[str]:
@@ -75,4 +100,4 @@ def with_saved_config(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-  app.run(main, argv=with_saved_config(sys.argv))
+  app.run(main, argv=with_saved_config(sys.argv), flags_parser=parse_flags)

@@ -178,7 +178,9 @@ class Encoder(nn.Module):
 
   Paper appendix: Conv3D k5 s2 16, k3 s1 32, k3 s1 64, k3 s2 128 (SAME), each followed by
   BatchNorm and LeakyReLU, then flatten and Dense heads. If `conditional`, the flattened features
-  are multiplied by the per-sample `condition` before the heads.
+  are multiplied by the per-sample `condition` before the heads. If `reads_composition`, the
+  crystal's composition (fractions per Z) enters the mean and log-variance through Dense layers
+  that start at zero (a trained encoder's latent is unchanged until they learn).
   """
 
   latent_dim: int
@@ -186,14 +188,19 @@ class Encoder(nn.Module):
   kernels: Sequence[int]
   strides: Sequence[int]
   conditional: bool = False
+  reads_composition: bool = False
   conv_impl: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(
-      self, density: jax.Array, *, train: bool, condition: jax.Array | None = None
+      self, density: jax.Array, *, train: bool, condition: jax.Array | None = None,
+      composition: jax.Array | None = None,
   ) -> tuple[jax.Array, jax.Array]:
     _check_condition(self.conditional, condition)
+    if self.reads_composition != (composition is not None):
+      raise ValueError("an encoder that reads the composition needs one (fractions per Z), and"
+                       " only such an encoder takes one")
     x = density[..., None].astype(self.dtype)
     for features, kernel, stride in zip(self.features, self.kernels, self.strides, strict=True):
       x = Conv3D(features, kernel, stride, "SAME", self.conv_impl, self.dtype, use_bias=False)(x)
@@ -204,6 +211,13 @@ class Encoder(nn.Module):
       x = x * condition[:, None].astype(x.dtype)
     mean = nn.Dense(self.latent_dim, dtype=jnp.float32, name="mean")(x)
     logvar = nn.Dense(self.latent_dim, dtype=jnp.float32, name="logvar")(x)
+    if self.reads_composition:
+      composition = composition.astype(jnp.float32)
+      zeros = nn.initializers.zeros
+      mean = mean + nn.Dense(self.latent_dim, kernel_init=zeros, name="composition_mean")(
+          composition)
+      logvar = logvar + nn.Dense(self.latent_dim, kernel_init=zeros, name="composition_logvar")(
+          composition)
     return mean, logvar
 
 
@@ -355,6 +369,22 @@ class LatticeHead(nn.Module):
     return nn.Dense(9, bias_init=lambda *_: bias)(x).reshape(-1, 3, 3)
 
 
+class CompositionHead(nn.Module):
+  """MLP latent (B, L) -> (B, max_z + 1) logits of the cell's composition: softmax = the fraction
+  of the cell's atoms that are each element (index Z; 0 is never a target). The decoded density
+  says where atoms are and roughly how heavy (its peaks blur); this head says which elements."""
+
+  hidden: Sequence[int]
+  max_z: int
+
+  @nn.compact
+  def __call__(self, z: jax.Array) -> jax.Array:
+    x = z
+    for width in self.hidden:
+      x = nn.gelu(nn.Dense(width)(x))
+    return nn.Dense(self.max_z + 1)(x)
+
+
 class CrystalVAE(nn.Module):
   """β-VAE (Encoder, Decoder) + AttentionUNet segmenter (+ optional LatticeHead).
 
@@ -362,7 +392,10 @@ class CrystalVAE(nn.Module):
   scale_gradient(recon, unet_grad_scale): minimising MSE + β KL + CE with unet_grad_scale = γ
   gives the U-Net dCE only and the decoder (and encoder) MSE + β KL + γ dCE, the paper's routing.
   With `teacher_forcing` the U-Net also segments the true density (`segmented_true`), so it
-  learns from clean input while the decoder is still poor. The lattice head reads z.
+  learns from clean input while the decoder is still poor. The lattice head reads z. With
+  `composition_head` the encoder also reads the crystal's composition (fractions per Z) and a
+  head reads it back from the latent (the mean in training, z when decoding), so that the latent carries the elements, which the blurred decoded
+  density cannot tell apart (its peaks give Z only to a few units).
   """
 
   grid: int
@@ -380,6 +413,8 @@ class CrystalVAE(nn.Module):
   species_head: str = "classes"
   lattice_head: bool = False
   lattice_hidden: Sequence[int] = (256, 128)
+  composition_head: bool = False
+  composition_hidden: Sequence[int] = (256, 256)
   conditional: bool = False
   conv_impl: str = "auto"
   dtype: Any = jnp.float32
@@ -387,7 +422,7 @@ class CrystalVAE(nn.Module):
   def setup(self):
     self.encoder = Encoder(
         self.latent_dim, self.encoder_features, self.encoder_kernels, self.encoder_strides,
-        self.conditional, self.conv_impl, self.dtype)
+        self.conditional, self.composition_head, self.conv_impl, self.dtype)
     self.decoder = Decoder(
         self.grid, self.decoder_start, self.encoder_features[-1], self.decoder_features,
         self.decoder_kernels, self.decoder_paddings, self.decoder_output, self.conditional,
@@ -397,11 +432,14 @@ class CrystalVAE(nn.Module):
                               self.conv_impl, self.dtype)
     if self.lattice_head:
       self.lattice = LatticeHead(self.lattice_hidden)
+    if self.composition_head:
+      self.composition = CompositionHead(self.composition_hidden, self.max_z)
 
   def encode(
-      self, density: jax.Array, *, train: bool, condition: jax.Array | None = None
+      self, density: jax.Array, *, train: bool, condition: jax.Array | None = None,
+      composition: jax.Array | None = None,
   ) -> tuple[jax.Array, jax.Array]:
-    return self.encoder(density, train=train, condition=condition)
+    return self.encoder(density, train=train, condition=condition, composition=composition)
 
   def decode(
       self, z: jax.Array, *, train: bool, condition: jax.Array | None = None) -> jax.Array:
@@ -421,6 +459,12 @@ class CrystalVAE(nn.Module):
       raise ValueError("model built without a lattice head (set model.lattice_head)")
     return self.lattice(z)
 
+  def predict_composition(self, z: jax.Array) -> jax.Array:
+    """Composition logits (B, max_z + 1); softmax = fraction of the cell's atoms per element."""
+    if not self.composition_head:
+      raise ValueError("model built without a composition head (set model.composition_head)")
+    return self.composition(z)
+
   def __call__(
       self,
       density: jax.Array,
@@ -429,9 +473,11 @@ class CrystalVAE(nn.Module):
       train: bool,
       unet_grad_scale: jax.Array | float = 1.0,
       condition: jax.Array | None = None,
+      composition: jax.Array | None = None,
       teacher_forcing: bool = False,
   ) -> dict[str, jax.Array]:
-    mean, logvar = self.encode(density, train=train, condition=condition)
+    mean, logvar = self.encode(density, train=train, condition=condition,
+                               composition=composition)
     z = mean + jnp.exp(logvar / 2) * jax.random.normal(key, mean.shape, mean.dtype)
     recon = self.decode(z, train=train, condition=condition)
     segmented = self.segment(scale_gradient(recon, unet_grad_scale), train=train)
@@ -440,6 +486,8 @@ class CrystalVAE(nn.Module):
       outputs["segmented_true"] = self.segment(density, train=train)
     if self.lattice_head:
       outputs["lattice"] = self.predict_lattice(z)
+    if self.composition_head:  # from the mean: the head reads the latent's noise-free part
+      outputs["composition"] = self.predict_composition(mean)
     return outputs
 
 
@@ -459,6 +507,8 @@ def default_model_config() -> ml_collections.ConfigDict:
       species_head="classes",
       lattice_head=False,
       lattice_hidden=(256, 128),
+      composition_head=False,
+      composition_hidden=(256, 256),
       conditional=False,
       conv_impl="auto",
       dtype="float32",
@@ -484,6 +534,8 @@ def model_from_config(config: ml_collections.ConfigDict) -> CrystalVAE:
       species_head=model.species_head,
       lattice_head=model.lattice_head,
       lattice_hidden=tuple(model.lattice_hidden),
+      composition_head=model.composition_head,
+      composition_hidden=tuple(model.composition_hidden),
       conditional=model.conditional,
       conv_impl=model.conv_impl,
       dtype=jnp.dtype(model.dtype),

@@ -120,11 +120,13 @@ def _structure(lattice: np.ndarray, species: np.ndarray, frac: np.ndarray,
 
 
 def reconstruct_unit_cell(atoms: Atoms, lattice: np.ndarray, box: float, *,
-                          merge_tolerance: float = 0.3, min_volume: float = 1.0,
-                          min_distance: float = 0.5) -> Reconstruction:
+                          composition: np.ndarray | None = None, merge_tolerance: float = 0.3,
+                          min_volume: float = 1.0, min_distance: float = 0.5) -> Reconstruction:
   """Places decoded atoms (cube coordinates) in the cell centred in the cube whose vectors are the
   rows of `lattice` (3, 3), oriented as in the cube (the lattice head's output); merges atoms
-  closer than `merge_tolerance` (periodic). A cell of volume < `min_volume` Å³ is invalid.
+  closer than `merge_tolerance` (periodic). A cell of volume < `min_volume` Å³ is invalid. With a
+  predicted `composition` (fractions per Z) the species are `species_from_composition` of the
+  segmented ones.
   """
   if len(atoms) == 0:
     return _invalid(NO_ATOMS, "the species grid has no atoms")
@@ -139,6 +141,8 @@ def reconstruct_unit_cell(atoms: Atoms, lattice: np.ndarray, box: float, *,
   frac = np.mod(cartesian @ np.linalg.inv(lattice), 1.0)
   species, site_frac, _ = _merge_sites(lattice, frac, atoms.species, np.ones(len(atoms)),
                                        merge_tolerance)
+  if composition is not None:
+    species = species_from_composition(species, composition)
   return _structure(lattice, species, site_frac, min_distance)
 
 
@@ -302,13 +306,39 @@ def reconstruct_repeat(atoms: Atoms, box: float, *, tolerance: float = 0.3, marg
   return _structure(basis, site_species[keep], site_frac[keep], min_distance)
 
 
+def composition_counts(fractions: np.ndarray, num_atoms: int) -> np.ndarray:
+  """Fractions per Z (C,) -> integer atom counts summing to `num_atoms`: floor(n·f) each, and
+  the atoms left to the largest remainders (Z = 0, "no atom", gets none)."""
+  fractions = np.asarray(fractions, np.float64).copy()
+  fractions[0] = 0.0
+  scaled = fractions / max(fractions.sum(), 1e-12) * num_atoms
+  counts = np.floor(scaled).astype(np.int64)
+  left = num_atoms - int(counts.sum())
+  counts[np.argsort(counts - scaled, kind="stable")[:left]] += 1
+  return counts
+
+
+def species_from_composition(site_z: np.ndarray, composition: np.ndarray) -> np.ndarray:
+  """Each site's element from the predicted composition (fractions per Z) and the Z the density
+  gives it: the composition's atoms for this many sites (`composition_counts`), lightest to the
+  lowest site Z upwards, the order-preserving assignment that minimises the total |Z − site Z|."""
+  site_z = np.asarray(site_z, np.float64)
+  counts = composition_counts(composition, site_z.size)
+  elements = np.repeat(np.arange(counts.size), counts)
+  species = np.empty(site_z.size, np.int32)
+  species[np.argsort(site_z, kind="stable")] = elements
+  return species
+
+
 def reconstruct_repeat_from_density(fit: density_fit.DensityFit, *, max_z: int, min_z: float,
+                                    composition: np.ndarray | None = None,
                                     min_distance: float = 0.5, boundary: float = 0.5
                                     ) -> Reconstruction:
   """A repeat cube's crystal from its density alone (`density_fit`): the lattice from the
-  density's translations, the sites and their Z (rounded, in [1, max_z]) by least squares; sites
-  with Z < `min_z` are noise. `cube_atoms` holds the crystal's atoms inside the cube (those
-  within `boundary` Å of a face marked `on_boundary`)."""
+  density's translations, the sites and their Z by least squares; sites with Z < `min_z` are
+  noise. The species are the rounded Z (in [1, max_z]), or with a predicted `composition`
+  (fractions per Z) `species_from_composition`. `cube_atoms` holds the crystal's atoms inside the
+  cube (those within `boundary` Å of a face marked `on_boundary`)."""
   none = density_fit.images_in_cube(np.zeros(0, np.int32), np.zeros((0, 3)), np.eye(3), fit.box)
   if not np.any(fit.density > 0.5 * fit.unit_peak):
     return _invalid(NO_ATOMS, "the density has no peak of an atom (Z >= 0.5)", none)
@@ -318,7 +348,8 @@ def reconstruct_repeat_from_density(fit: density_fit.DensityFit, *, max_z: int, 
   z, site_frac, basis = density_fit.find_sites(fit, basis, min_z=min_z)
   if z.size == 0:
     return _invalid(NO_ATOMS, f"no site of the density has Z >= {min_z}", none)
-  species = np.clip(np.rint(z), 1, max_z).astype(np.int32)
+  species = (np.clip(np.rint(z), 1, max_z).astype(np.int32) if composition is None
+             else species_from_composition(z, composition))
   result = _structure(basis, species, site_frac, min_distance)
   atoms = density_fit.images_in_cube(species, site_frac, basis, fit.box, boundary)
   return dataclasses.replace(result, cube_atoms=atoms)

@@ -8,12 +8,13 @@ step; `train_step(state, batch, rng)` is pure and derives its reparameterisation
 import functools
 import math
 import pathlib
+import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from absl import logging
-import flax
+from flax import traverse_util
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
@@ -73,13 +74,32 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
       end_value=config.learning_rate * config.final_learning_rate_fraction)
 
 
+def scale_by_path(lr_mults: Sequence[tuple[str, float]]) -> optax.GradientTransformation:
+  """Multiplies the update of each parameter whose path ("encoder/mean/kernel") matches one of
+  the `(regex, multiplier)` pairs (the first that matches) by its multiplier."""
+  patterns = [(re.compile(pattern), float(multiplier)) for pattern, multiplier in lr_mults]
+
+  def multiplier(path) -> float:
+    name = "/".join(str(getattr(key, "key", key)) for key in path)
+    return next((m for pattern, m in patterns if pattern.search(name)), 1.0)
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(lambda path, u: u * multiplier(path), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Adam on the learning-rate schedule, after clipping the global gradient norm to
-  `grad_clip_norm` (0: no clipping, as in the paper)."""
-  adam = optax.adam(learning_rate_schedule(config))
-  if config.grad_clip_norm <= 0:
-    return adam
-  return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adam)
+  `grad_clip_norm` (0: no clipping, as in the paper), its steps scaled per parameter by
+  `lr_mults`."""
+  transforms = [optax.adam(learning_rate_schedule(config))]
+  if config.grad_clip_norm > 0:
+    transforms.insert(0, optax.clip_by_global_norm(config.grad_clip_norm))
+  if config.lr_mults:
+    transforms.append(scale_by_path(config.lr_mults))
+  return optax.chain(*transforms) if len(transforms) > 1 else transforms[0]
 
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
@@ -92,11 +112,40 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> Tra
   # generator for the model's ~100 parameter tensors several times faster (3 s vs 15 s on CPU).
   params_rng = jax.random.wrap_key_data(jnp.tile(jax.random.key_data(params_rng), 2), impl="rbg")
   condition = jnp.ones((1,), jnp.float32) if config.model.conditional else None
+  composition = (jnp.zeros((1, config.dataset.max_z + 1), jnp.float32)
+                 if config.model.composition_head else None)
   init = jax.jit(functools.partial(model.init, train=False))
-  variables = init(params_rng, density, sample_rng, condition=condition)
+  variables = init(params_rng, density, sample_rng, condition=condition, composition=composition)
   return TrainState.create(apply_fn=model.apply, params=variables["params"],
                            batch_stats=variables["batch_stats"],
                            tx=optimizer(config))
+
+
+def initialised_from(state: TrainState, workdir: str) -> TrainState:
+  """`state` with the parameters and batch statistics it shares (same path and shape) with the
+  latest checkpoint in `workdir`; the others keep their initial values."""
+  manager = checkpoints.checkpoint_manager(workdir, read_only=True)
+  saved_config = checkpoints.restore_config(manager)
+  _, saved = checkpoints.restore_state(
+      manager, jax.eval_shape(lambda: create_train_state(saved_config, jax.random.key(0))))
+  kept = []
+
+  def take(path, initial, saved_values):
+    value = saved_values.get(path)
+    if value is None or value.shape != initial.shape:
+      return initial
+    kept.append(path)
+    return jax.device_put(value, initial.sharding)
+
+  variables = {}
+  for name in ("params", "batch_stats"):
+    saved_values = dict(traverse_util.flatten_dict(getattr(saved, name)))
+    flat = traverse_util.flatten_dict(getattr(state, name))
+    variables[name] = traverse_util.unflatten_dict(
+        {path: take(path, value, saved_values) for path, value in flat.items()})
+  total = len(jax.tree.leaves(state.params)) + len(jax.tree.leaves(state.batch_stats))
+  logging.info("Initialised %d of %d variables from %s", len(kept), total, manager.directory)
+  return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
 
 def voxel_losses(outputs: Mapping[str, jax.Array], batch: Batch,
@@ -130,11 +179,17 @@ def voxel_losses(outputs: Mapping[str, jax.Array], batch: Batch,
     target = jnp.einsum("bij,bkj->bik", batch["lattice"], batch["rotation"])
     terms["lattice_mse"] = jnp.mean(((outputs["lattice"] - target) / config.voxel.box) ** 2,
                                     axis=(-2, -1))
+  if "composition" in outputs:
+    atomic_numbers, atom_mask = batch["atomic_numbers"], batch["atom_mask"]
+    terms["composition_ce"] = losses.composition_cross_entropy(
+        outputs["composition"], atomic_numbers, atom_mask)
+    terms["composition_exact"] = losses.composition_exact(outputs["composition"], atomic_numbers,
+                                                          atom_mask)
   return terms
 
 
 def total_loss(terms: Mapping[str, jax.Array], config: ml_collections.ConfigDict) -> jax.Array:
-  """MSE + β·KL + SEG (+ teacher forcing, + lattice): with the U-Net's input gradient scaled by
+  """MSE + β·KL + SEG (+ teacher forcing, + lattice, + composition): with the U-Net's input gradient scaled by
   γ this is L_VAE for the encoder/decoder and L_UNet for the U-Net (paper §3); SEG is the
   species head's loss (the paper's CE for "classes")."""
   loss = terms["mse"] + config.loss.beta * terms["kl"] + terms["seg"]
@@ -142,6 +197,8 @@ def total_loss(terms: Mapping[str, jax.Array], config: ml_collections.ConfigDict
     loss = loss + config.loss.teacher_forcing * terms["seg_true"]
   if "lattice_mse" in terms:
     loss = loss + config.loss.lattice_weight * terms["lattice_mse"]
+  if "composition_ce" in terms:
+    loss = loss + config.loss.composition_weight * terms["composition_ce"]
   return jnp.mean(loss)
 
 
@@ -168,6 +225,14 @@ def condition_of(batch: Batch, config: ml_collections.ConfigDict) -> jax.Array |
   return jnp.max(batch["density"], axis=(1, 2, 3))
 
 
+def composition_of(batch: Batch, config: ml_collections.ConfigDict) -> jax.Array | None:
+  """The encoder's composition input: each crystal's fraction of atoms per Z (with a head)."""
+  if not config.model.composition_head:
+    return None
+  return losses.composition_fractions(batch["atomic_numbers"], batch["atom_mask"],
+                                      config.dataset.max_z + 1)
+
+
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
                config: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
   """One Adam step on a voxelised batch; pure, so it is jitted over the device mesh."""
@@ -177,7 +242,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
     outputs, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, batch["density"], sample_rng,
         train=True, unet_grad_scale=config.loss.gamma, condition=condition_of(batch, config),
-        teacher_forcing=config.loss.teacher_forcing > 0, mutable=["batch_stats"])
+        composition=composition_of(batch, config), teacher_forcing=config.loss.teacher_forcing > 0, mutable=["batch_stats"])
     terms = voxel_losses(outputs, batch, config)
     return total_loss(terms, config), (terms, updates["batch_stats"])
 
@@ -185,7 +250,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   metrics = summarise(terms, config)
   metrics["loss"] = loss
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   metrics["learning_rate"] = learning_rate_schedule(config)(state.step - 1)
   return state, metrics
 
@@ -197,12 +262,15 @@ def eval_step(state: TrainState, batch: Batch, *, config: ml_collections.ConfigD
   condition = condition_of(batch, config)
 
   def reconstruct(model, density):
-    mean, logvar = model.encode(density, train=False, condition=condition)
+    mean, logvar = model.encode(density, train=False, condition=condition,
+                                composition=composition_of(batch, config))
     recon = model.decode(mean, train=False, condition=condition)
     outputs = {"mean": mean, "logvar": logvar, "recon": recon,
                "segmented": model.segment(recon, train=False)}
     if config.model.lattice_head:
       outputs["lattice"] = model.predict_lattice(mean)
+    if config.model.composition_head:
+      outputs["composition"] = model.predict_composition(mean)
     return outputs
 
   outputs = state.apply_fn(variables, batch["density"], method=reconstruct)
@@ -308,8 +376,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   with jax.set_mesh(mesh):
     state = jax.device_put(create_train_state(config, init_rng), trainer.replicated)
     if manager.latest_step() is not None:
-      state = checkpoints.restore_state(manager, state)
-      logging.info("Resumed from step %d in %s", int(state.step), manager.directory)
+      step, state = checkpoints.restore_state(manager, state)
+      checkpoints.set_aside_newer(manager, step)
+      logging.info("Resumed from step %d in %s", step, manager.directory)
+    elif config.init_from:
+      state = initialised_from(state, config.init_from)
     start_step = int(state.step)
     step_rng = jax.device_put(step_rng, trainer.replicated)
 
@@ -341,6 +412,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                        config.num_train_steps, means["loss"], means["mse"], means["kl"],
                        means["seg"], means["atom_voxel_recall"], means["atom_voxel_accuracy"],
                        steps_per_second, _format_seconds(eta))
+          if "composition_ce" in means:
+            logging.info("  composition: cross-entropy %.4f, exact %.3f", means["composition_ce"],
+                         means["composition_exact"])
         if eval_source is not None and (step % config.eval_every_steps == 0 or is_last):
           eval_metrics = trainer.evaluate(state, eval_source, seed=config.seed)
           writer.write(step, config.eval.split, eval_metrics)

@@ -44,7 +44,7 @@ def main(argv):
   source = checkpoints.checkpoint_manager(_WORKDIR.value, read_only=True)
   config = checkpoints.restore_config(source)
   abstract = jax.eval_shape(lambda: train.create_train_state(config, jax.random.key(0)))
-  state = checkpoints.restore_state(source, abstract)
+  _, state = checkpoints.restore_state(source, abstract)
   state = state.replace(opt_state=jax.tree.map(jnp.zeros_like, state.opt_state))
   if _CONFIG.value is not None:
     if _shapes(_CONFIG.value) != _shapes(config):

@@ -27,7 +27,7 @@ def _train_segmenter(species_head: str, balanced: bool, steps: int, seed: int = 
       jax.random.key(0), spec=SPEC, representation=voxelize.UNIT_CELL, rotate=False,
       random_offset=False, num_images=(1, 1, 1))
   density, species = grids["density"], grids["species"]
-  unet = models.AttentionUNet((4, 8), models.segmenter_channels(species_head, 100), "xla")
+  unet = models.AttentionUNet((4, 8), models.segmenter_channels(species_head, 100), "auto")
   variables = unet.init(jax.random.key(seed), density[:1], train=False)
   optimizer = optax.adam(1e-2)
   loss_of = functools.partial(losses.species_loss, species_head=species_head, balanced=balanced,

@@ -62,3 +62,22 @@ def test_species_grids_of_both_heads():
   np.testing.assert_array_equal(models.species_grid(outputs, "mask_z", 100), [26, 0, 100])
   with pytest.raises(ValueError, match="species head"):
     models.species_grid(outputs, "ordinal", 100)
+
+
+def test_composition_cross_entropy_and_exactness_by_hand():
+  # Cell 0: Sr Ti O O O (Z 38, 22, 8) plus one padding row; cell 1: a single Fe atom.
+  atomic_numbers = np.array([[38, 22, 8, 8, 8, 0], [26, 0, 0, 0, 0, 0]])
+  atom_mask = np.array([[1, 1, 1, 1, 1, 0], [1, 0, 0, 0, 0, 0]], bool)
+  logits = np.zeros((2, 40), np.float32)
+  logits[0, [38, 22, 8]] = np.log([1.0, 1.0, 3.0]) + 10.0  # exactly the cell's fractions
+  logits[1, 26] = np.log(19.5)  # p(Fe) = 19.5 / (19.5 + 39 others) = 1 / 3
+  fractions = np.asarray(losses.composition_fractions(atomic_numbers, atom_mask, 40))
+  np.testing.assert_allclose(fractions[0, [38, 22, 8]], [0.2, 0.2, 0.6])
+  assert fractions[0].sum() == pytest.approx(1.0) and fractions[1, 26] == 1.0
+  ce = np.asarray(losses.composition_cross_entropy(jnp.asarray(logits), atomic_numbers, atom_mask))
+  p = np.exp(10.0) * np.array([1.0, 1.0, 3.0]) / (np.exp(10.0) * 5.0 + 37.0)
+  np.testing.assert_allclose(ce, [-(0.2 * np.log(p[0]) + 0.2 * np.log(p[1]) + 0.6 * np.log(p[2])),
+                                  -np.log(1 / 3)], rtol=1e-5)
+  # Cell 0 rounds to 1 Sr, 1 Ti, 3 O; cell 1: 1/3 of an Fe atom is not within 0.5 of 1 atom.
+  exact = losses.composition_exact(jnp.asarray(logits), atomic_numbers, atom_mask)
+  assert np.asarray(exact).tolist() == [True, False]

@@ -169,3 +169,17 @@ def test_cif_round_trip_and_invalid_list(tmp_path):
   with open(tmp_path / "invalid.csv", newline="") as handle:
     rows = list(csv.DictReader(handle))
   assert [(row["id"], row["reason"]) for row in rows] == [("empty", reconstruction.NO_ATOMS)]
+
+
+def test_composition_counts_and_site_assignment_by_hand():
+  fractions = np.zeros(40)
+  fractions[[3, 8]] = [1 / 3, 2 / 3]  # Li O2 over 4 sites: 1.33, 2.67 -> 1 Li, 3 O
+  np.testing.assert_array_equal(reconstruction.composition_counts(fractions, 4)[[3, 8]], [1, 3])
+  fractions[0] = 0.5  # "no atom" is never an element: the rest are renormalised
+  np.testing.assert_array_equal(reconstruction.composition_counts(fractions, 3)[[0, 3, 8]],
+                                [0, 1, 2])
+  ga_as_o2f = np.zeros(40)
+  ga_as_o2f[[31, 33, 8, 9]] = [0.2, 0.2, 0.4, 0.2]
+  # Sites in order of fitted Z: 9, 9.5, 10 (anions), 29, 35 -> O, O, F, Ga, As.
+  species = reconstruction.species_from_composition([29.0, 9.0, 35.0, 10.0, 9.5], ga_as_o2f)
+  np.testing.assert_array_equal(species, [31, 8, 33, 9, 8])

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from pymatgen.core import Lattice
 
 from conftest import tiny_config
 from crystal_vae import checkpoints
+from crystal_vae import datasets
 from crystal_vae import default_config
 from crystal_vae import inference
 from crystal_vae import input_pipeline
@@ -217,7 +219,7 @@ def test_export_keeps_the_model_and_drops_the_adam_moments(trained_workdir, tmp_
   manager = checkpoints.checkpoint_manager(out, read_only=True)
   config = checkpoints.restore_config(manager)
   abstract = jax.eval_shape(lambda: train.create_train_state(config, jax.random.key(0)))
-  state = checkpoints.restore_state(manager, abstract)
+  _, state = checkpoints.restore_state(manager, abstract)
   assert int(state.step) == 4 and manager.all_steps() == [4]
   assert all(not np.any(leaf) for leaf in jax.tree.leaves(state.opt_state))
   assert (out / "metrics.jsonl").read_text() == (trained_workdir / "metrics.jsonl").read_text()
@@ -247,3 +249,84 @@ def test_a_config_saved_before_a_field_existed_restores_with_its_default(tmp_pat
   assert restored.eval.atoms_from == default_config.get_config("repeat").eval.atoms_from
   assert restored.loss.beta == 1e-5 and restored.eval.min_site_z == config.eval.min_site_z
   assert restored.model.decoder_kernels == config.model.decoder_kernels
+
+
+def test_composition_loss_is_added_with_its_weight(tfds_dir):
+  config = tiny_config(tfds_dir)
+  config.model.composition_head = True
+  config.loss.composition_weight = 0.25
+  zeros = np.zeros((1, 2, 2, 2), np.float32)
+  logits = np.zeros((1, config.dataset.max_z + 1), np.float32)
+  outputs = {"recon": jnp.asarray(zeros), "mean": jnp.zeros((1, 2)), "logvar": jnp.zeros((1, 2)),
+             "segmented": jnp.zeros((1, 2, 2, 2, 2)), "composition": jnp.asarray(logits)}
+  batch = {"density": zeros, "species": zeros.astype(np.int32),
+           "atomic_numbers": np.array([[26, 8, 0]]), "atom_mask": np.array([[True, True, False]])}
+  terms = train.voxel_losses(outputs, batch, config)
+  # Uniform logits: cross-entropy log(max_z + 1) whatever the target fractions.
+  np.testing.assert_allclose(terms["composition_ce"], [np.log(config.dataset.max_z + 1)],
+                             rtol=1e-6)
+  np.testing.assert_allclose(
+      train.total_loss(terms, config),
+      terms["mse"][0] + config.loss.beta * terms["kl"][0] + terms["seg"][0]
+      + 0.25 * terms["composition_ce"][0], rtol=1e-6)
+
+
+def test_a_head_added_to_a_trained_model_starts_from_its_weights(trained_workdir, tfds_dir):
+  config = tiny_config(tfds_dir)
+  config.model.composition_head = True
+  state = train.initialised_from(train.create_train_state(config, jax.random.key(1)),
+                                 str(trained_workdir))
+  params, trained = jax.device_get(state.params), _params(trained_workdir)
+  head = params.pop("composition")
+  composition_in = [params["encoder"].pop(name) for name in ("composition_mean",
+                                                             "composition_logvar")]
+  _assert_trees_close(params, trained, rtol=0, atol=0)
+  assert head["Dense_2"]["kernel"].shape[-1] == config.dataset.max_z + 1
+  # The encoder's composition input starts at zero: the trained latent is unchanged.
+  assert all(not np.any(layer["kernel"]) for layer in composition_in)
+  model = inference.TrainedModel(config, {"params": state.params,
+                                          "batch_stats": state.batch_stats})
+  grids = model.voxelize([datasets.record_to_crystal(datasets.split_source(config.dataset,
+                                                                           "train")[0])])
+  with pytest.raises(ValueError, match="composition"):
+    model.encode(grids["density"])
+  mean, _ = model.encode(grids["density"], composition=grids["composition"])
+  trained_mean, _ = inference.TrainedModel.restore(trained_workdir).encode(grids["density"])
+  np.testing.assert_allclose(mean, trained_mean, rtol=1e-5, atol=1e-6)
+  decoded = model.decode(mean)
+  np.testing.assert_allclose(decoded["composition"].sum(axis=-1), [1.0], rtol=1e-5)
+  assert len(model.to_crystals(decoded)) == 1
+
+
+def test_lr_mults_scale_the_steps_of_matching_parameters(tfds_dir):
+  config = tiny_config(tfds_dir)
+  config.learning_rate = 0.1
+  config.lr_mults = (("composition", 10.0), ("encoder/mean", 0.5))
+  params = {"composition": {"kernel": jnp.zeros(2)},
+            "encoder": {"mean": {"kernel": jnp.zeros(1)}, "logvar": {"kernel": jnp.zeros(1)}}}
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = train.optimizer(config)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # Adam's first step is lr · g / (|g| + eps) ≈ lr per parameter.
+  np.testing.assert_allclose(updates["composition"]["kernel"], [-1.0, -1.0], rtol=1e-4)
+  np.testing.assert_allclose(updates["encoder"]["mean"]["kernel"], [-0.05], rtol=1e-4)
+  np.testing.assert_allclose(updates["encoder"]["logvar"]["kernel"], [-0.1], rtol=1e-4)
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(trained_workdir, tfds_dir,
+                                                                      tmp_path, caplog):
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_workdir, workdir)
+  for data in (workdir / "checkpoints" / "4" / "state").rglob("d/*"):
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+  # A save killed before its commit leaves only orbax's temporary directory: never a step.
+  (workdir / "checkpoints" / "6.orbax-checkpoint-tmp-1").mkdir()
+  model = inference.TrainedModel.restore(workdir)
+  step_2 = inference.TrainedModel.restore(trained_workdir, step=2).variables["params"]
+  _assert_trees_close(jax.device_get(model.variables["params"]), jax.device_get(step_2),
+                      rtol=0, atol=0)
+  assert "checkpoint 4 in" in caplog.text and "does not restore, skipped" in caplog.text
+  # Training resumes from step 2, sets the broken step 4 aside and ends as the uninterrupted run.
+  train.train_and_evaluate(tiny_config(tfds_dir), str(workdir))
+  _assert_trees_close(_params(workdir), _params(trained_workdir), rtol=0, atol=0)
+  assert (workdir / "checkpoints" / "4.unrestorable").is_dir()

@@ -1,0 +1,29 @@
+"""The command line: mistakes in what the user gives end with one line, not a traceback."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--config.num_train_step=10"],
+     "error: the config has no field 'num_train_step'. Did you mean \"num_train_steps\""),
+    (["--mode=sample"], "error: no checkpoint in "),
+    (["--config.dataset.name=cif_dir", "--config.dataset.path={tmp}/no_such_folder"],
+     "error: no such directory: "),
+])
+def test_mistakes_end_in_one_line(arguments, message, tmp_path):
+  arguments = [argument.format(tmp=tmp_path) for argument in arguments]
+  result = subprocess.run(
+      [sys.executable, "-m", "crystal_vae.main", f"--config={REPO}/configs/repeat.py:quick",
+       f"--workdir={tmp_path / 'run'}", *arguments],
+      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      timeout=300, check=False)
+  assert result.returncode == 1
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-2000:]
