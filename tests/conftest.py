@@ -1,9 +1,14 @@
 """Shared fixtures: a tiny training config over the embedded prototypes dataset."""
 
 import os
+import tempfile
 
 # Tests run on the CPU; several tests need more than one (virtual) device.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests train the same tiny models, in the pytest workers and in subprocesses (which inherit
+# this): JAX's persistent cache compiles each computation once per machine, not once per test.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"crystal_vae_tests_jax_cache_{os.getuid()}"))
 
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
