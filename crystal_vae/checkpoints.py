@@ -1,5 +1,6 @@
 """Orbax checkpoints holding the train state and the config it was trained with."""
 
+import contextlib
 import pathlib
 from typing import Any
 
@@ -19,10 +20,36 @@ def checkpoint_manager(workdir: str | pathlib.Path, *, max_to_keep: int = 3,
   return ocp.CheckpointManager(directory, options=options, item_names=("state", "config"))
 
 
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (e.g. a full disk); the complete ones are intact."""
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
          config: ml_collections.ConfigDict) -> None:
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                             config=ocp.args.JsonSave(config.to_dict())))
+  """Starts writing checkpoint `step` in the background (an earlier write's failure surfaces
+  here or in `wait_until_written` as `CheckpointWriteError`)."""
+  with _write_errors(manager):
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               config=ocp.args.JsonSave(config.to_dict())))
+
+
+def wait_until_written(manager: ocp.CheckpointManager) -> None:
+  """Waits for the checkpoint being written; raises `CheckpointWriteError` if it failed."""
+  with _write_errors(manager):
+    manager.wait_until_finished()
+
+
+@contextlib.contextmanager
+def _write_errors(manager: ocp.CheckpointManager):
+  try:
+    yield
+  except Exception as error:  # pylint: disable=broad-exception-caught
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    manager.reload()
+    raise CheckpointWriteError(
+        f"could not write a checkpoint in {manager.directory}: {reason}. The newest complete"
+        f" checkpoint ({manager.latest_step()}) is intact: make room and run the same command to"
+        " resume from it") from error
 
 
 def restore_config(manager: ocp.CheckpointManager, step: int | None = None

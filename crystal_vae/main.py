@@ -16,6 +16,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from crystal_vae import checkpoints
 from crystal_vae import conditional
 from crystal_vae import crystals
 from crystal_vae import discriminator
@@ -45,16 +46,21 @@ flags.mark_flags_as_required(["workdir"])
 
 
 class _QuietLibraries(python_logging.Filter):
-  """Drops the INFO chatter of orbax and TFDS so that the progress lines stay readable."""
+  """Drops the INFO chatter of orbax and TFDS, and the tracebacks of orbax's background threads
+  (their one-line messages stay; a failed save ends in `CheckpointWriteError`), so that the
+  progress lines and errors stay readable."""
 
   def filter(self, record: python_logging.LogRecord) -> bool:
     noisy = any(name in record.pathname for name in ("orbax", "tensorflow_datasets"))
+    if noisy and record.exc_info:
+      record.exc_info, record.exc_text = None, None
     return record.levelno >= python_logging.WARNING or not noisy
 
 
 # Errors in what the user gave (a missing file, folder or checkpoint; a crystal that cannot be
-# voxelised) end the run with one line, not a traceback.
-_INPUT_ERRORS = (FileNotFoundError, NotADirectoryError, crystals.RejectedCrystal)
+# voxelised) or in writing a checkpoint (a full disk) end the run with one line, not a traceback.
+_ONE_LINE_ERRORS = (FileNotFoundError, NotADirectoryError, crystals.RejectedCrystal,
+                    checkpoints.CheckpointWriteError)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -82,7 +88,7 @@ def main(argv):
                jax.devices())
   try:
     MODES[FLAGS.mode](FLAGS.config or saved_config.get_config(FLAGS.workdir), FLAGS.workdir)
-  except _INPUT_ERRORS as error:
+  except _ONE_LINE_ERRORS as error:
     raise SystemExit(f"error: {error}") from None
 
 

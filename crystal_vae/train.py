@@ -427,7 +427,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           if jax.process_index() == 0:
             learning_curves.draw(workdir)
     finally:  # an interrupted run still finishes writing its last checkpoint
-      manager.wait_until_finished()
+      checkpoints.wait_until_written(manager)
       writer.close()
   return state
 

@@ -330,3 +330,22 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(trained_wo
   train.train_and_evaluate(tiny_config(tfds_dir), str(workdir))
   _assert_trees_close(_params(workdir), _params(trained_workdir), rtol=0, atol=0)
   assert (workdir / "checkpoints" / "4.unrestorable").is_dir()
+
+
+def test_a_failed_checkpoint_write_stops_with_the_last_one_intact(trained_workdir, tfds_dir,
+                                                                  tmp_path, monkeypatch):
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_workdir, workdir)
+
+  def full_disk(*args, **kwargs):
+    raise ValueError('RESOURCE_EXHAUSTED: Error writing "params.decoder": Failed writing')
+
+  monkeypatch.setattr(checkpoints.ocp.CheckpointManager, "save", full_disk)
+  config = tiny_config(tfds_dir)
+  config.num_train_steps = 6
+  with pytest.raises(checkpoints.CheckpointWriteError,
+                     match=r"RESOURCE_EXHAUSTED.*newest complete checkpoint \(4\) is intact"):
+    train.train_and_evaluate(config, str(workdir))
+  monkeypatch.undo()
+  assert checkpoints.checkpoint_manager(workdir, read_only=True).all_steps() == [2, 4]
+  _assert_trees_close(_params(workdir), _params(trained_workdir), rtol=0, atol=0)
