@@ -44,12 +44,11 @@ def _write_errors(manager: ocp.CheckpointManager):
   try:
     yield
   except Exception as error:  # pylint: disable=broad-exception-caught
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
     manager.reload()
     raise CheckpointWriteError(
-        f"could not write a checkpoint in {manager.directory}: {reason}. The newest complete"
-        f" checkpoint ({manager.latest_step()}) is intact: make room and run the same command to"
-        " resume from it") from error
+        f"could not write a checkpoint in {manager.directory}: {_first_line(error)}. The newest"
+        f" complete checkpoint ({manager.latest_step()}) is intact: make room and run the same"
+        " command to resume from it") from error
 
 
 def restore_config(manager: ocp.CheckpointManager, step: int | None = None
@@ -104,10 +103,15 @@ def _restore(manager: ocp.CheckpointManager, step: int | None, args: Any) -> tup
     try:
       return step, manager.restore(step, args=args)
     except Exception as error:  # pylint: disable=broad-exception-caught
-      reason = (str(error).strip().splitlines() or [""])[0].split(" See full")[0]
       logging.warning("checkpoint %d in %s does not restore, skipped: %s: %s", step,
-                      manager.directory, type(error).__name__, reason[:200])
+                      manager.directory, type(error).__name__, _first_line(error))
   raise RuntimeError(f"no checkpoint in {manager.directory} restores (tried {steps})")
+
+
+def _first_line(error: Exception) -> str:
+  """The first line of an orbax / tensorstore error, without its pointer to more details."""
+  lines = str(error).strip().splitlines() or [type(error).__name__]
+  return lines[0].split(" See full")[0][:300]
 
 
 def _lists_to_tuples(value: Any) -> Any:

@@ -114,7 +114,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
   logging.info("wrote %s: %s", out_dir, json.dumps(results, sort_keys=True))
   print(f"Evaluation of {len(ids)} {split} crystals written to {out_dir}")
   for key in ("match_rate", "framework_match_rate", "rms_dist", "valid_rate",
-              "cell_atom_count_exact", "composition_exact", "atom_count_exact", "atom_count_within_2", "species_exact",
+              "cell_atom_count_exact", "composition_exact", "atom_count_exact",
+              "atom_count_within_2", "species_exact",
               "distance_true_to_predicted_p50", "distance_predicted_to_true_p50", "voxel_mse_mean"):
     if key in results:
       print(f"  {key}: {results[key]:.4f}")

@@ -394,8 +394,9 @@ class CrystalVAE(nn.Module):
   With `teacher_forcing` the U-Net also segments the true density (`segmented_true`), so it
   learns from clean input while the decoder is still poor. The lattice head reads z. With
   `composition_head` the encoder also reads the crystal's composition (fractions per Z) and a
-  head reads it back from the latent (the mean in training, z when decoding), so that the latent carries the elements, which the blurred decoded
-  density cannot tell apart (its peaks give Z only to a few units).
+  head reads it back from the latent (the mean in training, z when decoding), so that the
+  latent carries the elements, which the blurred decoded density cannot tell apart (its peaks
+  give Z only to a few units).
   """
 
   grid: int

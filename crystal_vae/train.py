@@ -189,9 +189,9 @@ def voxel_losses(outputs: Mapping[str, jax.Array], batch: Batch,
 
 
 def total_loss(terms: Mapping[str, jax.Array], config: ml_collections.ConfigDict) -> jax.Array:
-  """MSE + β·KL + SEG (+ teacher forcing, + lattice, + composition): with the U-Net's input gradient scaled by
-  γ this is L_VAE for the encoder/decoder and L_UNet for the U-Net (paper §3); SEG is the
-  species head's loss (the paper's CE for "classes")."""
+  """MSE + β·KL + SEG (+ teacher forcing, + lattice, + composition): with the U-Net's input
+  gradient scaled by γ this is L_VAE for the encoder/decoder and L_UNet for the U-Net (paper §3);
+  SEG is the species head's loss (the paper's CE for "classes")."""
   loss = terms["mse"] + config.loss.beta * terms["kl"] + terms["seg"]
   if "seg_true" in terms:
     loss = loss + config.loss.teacher_forcing * terms["seg_true"]
@@ -242,7 +242,8 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
     outputs, updates = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, batch["density"], sample_rng,
         train=True, unet_grad_scale=config.loss.gamma, condition=condition_of(batch, config),
-        composition=composition_of(batch, config), teacher_forcing=config.loss.teacher_forcing > 0, mutable=["batch_stats"])
+        composition=composition_of(batch, config),
+        teacher_forcing=config.loss.teacher_forcing > 0, mutable=["batch_stats"])
     terms = voxel_losses(outputs, batch, config)
     return total_loss(terms, config), (terms, updates["batch_stats"])
 

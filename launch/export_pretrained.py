@@ -53,7 +53,7 @@ def main(argv):
   step = int(state.step)
   target = checkpoints.checkpoint_manager(out, max_to_keep=1)
   checkpoints.save(target, step, state, config)
-  target.wait_until_finished()
+  checkpoints.wait_until_written(target)
   shutil.copy(pathlib.Path(_WORKDIR.value) / "metrics.jsonl", out / "metrics.jsonl")
   learning_curves.draw(out)
   size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
