@@ -79,6 +79,15 @@ def restore_state(manager: ocp.CheckpointManager, abstract_state: Any, step: int
   return step, restored.state
 
 
+def restore_variables(manager: ocp.CheckpointManager, abstract_variables: Any,
+                      step: int | None = None) -> Any:
+  """The model's variables alone (`params`, `batch_stats`, in `abstract_variables`' layout) from
+  the state of checkpoint `step` (default: the newest that restores), without the optimiser."""
+  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_variables)
+  return _restore(manager, step, ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      abstract_variables, restore_args=restore_args, partial_restore=True)))[1].state
+
+
 def set_aside_newer(manager: ocp.CheckpointManager, step: int) -> None:
   """Renames the checkpoints newer than `step` (ones that did not restore) to
   `<step>.unrestorable`, so that the run can save those steps again; their files are kept."""

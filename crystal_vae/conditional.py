@@ -134,10 +134,9 @@ def plot_report(targets: np.ndarray, maxima: np.ndarray, decoded: list[dict[str,
   plt.close(figure)
 
 
-def conditional(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+def conditional(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
+                out_dir: pathlib.Path) -> dict:
   """`--mode=conditional`: see the module docstring."""
-  settings = config.conditional
-  model = inference.TrainedModel.restore(workdir)
   targets = targets_of(settings)
   z = generation.random_latents(settings.num_samples, model.config.model.latent_dim,
                                 settings.seed)
@@ -146,8 +145,7 @@ def conditional(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) 
   results = {"num_samples": settings.num_samples, "seed": settings.seed,
              **target_report(targets, maxima),
              "geometry": geometry_report(model, decoded, len(targets) // 2,
-                                         config.eval.min_component_size)}
-  out_dir = pathlib.Path(workdir) / "conditional"
+                                         model.config.eval.min_component_size)}
   out_dir.mkdir(parents=True, exist_ok=True)
   plot_report(targets, maxima, decoded, model, out_dir / "conditional.png")
   generation.write_json(out_dir / "summary.json", results)

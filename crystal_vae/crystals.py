@@ -15,7 +15,8 @@ import io
 import math
 import pathlib
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from pymatgen.core import DummySpecies, Lattice, Structure
@@ -27,7 +28,15 @@ NO_ATOMS = "no_atoms"
 Z_ABOVE_MAX = "z_above_max"
 CELL_TOO_LARGE = "cell_too_large"
 TOO_MANY_ATOMS = "too_many_atoms"
-REASONS = (UNPARSABLE, DISORDERED, NO_ATOMS, Z_ABOVE_MAX, CELL_TOO_LARGE, TOO_MANY_ATOMS)
+DEGENERATE_CELL = "degenerate_cell"
+ATOMS_TOO_CLOSE = "atoms_too_close"
+REASONS = (UNPARSABLE, DISORDERED, NO_ATOMS, Z_ABOVE_MAX, CELL_TOO_LARGE, TOO_MANY_ATOMS,
+           DEGENERATE_CELL, ATOMS_TOO_CLOSE)
+
+# No real crystal has lattice planes closer than this (Å; the shortest lattice vector is at least
+# as long), or two atoms closer than CDVAE's structural-validity distance.
+MIN_PLANE_SPACING = 1.0
+MIN_ATOM_DISTANCE = 0.5
 
 
 class RejectedCrystal(ValueError):
@@ -77,6 +86,7 @@ def crystal_from_structure(structure: Structure, crystal_id: str,
   if not structure.is_ordered:
     raise RejectedCrystal(crystal_id, DISORDERED,
                           "a site has partial occupancy or mixed species")
+  _check_geometry(structure, crystal_id)
   longest = max(structure.lattice.abc)
   if not longest < limits.box:
     raise RejectedCrystal(crystal_id, CELL_TOO_LARGE,
@@ -101,6 +111,34 @@ def crystal_from_structure(structure: Structure, crystal_id: str,
                  frac_coords=frac.astype(np.float64),
                  atomic_numbers=numbers,
                  properties=dict(properties or {}))
+
+
+def _check_geometry(structure: Structure, crystal_id: str) -> None:
+  """Rejects a cell that is flat, left-handed (a negative length) or not finite, and atoms that
+  overlap (periodic images included)."""
+  matrix = structure.lattice.matrix
+  parameters = ", ".join(f"{value:.4g}" for value in structure.lattice.parameters)
+  if not np.all(np.isfinite(matrix)) or np.linalg.det(matrix) <= 0.0:
+    raise RejectedCrystal(crystal_id, DEGENERATE_CELL,
+                          f"the cell (a, b, c, α, β, γ = {parameters}) has no positive volume: "
+                          "a negative or zero length, or vectors in one plane")
+  volume = abs(np.linalg.det(matrix))
+  spacing = min(volume / np.linalg.norm(np.cross(matrix[i - 2], matrix[i - 1]))
+                for i in range(3))
+  if spacing < MIN_PLANE_SPACING:
+    raise RejectedCrystal(crystal_id, DEGENERATE_CELL,
+                          f"lattice planes {spacing:.4g} Å apart (< {MIN_PLANE_SPACING} Å; "
+                          f"a, b, c, α, β, γ = {parameters})")
+  if len(structure) > 1:
+    distances = structure.distance_matrix
+    np.fill_diagonal(distances, np.inf)
+    first, second = np.unravel_index(np.argmin(distances), distances.shape)
+    if distances[first, second] < MIN_ATOM_DISTANCE:
+      raise RejectedCrystal(
+          crystal_id, ATOMS_TOO_CLOSE,
+          f"sites {first} ({structure[first].specie}) and {second} ({structure[second].specie}) "
+          f"are {distances[first, second]:.4g} Å apart (periodic minimum; < "
+          f"{MIN_ATOM_DISTANCE} Å)")
 
 
 def structure_from_cif(cif_text: str, crystal_id: str) -> Structure:
@@ -133,6 +171,39 @@ def read_cif_file(path: str | pathlib.Path, limits: CrystalLimits = CrystalLimit
   except (OSError, UnicodeDecodeError) as error:
     raise RejectedCrystal(str(path), UNPARSABLE, f"cannot read the file: {error}") from error
   return crystal_from_cif(text, path.stem, limits)
+
+
+def pad_crystal(crystal_or_record: Crystal | Mapping[str, Any],
+                max_atoms: int) -> dict[str, np.ndarray]:
+  """One crystal as `lattice`, `frac_coords`, `atomic_numbers`, `atom_mask` padded to max_atoms."""
+  if isinstance(crystal_or_record, Crystal):
+    lattice = crystal_or_record.lattice
+    frac_coords = crystal_or_record.frac_coords
+    atomic_numbers = crystal_or_record.atomic_numbers
+  else:
+    lattice = crystal_or_record["lattice"]
+    frac_coords = crystal_or_record["frac_coords"]
+    atomic_numbers = crystal_or_record["atomic_numbers"]
+  num_atoms = len(atomic_numbers)
+  if num_atoms > max_atoms:
+    raise ValueError(f"a crystal has {num_atoms} atoms > max_atoms={max_atoms}; build the "
+                     "dataset with the same max_atoms as the pipeline")
+  padded = {
+      "lattice": np.asarray(lattice, dtype=np.float32).reshape(3, 3),
+      "frac_coords": np.zeros((max_atoms, 3), np.float32),
+      "atomic_numbers": np.zeros((max_atoms,), np.int32),
+      "atom_mask": np.arange(max_atoms) < num_atoms,
+  }
+  padded["frac_coords"][:num_atoms] = np.asarray(frac_coords).reshape(-1, 3)
+  padded["atomic_numbers"][:num_atoms] = atomic_numbers
+  return padded
+
+
+def stack_crystals(structures: Sequence[Crystal], max_atoms: int = 0) -> dict[str, np.ndarray]:
+  """A batch of crystals padded to max(max_atoms, their largest atom count)."""
+  max_atoms = max([max_atoms] + [crystal.num_atoms for crystal in structures])
+  padded = [pad_crystal(crystal, max_atoms) for crystal in structures]
+  return {key: np.stack([p[key] for p in padded]) for key in padded[0]}
 
 
 def numeric_properties(row: Mapping[str, str], exclude: Iterable[str]) -> dict[str, float]:

@@ -58,6 +58,9 @@ def get_config(representation: str, arg: str | None = None) -> ml_collections.Co
   config.loss.balanced = False  # average the species loss over atom and empty voxels apart.
   config.loss.z_weight = 0.1  # species_head "mask_z": weight of the Z / 10 regression.
   config.loss.teacher_forcing = 0.0  # weight of the U-Net's loss on the TRUE density.
+  # Weight of the squared Z error the decoded density implies at the atom voxels
+  # (losses.site_z_error): the voxel MSE of a species one unit of Z off is ~2e-5 per atom.
+  config.loss.site_z_weight = 0.0
   config.loss.lattice_weight = 0.01  # unit_cell only: MSE (÷ box²) of the predicted oriented lattice.
   config.loss.composition_weight = 0.1  # model.composition_head: weight of its cross-entropy.
 

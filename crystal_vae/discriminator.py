@@ -171,17 +171,16 @@ def plot_scores(scores: dict[str, np.ndarray], losses: np.ndarray, path: pathlib
   plt.close(figure)
 
 
-def discriminate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+def discriminate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
+                 out_dir: pathlib.Path) -> dict:
   """`--mode=discriminator`: see the module docstring."""
-  settings = config.discriminator
-  model = inference.TrainedModel.restore(workdir)
-  train_crystals = generation.training_crystals(config, settings.num_real, settings.seed)
+  train_crystals = generation.training_crystals(model.config, settings.num_real, settings.seed)
   real_latents, real_conditions = generation.encode_crystals(model, train_crystals,
                                                              settings.batch_size)
   trainer = Trainer(model, settings)
   params, losses = trainer.train(real_latents, real_conditions)
 
-  source = datasets.split_source(config.dataset, config.eval.split)
+  source = datasets.split_source(model.config.dataset, model.config.eval.split)
   eval_crystals = [datasets.record_to_crystal(source[i])
                    for i in range(min(settings.num_eval, len(source)))]
   eval_latents, eval_conditions = generation.encode_crystals(model, eval_crystals,
@@ -201,13 +200,13 @@ def discriminate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
   }
   window = max(1, min(settings.log_every_steps, losses.size))
   results = {"loss": settings.loss, "num_train_steps": settings.num_train_steps,
-             "num_real": len(train_crystals), "num_eval": num, "eval_split": config.eval.split,
+             "num_real": len(train_crystals), "num_eval": num,
+             "eval_split": model.config.eval.split,
              "ood_scale": settings.ood_scale,
              "loss_first": float(losses[:window].mean()),
              "loss_last": float(losses[-window:].mean()),
              **{f"{name}_mean": float(values.mean()) for name, values in scores.items()},
              **{f"{name}_std": float(values.std()) for name, values in scores.items()}}
-  out_dir = pathlib.Path(workdir) / "discriminator"
   out_dir.mkdir(parents=True, exist_ok=True)
   save_params(params, out_dir / "params")
   plot_scores(scores, losses, out_dir / "scores.png")

@@ -36,32 +36,33 @@ def _primitive_count(structure) -> int:
   return len(structure.get_primitive_structure())
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
-  """Evaluates the latest checkpoint in `workdir` on `config.eval.split` of `config.dataset`.
+def out_dir_name(settings: ml_collections.ConfigDict) -> str:
+  """Where under the workdir's `eval/` a split's evaluation is written."""
+  return f"{settings.split}-oracle" if settings.oracle else settings.split
 
-  The model (and its representation and grid) come from the checkpoint's own config; the dataset
-  and the `eval` settings from `config`. The oracle uses `config` alone and needs no checkpoint.
+
+def evaluate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
+             out_dir: pathlib.Path) -> dict[str, float]:
+  """`--mode=evaluate`: reconstructs `settings.split` of the model's dataset and measures it.
+
+  With `settings.oracle` the TRUE grids are post-processed (the model needs no variables).
   """
   start = time.time()
-  # The oracle needs no trained weights: only the representation and grid of `config`.
-  model = (inference.TrainedModel(config, variables=None) if config.eval.oracle
-           else inference.TrainedModel.restore(workdir))
-  split = config.eval.split
+  config = model.config
+  split = settings.split
   source = datasets.split_source(config.dataset, split)
   count = len(source)
-  if config.eval.num_batches > 0:
-    count = min(count, config.eval.num_batches * config.eval.batch_size)
-  name = f"{split}-oracle" if config.eval.oracle else split
-  out_dir = pathlib.Path(workdir) / "eval" / name
+  if settings.num_batches > 0:
+    count = min(count, settings.num_batches * settings.batch_size)
 
   comparisons, voxel_errors, predicted, true, ids = [], [], [], [], []
   compositions_exact = []
-  for begin in range(0, count, config.eval.batch_size):
+  for begin in range(0, count, settings.batch_size):
     batch = [datasets.record_to_crystal(source[i])
-             for i in range(begin, min(begin + config.eval.batch_size, count))]
+             for i in range(begin, min(begin + settings.batch_size, count))]
     grids = model.voxelize(batch, seed=config.seed)
-    true_atoms = model.atoms(grids, config.eval.min_component_size)
-    if config.eval.oracle:
+    true_atoms = model.atoms(grids, settings.min_component_size)
+    if settings.oracle:
       decoded = dict(grids)
       if model.config.representation == "unit_cell":
         decoded["lattice"] = np.stack([c.lattice for c in batch])  # unrotated at evaluation
@@ -69,7 +70,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
     else:
       mean, _ = model.encode(grids["density"], composition=grids["composition"])
       decoded = model.decode(mean, condition=model.condition(grids["density"]))
-      decoded_atoms = model.atoms(decoded, config.eval.min_component_size)
+      decoded_atoms = model.atoms(decoded, settings.min_component_size)
       voxel_errors.append(metrics.voxel_mse(decoded["density"], grids["density"]))
       if "composition" in decoded:  # the composition head's counts for the true number of atoms
         compositions_exact += [
@@ -89,7 +90,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
     logging.info("evaluated %d/%d", len(ids), count)
 
   structures = [r.structure if r.valid else None for r in predicted]
-  results = {"split": split, "oracle": bool(config.eval.oracle), "num_samples": len(ids),
+  results = {"split": split, "oracle": bool(settings.oracle), "num_samples": len(ids),
              **metrics.atom_metrics(comparisons), **metrics.match_metrics(structures, true)}
   cell_counts_exact = [s is not None and _primitive_count(s) == _primitive_count(t)
                        for s, t in zip(structures, true)]

@@ -1,8 +1,8 @@
 """Generation with a trained model: random draws, latent interpolation and latent traversal.
 
-Three `--mode`s, each a function `(config, workdir)` that restores the latest checkpoint of
-`workdir` (the model, representation and grid come from the checkpoint's config; the dataset and
-the mode's settings from `config`) and writes under `workdir/<mode>/`:
+Three `--mode`s, each `(model, settings, out_dir) -> summary` like every mode (main.py): the
+restored model (its config decides representation, grid and dataset), the mode's own settings
+(`config.<mode>`) and the folder it writes (`workdir/<mode>/`):
 
 * `sample` (paper §4.4, Fig. 9): `config.sample.num` latents z ~ N(0, 1) · temperature from
   `config.sample.seed`, decoded, segmented and rebuilt into crystals. Writes `cifs/` (+
@@ -453,16 +453,14 @@ def generate(model: inference.TrainedModel, num: int, seed: int, temperature: fl
   return z, grids, to_crystals(model, grids, min_size)
 
 
-def sample(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+def sample(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
+           out_dir: pathlib.Path) -> dict:
   """`--mode=sample`: random draws from the prior; see the module docstring."""
-  settings = config.sample
-  model = inference.TrainedModel.restore(workdir)
-  out_dir = pathlib.Path(workdir) / "sample"
-  train_crystals = training_crystals(config, settings.num_train_structures, settings.seed)
+  train_crystals = training_crystals(model.config, settings.num_train_structures, settings.seed)
   condition = draw_conditions(model, settings.num, settings.seed, train_crystals)
   _, grids, rebuilt = generate(model, settings.num, settings.seed, settings.temperature,
                                condition=condition, batch_size=settings.batch_size,
-                               min_size=config.eval.min_component_size)
+                               min_size=model.config.eval.min_component_size)
   ids = [f"sample_{index:04d}" for index in range(settings.num)]
   counts = write_cifs(rebuilt, ids, out_dir / "cifs")
   reference = [crystal.to_structure() for crystal in train_crystals]
@@ -521,14 +519,12 @@ def interpolation(model: inference.TrainedModel, start: crystals.Crystal, end: c
   return results
 
 
-def interpolate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+def interpolate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
+                out_dir: pathlib.Path) -> dict:
   """`--mode=interpolate`: see the module docstring."""
-  settings = config.interpolate
-  model = inference.TrainedModel.restore(workdir)
-  start = load_crystal(settings.start, config, 0)
-  end = load_crystal(settings.end, config, 1)
-  out_dir = pathlib.Path(workdir) / "interpolate"
-  paths = interpolation(model, start, end, settings.steps, config.eval.min_component_size)
+  start = load_crystal(settings.start, model.config, 0)
+  end = load_crystal(settings.end, model.config, 1)
+  paths = interpolation(model, start, end, settings.steps, model.config.eval.min_component_size)
   results = {"start": start.id, "end": end.id, "steps": settings.steps}
   for method, (_, rebuilt) in paths.items():
     ids = [f"step_{step:02d}" for step in range(settings.steps)]
@@ -547,18 +543,16 @@ def interpolate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) 
   return results
 
 
-def traverse(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+def traverse(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
+             out_dir: pathlib.Path) -> dict:
   """`--mode=traverse`: see the module docstring."""
-  settings = config.traverse
-  model = inference.TrainedModel.restore(workdir)
-  crystal = load_crystal(settings.crystal, config, 0)
+  crystal = load_crystal(settings.crystal, model.config, 0)
   means, condition = encode_crystals(model, [crystal])
   values = np.linspace(settings.low, settings.high, settings.steps)
   z = traverse_latents(means[0], settings.dim, values)
   path_condition = None if condition is None else np.repeat(condition, settings.steps)
   grids = decode_in_batches(model, z, path_condition, batch_size=settings.steps)
-  rebuilt = to_crystals(model, grids, config.eval.min_component_size)
-  out_dir = pathlib.Path(workdir) / "traverse"
+  rebuilt = to_crystals(model, grids, model.config.eval.min_component_size)
   out_dir.mkdir(parents=True, exist_ok=True)
   titles = [f"z[{settings.dim}] = {v:+.1f}" for v in values]
   plot_path({crystal.id: grids}, titles, model.spec, out_dir / "traverse.png",

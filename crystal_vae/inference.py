@@ -1,5 +1,8 @@
 """A trained model restored from a workdir: voxelise, encode, decode, segment, rebuild crystals.
 
+Every mode other than `train` runs on one such model (`for_mode`): the checkpoint's own config
+decides the representation, grid, model and dataset.
+
     model = inference.TrainedModel.restore("workdir")
     grids = model.voxelize(crystals)                  # true density, species, composition
     mean, logvar = model.encode(grids["density"], composition=grids["composition"])
@@ -13,6 +16,7 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -21,13 +25,15 @@ import numpy as np
 from crystal_vae import checkpoints
 from crystal_vae import crystals
 from crystal_vae import density_fit
-from crystal_vae import input_pipeline
 from crystal_vae import losses
 from crystal_vae import models
 from crystal_vae import reconstruction
 from crystal_vae import segmentation
-from crystal_vae import train
 from crystal_vae import voxelize
+
+
+class ConfigMismatch(ValueError):
+  """A `--config` that describes another model than the checkpoint it is used with."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,17 +51,48 @@ class TrainedModel:
     """Restores checkpoint `step` (default: the latest) and the config saved with it."""
     manager = checkpoints.checkpoint_manager(workdir, read_only=True)
     config = checkpoints.restore_config(manager, step)
-    abstract = jax.eval_shape(lambda: train.create_train_state(config, jax.random.key(0)))
+    abstract = jax.eval_shape(lambda: models.init_variables(config, jax.random.key(0)))
     # Restore onto this machine's first device, whatever devices the run was trained on.
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                             abstract)
-    _, state = checkpoints.restore_state(manager, abstract, step)
-    return cls(config, {"params": state.params, "batch_stats": state.batch_stats})
+    return cls(config, checkpoints.restore_variables(manager, abstract, step))
+
+  @classmethod
+  def for_mode(cls, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+               dataset_given: bool) -> "TrainedModel":
+    """The model a mode runs on: the latest checkpoint in `workdir` with its own config, taking
+    from `config` (the command line's) only the `eval` settings (how atoms are read) and, when
+    `dataset_given` (a `--config.dataset.*` flag), the dataset, said in one log line. A `config`
+    of another representation, grid or model is refused (`ConfigMismatch`). The oracle
+    (`config.eval.oracle`) needs no checkpoint: it is `config` alone."""
+    if config.eval.oracle:
+      return cls(config, variables=None)
+    model = cls.restore(workdir)
+    saved = model.config
+    mismatch = [name for name, of in (("representation", lambda c: c.representation),
+                                      ("grid", lambda c: voxelize.GridSpec.from_config(c.voxel)),
+                                      ("max_z", lambda c: c.dataset.max_z))
+                if of(config) != of(saved)]
+    if not mismatch and _shapes(config) != _shapes(saved):
+      mismatch = ["model"]
+    if mismatch:
+      raise ConfigMismatch(
+          f"--config describes another model than the checkpoint in {workdir} (different "
+          f"{', '.join(mismatch)}; it holds a {saved.representation} model): leave --config out "
+          "to use the checkpoint's own, with --config.<mode>.* overrides")
+    resolved = ml_collections.ConfigDict(saved.to_dict())
+    resolved.eval = config.eval
+    if dataset_given and config.dataset.to_dict() != saved.dataset.to_dict():
+      logging.info("dataset from the command line: %s (%s); the model was trained on %s (%s)",
+                   config.dataset.name, config.dataset.path or "embedded", saved.dataset.name,
+                   saved.dataset.path or "embedded")
+      resolved.dataset = config.dataset
+    return cls(resolved, model.variables)
 
   @property
   def spec(self) -> voxelize.GridSpec:
-    return train.voxel_spec(self.config)
+    return voxelize.GridSpec.from_config(self.config.voxel)
 
   @functools.cached_property
   def _apply(self):
@@ -67,7 +104,7 @@ class TrainedModel:
     """True grids as at evaluation: unrotated (lattice in the standard orientation), a repeat
     cube with a cell corner at its origin, a unit cell at its centre; with `composition` (the
     fraction of each crystal's atoms per Z)."""
-    batch = input_pipeline.stack_crystals(structures, self.config.dataset.max_atoms)
+    batch = crystals.stack_crystals(structures, self.config.dataset.max_atoms)
     grids = voxelize.voxelize_batch(
         batch, jax.random.key(seed), spec=self.spec, representation=self.config.representation,
         rotate=False, random_offset=False,
@@ -153,3 +190,9 @@ class TrainedModel:
     return [reconstruction.reconstruct_unit_cell(a, lattice, self.spec.box,
                                                  composition=composition)
             for a, lattice, composition in zip(atoms, grids["lattice"], compositions)]
+
+
+def _shapes(config: ml_collections.ConfigDict) -> list[tuple[tuple[int, ...], Any]]:
+  """The shapes of the model's variables: what a checkpoint can be restored into."""
+  abstract = jax.eval_shape(lambda: models.init_variables(config, jax.random.key(0)))
+  return [(leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(abstract)]

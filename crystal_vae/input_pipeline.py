@@ -31,41 +31,8 @@ Batch = dict[str, np.ndarray]
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 
-def pad_crystal(crystal_or_record: crystals.Crystal | Mapping[str, Any],
-                max_atoms: int) -> Batch:
-  """One crystal as `lattice`, `frac_coords`, `atomic_numbers`, `atom_mask` padded to max_atoms."""
-  if isinstance(crystal_or_record, crystals.Crystal):
-    lattice = crystal_or_record.lattice
-    frac_coords = crystal_or_record.frac_coords
-    atomic_numbers = crystal_or_record.atomic_numbers
-  else:
-    lattice = crystal_or_record["lattice"]
-    frac_coords = crystal_or_record["frac_coords"]
-    atomic_numbers = crystal_or_record["atomic_numbers"]
-  num_atoms = len(atomic_numbers)
-  if num_atoms > max_atoms:
-    raise ValueError(f"a crystal has {num_atoms} atoms > max_atoms={max_atoms}; build the "
-                     "dataset with the same max_atoms as the pipeline")
-  padded = {
-      "lattice": np.asarray(lattice, dtype=np.float32).reshape(3, 3),
-      "frac_coords": np.zeros((max_atoms, 3), np.float32),
-      "atomic_numbers": np.zeros((max_atoms,), np.int32),
-      "atom_mask": np.arange(max_atoms) < num_atoms,
-  }
-  padded["frac_coords"][:num_atoms] = np.asarray(frac_coords).reshape(-1, 3)
-  padded["atomic_numbers"][:num_atoms] = atomic_numbers
-  return padded
-
-
-def stack_crystals(structures: Sequence[crystals.Crystal], max_atoms: int = 0) -> Batch:
-  """A batch of crystals padded to max(max_atoms, their largest atom count)."""
-  max_atoms = max([max_atoms] + [crystal.num_atoms for crystal in structures])
-  padded = [pad_crystal(crystal, max_atoms) for crystal in structures]
-  return {key: np.stack([p[key] for p in padded]) for key in padded[0]}
-
-
 def _example(index: int, record: Any, max_atoms: int, valid: bool = True) -> Batch:
-  example = pad_crystal(record, max_atoms)
+  example = crystals.pad_crystal(record, max_atoms)
   example["index"] = np.int32(index)
   example["valid"] = np.bool_(valid)
   return example

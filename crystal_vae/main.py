@@ -1,8 +1,8 @@
 """Command line: `python -m crystal_vae.main --config=configs/repeat.py --workdir=DIR [--mode=...]`.
 
-Modes: `train` (resumes from DIR's latest checkpoint), `evaluate` (reconstruct a split and
-measure it; see evaluate.py), `sample`, `interpolate`, `traverse` (generation.py), `conditional`
-(conditional.py) and `discriminator` (discriminator.py); each writes under DIR/<mode>/.
+Modes (modes.py): `train` (resumes from DIR's latest checkpoint), `evaluate` (reconstruct a
+split and measure it), `sample`, `interpolate`, `traverse`, `conditional` and `discriminator`;
+each writes under DIR/<mode>/.
 """
 
 import ast
@@ -17,13 +17,10 @@ import jax
 from ml_collections import config_flags
 
 from crystal_vae import checkpoints
-from crystal_vae import conditional
 from crystal_vae import crystals
-from crystal_vae import discriminator
-from crystal_vae import evaluate
-from crystal_vae import generation
+from crystal_vae import inference
+from crystal_vae import modes
 from crystal_vae import saved_config
-from crystal_vae import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -31,16 +28,7 @@ config_flags.DEFINE_config_file(
     " saved with the workdir's latest checkpoint is used (e.g. to sample from pretrained/*).",
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
-MODES = {
-    "train": train.train_and_evaluate,
-    "evaluate": evaluate.evaluate,
-    "sample": generation.sample,
-    "interpolate": generation.interpolate,
-    "traverse": generation.traverse,
-    "conditional": conditional.conditional,
-    "discriminator": discriminator.discriminate,
-}
-flags.DEFINE_enum("mode", "train", list(MODES), "What to do with the config and workdir.")
+flags.DEFINE_enum("mode", "train", modes.NAMES, "What to do with the config and workdir.")
 flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() first (multi-host).")
 flags.mark_flags_as_required(["workdir"])
 
@@ -60,7 +48,7 @@ class _QuietLibraries(python_logging.Filter):
 # Errors in what the user gave (a missing file, folder or checkpoint; a crystal that cannot be
 # voxelised) or in writing a checkpoint (a full disk) end the run with one line, not a traceback.
 _ONE_LINE_ERRORS = (FileNotFoundError, NotADirectoryError, crystals.RejectedCrystal,
-                    checkpoints.CheckpointWriteError)
+                    checkpoints.CheckpointWriteError, inference.ConfigMismatch)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -87,7 +75,8 @@ def main(argv):
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
   try:
-    MODES[FLAGS.mode](FLAGS.config or saved_config.get_config(FLAGS.workdir), FLAGS.workdir)
+    modes.run(FLAGS.mode, FLAGS.config or saved_config.get_config(FLAGS.workdir), FLAGS.workdir,
+              dataset_given=any(arg.startswith("--config.dataset.") for arg in sys.argv))
   except _ONE_LINE_ERRORS as error:
     raise SystemExit(f"error: {error}") from None
 

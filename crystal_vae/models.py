@@ -32,6 +32,7 @@ Config fields read by `model_from_config` (see `default_model_config` for the pa
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -514,6 +515,23 @@ def default_model_config() -> ml_collections.ConfigDict:
       conv_impl="auto",
       dtype="float32",
   ))
+
+
+def init_variables(config: ml_collections.ConfigDict, rng: jax.Array) -> dict[str, Any]:
+  """The initial variables (`params`, `batch_stats`) of `model_from_config(config)`."""
+  model = model_from_config(config)
+  grid = config.voxel.grid
+  density = jnp.zeros((1, grid, grid, grid), jnp.float32)
+  params_rng, sample_rng = jax.random.split(rng)
+  # Parameters draw from an "rbg" key made from the threefry one: XLA compiles its random-bit
+  # generator for the model's ~100 parameter tensors several times faster (3 s vs 15 s on CPU).
+  params_rng = jax.random.wrap_key_data(jnp.tile(jax.random.key_data(params_rng), 2), impl="rbg")
+  condition = jnp.ones((1,), jnp.float32) if config.model.conditional else None
+  composition = (jnp.zeros((1, config.dataset.max_z + 1), jnp.float32)
+                 if config.model.composition_head else None)
+  init = jax.jit(functools.partial(model.init, train=False))
+  return dict(init(params_rng, density, sample_rng, condition=condition,
+                   composition=composition))
 
 
 def model_from_config(config: ml_collections.ConfigDict) -> CrystalVAE:

@@ -40,13 +40,6 @@ class TrainState(train_state.TrainState):
   batch_stats: Any
 
 
-def voxel_spec(config: ml_collections.ConfigDict) -> voxelize.GridSpec:
-  voxel = config.voxel
-  return voxelize.GridSpec(grid=voxel.grid, box=voxel.box, sigma=voxel.sigma,
-                           species_radius=voxel.species_radius,
-                           cutoff_sigmas=voxel.cutoff_sigmas)
-
-
 def create_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   """A 1-D `data` mesh over `config.num_devices` devices (-1: every device of every host)."""
   devices = jax.devices()
@@ -104,19 +97,9 @@ def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
   """Initialises the model's variables and the Adam optimiser."""
-  model = models.model_from_config(config)
-  grid = config.voxel.grid
-  density = jnp.zeros((1, grid, grid, grid), jnp.float32)
-  params_rng, sample_rng = jax.random.split(rng)
-  # Parameters draw from an "rbg" key made from the threefry one: XLA compiles its random-bit
-  # generator for the model's ~100 parameter tensors several times faster (3 s vs 15 s on CPU).
-  params_rng = jax.random.wrap_key_data(jnp.tile(jax.random.key_data(params_rng), 2), impl="rbg")
-  condition = jnp.ones((1,), jnp.float32) if config.model.conditional else None
-  composition = (jnp.zeros((1, config.dataset.max_z + 1), jnp.float32)
-                 if config.model.composition_head else None)
-  init = jax.jit(functools.partial(model.init, train=False))
-  variables = init(params_rng, density, sample_rng, condition=condition, composition=composition)
-  return TrainState.create(apply_fn=model.apply, params=variables["params"],
+  variables = models.init_variables(config, rng)
+  return TrainState.create(apply_fn=models.model_from_config(config).apply,
+                           params=variables["params"],
                            batch_stats=variables["batch_stats"],
                            tx=optimizer(config))
 
@@ -172,6 +155,9 @@ def voxel_losses(outputs: Mapping[str, jax.Array], batch: Batch,
       "empty_voxel_accuracy": jnp.sum((predicted == 0) & ~atom_voxels, axis=voxel_axes)
                               / jnp.maximum(jnp.sum(~atom_voxels, axis=voxel_axes), 1),
   }
+  z_error = losses.site_z_error(outputs["recon"], density, box=config.voxel.box,
+                                sigma=config.voxel.sigma)
+  terms["site_z_mse"], terms["site_z_right"] = losses.site_z_loss(z_error, species)
   if "segmented_true" in outputs:
     terms["seg_true"] = species_loss(outputs["segmented_true"])
   if "lattice" in outputs:
@@ -189,10 +175,11 @@ def voxel_losses(outputs: Mapping[str, jax.Array], batch: Batch,
 
 
 def total_loss(terms: Mapping[str, jax.Array], config: ml_collections.ConfigDict) -> jax.Array:
-  """MSE + β·KL + SEG (+ teacher forcing, + lattice, + composition): with the U-Net's input
+  """MSE + β·KL + SEG (+ teacher forcing, + site Z, + lattice, + composition): with the U-Net's input
   gradient scaled by γ this is L_VAE for the encoder/decoder and L_UNet for the U-Net (paper §3);
   SEG is the species head's loss (the paper's CE for "classes")."""
-  loss = terms["mse"] + config.loss.beta * terms["kl"] + terms["seg"]
+  loss = (terms["mse"] + config.loss.beta * terms["kl"] + terms["seg"]
+          + config.loss.site_z_weight * terms["site_z_mse"])
   if "seg_true" in terms:
     loss = loss + config.loss.teacher_forcing * terms["seg_true"]
   if "lattice_mse" in terms:
@@ -286,7 +273,7 @@ def num_images_for(lattice: np.ndarray, config: ml_collections.ConfigDict,
                    train: bool) -> tuple[int, int, int]:
   """The batch's static image counts, equal on every host and rounded up to even numbers so that
   few distinct values (and so few compilations of the voxeliser) occur."""
-  counts = np.array(voxelize.num_images_for(lattice, voxel_spec(config), config.representation,
+  counts = np.array(voxelize.num_images_for(lattice, voxelize.GridSpec.from_config(config.voxel), config.representation,
                                             train and config.voxel.rotate))
   if jax.process_count() > 1:
     counts = multihost_utils.process_allgather(counts).reshape(-1, 3).max(axis=0)
@@ -301,7 +288,7 @@ class Trainer:
     self.mesh = mesh
     self.batch_sharding = jax.NamedSharding(mesh, jax.P(DATA_AXIS))
     self.replicated = jax.NamedSharding(mesh, jax.P())
-    self.spec = voxel_spec(config)
+    self.spec = voxelize.GridSpec.from_config(config.voxel)
     self.train_step = jax.jit(functools.partial(train_step, config=config), donate_argnums=0)
     self.eval_step = jax.jit(functools.partial(eval_step, config=config))
 

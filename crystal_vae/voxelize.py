@@ -66,6 +66,12 @@ class GridSpec:
   species_radius: float = 0.5
   cutoff_sigmas: float = 5.0
 
+  @classmethod
+  def from_config(cls, voxel) -> "GridSpec":
+    """The spec of a config's `voxel` section."""
+    return cls(grid=voxel.grid, box=voxel.box, sigma=voxel.sigma,
+               species_radius=voxel.species_radius, cutoff_sigmas=voxel.cutoff_sigmas)
+
   @property
   def voxel_size(self) -> float:
     return self.box / self.grid

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from pymatgen.analysis.structure_matcher import StructureMatcher
 
-from crystal_vae import crystals, input_pipeline, reconstruction, segmentation, voxelize
+from crystal_vae import crystals, reconstruction, segmentation, voxelize
 
 DATASETS = (("perov_5", "/work/shared/data/perov_5/val.csv.gz"),
             ("mp_cgcnn", "/work/shared/data/mp_cgcnn/all.csv.gz"))
@@ -45,7 +45,7 @@ def voxelize_cells(cells, spec, representation, random_offset, batch_size, seed=
   """Species and density grids (N, G, G, G) of `cells`, batch by batch."""
   species, density, offsets = [], [], []
   for start in range(0, len(cells), batch_size):
-    batch = input_pipeline.stack_crystals(cells[start:start + batch_size])
+    batch = crystals.stack_crystals(cells[start:start + batch_size])
     result = voxelize.voxelize_batch(
         batch, jax.random.key(seed + start), spec=spec, representation=representation,
         rotate=False, random_offset=random_offset,

@@ -45,12 +45,39 @@ def test_fractional_coordinates_are_wrapped_into_unit_interval():
         Structure(Lattice.tetragonal(4.0, 10.0), ["Si"], [[0, 0, 0]]), "x")),
     (crystals.TOO_MANY_ATOMS, lambda: crystals.crystal_from_structure(
         _rocksalt(), "x", crystals.CrystalLimits(max_atoms=7))),
+    (crystals.DEGENERATE_CELL, lambda: crystals.crystal_from_structure(
+        Structure(Lattice.cubic(0.5), ["Na"], [[0, 0, 0]]), "x")),
+    (crystals.DEGENERATE_CELL, lambda: crystals.crystal_from_structure(
+        Structure(Lattice.from_parameters(4, 4, 4, 90, 90, 0.5), ["Na"], [[0, 0, 0]]), "x")),
+    (crystals.DEGENERATE_CELL, lambda: crystals.crystal_from_structure(
+        Structure(Lattice(np.diag([-4.0, 4.0, 4.0])), ["Na"], [[0, 0, 0]]), "x")),
+    (crystals.ATOMS_TOO_CLOSE, lambda: crystals.crystal_from_structure(
+        Structure(Lattice.cubic(4.0), ["Na", "Cl"], [[0, 0, 0], [0.0001, 0, 0]]), "x")),
 ])
 def test_each_rejection_has_its_reason(reason, make):
   with pytest.raises(crystals.RejectedCrystal) as info:
     make()
   assert info.value.reason == reason
   assert info.value.crystal_id == "x"
+
+
+def test_close_atoms_are_measured_across_the_cell_boundary():
+  # 0.02 and 0.98 of a 4 Å cell: 3.84 Å apart inside the cell, 0.16 Å through its face.
+  structure = Structure(Lattice.cubic(4.0), ["Na", "Cl"], [[0.02, 0, 0], [0.98, 0, 0]])
+  with pytest.raises(crystals.RejectedCrystal) as info:
+    crystals.crystal_from_structure(structure, "x")
+  assert info.value.reason == crystals.ATOMS_TOO_CLOSE and "0.16 Å" in info.value.detail
+  # 0.6 Å apart is allowed (O-H bonds are ~1 Å).
+  crystals.crystal_from_structure(
+      Structure(Lattice.cubic(4.0), ["O", "H"], [[0, 0, 0], [0.15, 0, 0]]), "x")
+
+
+def test_a_negative_cell_length_in_a_cif_is_a_degenerate_cell():
+  cif = str(CifWriter(_rocksalt())).replace("_cell_length_a   5.64", "_cell_length_a   -5.64")
+  assert "-5.64" in cif
+  with pytest.raises(crystals.RejectedCrystal) as info:
+    crystals.crystal_from_cif(cif, "x")
+  assert info.value.reason == crystals.DEGENERATE_CELL
 
 
 def test_partial_occupancy_in_cif_text_is_disordered():

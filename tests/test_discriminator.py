@@ -10,6 +10,7 @@ import pytest
 from crystal_vae import discriminator
 from crystal_vae import generation
 from crystal_vae import inference
+from crystal_vae import modes
 from test_generation import small_config
 from test_generation import trained_checkpoint
 
@@ -68,7 +69,7 @@ def test_discriminator_mode_writes_summary_and_params(workdir, tfds_dir):
   config = small_config(tfds_dir)
   config.discriminator.num_train_steps = 4
   config.discriminator.log_every_steps = 2
-  results = discriminator.discriminate(config, workdir)
+  results = modes.run("discriminator", config, str(workdir))
   out_dir = workdir / "discriminator"
   saved = json.loads((out_dir / "summary.json").read_text())
   for name in ("real", "random", "out_of_distribution"):

@@ -9,7 +9,7 @@ from pymatgen.core import Structure
 
 from conftest import tiny_config
 from crystal_vae import default_config
-from crystal_vae import evaluate
+from crystal_vae import modes
 from crystal_vae import train
 
 PEROV_5 = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "perov_5"
@@ -25,7 +25,7 @@ def test_oracle_recovers_every_perov_5_structure(representation, tfds_dir, tmp_p
   config.eval.oracle = True
   config.eval.batch_size = 32
   config.eval.num_batches = 1
-  results = evaluate.evaluate(config, tmp_path)
+  results = modes.run("evaluate", config, str(tmp_path))
   assert results["num_samples"] == 32
   assert results["match_rate"] == 1.0 and results["valid_rate"] == 1.0
   assert results["cell_atom_count_exact"] == 1.0
@@ -47,7 +47,7 @@ def test_oracle_reads_perov_5_off_the_density_alone(tfds_dir, tmp_path):
   config.eval.atoms_from = "density"
   config.eval.batch_size = 16
   config.eval.num_batches = 2
-  results = evaluate.evaluate(config, tmp_path)
+  results = modes.run("evaluate", config, str(tmp_path))
   assert results["num_samples"] == 32
   assert results["match_rate"] >= 0.9 and results["valid_rate"] >= 0.9
   assert results["species_exact"] >= 0.9
@@ -62,7 +62,7 @@ def test_evaluate_a_trained_checkpoint_writes_metrics_cifs_and_figures(represent
   config.num_train_steps = 2
   train.train_and_evaluate(config, str(tmp_path))
   config.eval.num_batches = 2
-  results = evaluate.evaluate(config, tmp_path)
+  results = modes.run("evaluate", config, str(tmp_path))
   out = tmp_path / "eval" / "validation"
   saved = json.loads((out / "metrics.json").read_text())
   assert saved["num_samples"] == results["num_samples"] == 16

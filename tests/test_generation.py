@@ -20,6 +20,7 @@ from crystal_vae import crystals
 from crystal_vae import datasets
 from crystal_vae import generation
 from crystal_vae import inference
+from crystal_vae import modes
 from crystal_vae import reconstruction
 from crystal_vae import train
 
@@ -204,8 +205,8 @@ def test_sample_mode_from_the_command_line(workdir, tfds_dir):
                "--config.sample.batch_size=4", "--config.sample.num_train_structures=12",
                "--config.sample.gallery=4", "--config.sample.seed=3"]
   result = subprocess.run(
-      [sys.executable, "-m", "crystal_vae.main", f"--config={REPO}/configs/repeat.py:quick",
-       f"--workdir={workdir}", "--mode=sample", *overrides],
+      [sys.executable, "-m", "crystal_vae.main", f"--workdir={workdir}", "--mode=sample",
+       *overrides],
       cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
       timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -218,6 +219,33 @@ def test_sample_mode_from_the_command_line(workdir, tfds_dir):
   assert summary["seed"] == 3 and summary["num_train_structures"] == 12
   assert summary["nearest_neighbour_median_train"] > 0.5
   assert _is_png(out_dir / "gallery.png") and _is_png(out_dir / "nearest_neighbours.png")
+
+
+def test_a_config_of_another_model_is_refused_in_one_line(workdir):
+  for config_file in ("repeat.py:quick", "unit_cell.py:quick"):
+    result = subprocess.run(
+        [sys.executable, "-m", "crystal_vae.main", f"--config={REPO}/configs/{config_file}",
+         f"--workdir={workdir}", "--mode=sample"],
+        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=300, check=False)
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --config describes another model") and "Traceback" not in (
+        result.stderr), result.stderr[-3000:]
+    assert "holds a repeat model" in last
+  assert "representation" in last  # unit_cell.py: the representation differs
+
+
+def test_modes_take_the_dataset_from_the_checkpoint_unless_given(workdir, tfds_dir, tmp_path):
+  config = small_config(tfds_dir)
+  config.dataset.name = "cif_dir"
+  config.dataset.path = str(tmp_path)  # what a --config file could hold for another run
+  config.sample.num = 2
+  model = inference.TrainedModel.for_mode(config, workdir, dataset_given=False)
+  assert model.config.dataset.name == "prototypes" and model.config.dataset.path == ""
+  assert model.config.sample.num == 6  # the checkpoint's config; the mode gets config.sample
+  given = inference.TrainedModel.for_mode(config, workdir, dataset_given=True)
+  assert given.config.dataset.name == "cif_dir" and given.config.dataset.path == str(tmp_path)
 
 
 def test_interpolation_endpoints_are_the_inputs_reconstructions(model, tfds_dir):
@@ -242,7 +270,7 @@ def test_interpolate_mode_writes_cifs_panel_and_gif(workdir, tfds_dir):
   cif = workdir / "end.cif"
   cif.write_text(reconstruction.to_cif(_rock_salt()))
   config.interpolate.end = str(cif)  # a CIF file
-  results = generation.interpolate(config, workdir)
+  results = modes.run("interpolate", config, str(workdir))
   out_dir = workdir / "interpolate"
   assert results["start"] == config.interpolate.start and results["end"] == "end"
   for method in generation.METHODS:
@@ -256,7 +284,7 @@ def test_interpolate_mode_writes_cifs_panel_and_gif(workdir, tfds_dir):
 def test_traverse_mode_writes_a_panel(workdir, tfds_dir):
   config = small_config(tfds_dir)
   config.traverse.dim = 5
-  results = generation.traverse(config, workdir)
+  results = modes.run("traverse", config, str(workdir))
   assert results["values"] == [-3.0, 0.0, 3.0] and results["dim"] == 5
   assert results["mean_abs_change_from_first"][0] == 0.0
   assert _is_png(workdir / "traverse" / "traverse.png")
@@ -265,7 +293,7 @@ def test_traverse_mode_writes_a_panel(workdir, tfds_dir):
 def test_conditional_generation_follows_the_target(tmp_path_factory, tfds_dir, model):
   workdir = trained_checkpoint(tmp_path_factory, tfds_dir, conditional_model=True)
   config = small_config(tfds_dir, conditional_model=True)
-  results = conditional.conditional(config, workdir)
+  results = modes.run("conditional", config, str(workdir))
   means = np.array(results["max_density_mean"])
   assert results["targets"] == [0.5, 1.0, 2.0, 4.0]
   assert np.all(np.diff(means) > 0), means

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from crystal_vae import input_pipeline
+from crystal_vae import crystals
 from crystal_vae import losses
 from crystal_vae import models
 from crystal_vae import voxelize
@@ -23,7 +23,7 @@ def _train_segmenter(species_head: str, balanced: bool, steps: int, seed: int = 
   (atom-voxel recall, empty-voxel accuracy) on those grids."""
   cells = [c for c in prototypes() if np.linalg.norm(c.lattice, axis=1).max() < 5.0][::4][:16]
   grids = voxelize.voxelize_batch(
-      input_pipeline.stack_crystals(cells),
+      crystals.stack_crystals(cells),
       jax.random.key(0), spec=SPEC, representation=voxelize.UNIT_CELL, rotate=False,
       random_offset=False, num_images=(1, 1, 1))
   density, species = grids["density"], grids["species"]

@@ -81,3 +81,53 @@ def test_composition_cross_entropy_and_exactness_by_hand():
   # Cell 0 rounds to 1 Sr, 1 Ti, 3 O; cell 1: 1/3 of an Fe atom is not within 0.5 of 1 atom.
   exact = losses.composition_exact(jnp.asarray(logits), atomic_numbers, atom_mask)
   assert np.asarray(exact).tolist() == [True, False]
+
+
+def _atom_density(grid: int, box: float, sigma: float, centre: np.ndarray, z: float) -> np.ndarray:
+  """One atom's normalised Gaussian density on the voxel centres (numpy)."""
+  centres = (np.arange(grid) + 0.5) * box / grid
+  x, y, w = np.meshgrid(centres, centres, centres, indexing="ij")
+  sq = (x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (w - centre[2]) ** 2
+  return z * np.exp(-sq / (2 * sigma ** 2)) / (sigma ** 3 * (2 * np.pi) ** 1.5)
+
+
+def test_site_z_error_of_one_atom_is_its_z_error():
+  grid, box, sigma = 24, 8.0, 1.0
+  h = box / grid
+  centre = (np.array([12, 12, 12]) + 0.5) * h  # a voxel centre, 4 Å from every face
+  true = _atom_density(grid, box, sigma, centre, 8.0)
+  decoded = _atom_density(grid, box, sigma, centre, 11.0)  # Z 3 too high, position right
+  error = np.asarray(losses.site_z_error(jnp.asarray(decoded[None]), jnp.asarray(true[None]),
+                                         box=box, sigma=sigma))[0]
+  np.testing.assert_allclose(error[12, 12, 12], 3.0, rtol=1e-4)
+  # One voxel away the projection of a Gaussian on its neighbour: 3 exp(-h² / 4σ²).
+  np.testing.assert_allclose(error[13, 12, 12], 3.0 * np.exp(-h ** 2 / (4 * sigma ** 2)),
+                             rtol=1e-4)
+  np.testing.assert_allclose(error[12, 11, 12], error[13, 12, 12], rtol=1e-5)
+
+
+def test_site_z_error_against_a_numpy_loop():
+  grid, box, sigma = 6, 3.0, 0.7
+  rng = np.random.default_rng(0)
+  difference = rng.normal(size=(grid, grid, grid)).astype(np.float32)
+  error = np.asarray(losses.site_z_error(jnp.asarray(difference[None]),
+                                         jnp.zeros((1,) + (grid,) * 3), box=box, sigma=sigma))[0]
+  h = box / grid
+  self_overlap = sum(np.exp(-(i * h) ** 2 / sigma ** 2) for i in range(-40, 41)) ** 3 / (
+      sigma ** 3 * (2 * np.pi) ** 1.5)
+  expected = np.zeros_like(error)
+  for i, j, k in np.ndindex(grid, grid, grid):
+    for a, b, c in np.ndindex(grid, grid, grid):
+      sq = ((i - a) ** 2 + (j - b) ** 2 + (k - c) ** 2) * h ** 2
+      expected[i, j, k] += difference[a, b, c] * np.exp(-sq / (2 * sigma ** 2))
+  np.testing.assert_allclose(error, expected / self_overlap, rtol=1e-4, atol=1e-6)
+
+
+def test_site_z_loss_by_hand():
+  z_error = np.zeros((1, 2, 2, 2), np.float32)
+  z_error[0, 0, 0, 0], z_error[0, 1, 1, 1], z_error[0, 0, 1, 0] = 0.3, -2.0, 50.0
+  species = np.zeros((1, 2, 2, 2), np.int32)
+  species[0, 0, 0, 0] = species[0, 1, 1, 1] = 8  # the error of 50 is at an empty voxel
+  mse, right = losses.site_z_loss(jnp.asarray(z_error), jnp.asarray(species))
+  np.testing.assert_allclose(mse, [(0.09 + 4.0) / 2], rtol=1e-6)
+  np.testing.assert_allclose(right, [0.5], rtol=1e-6)

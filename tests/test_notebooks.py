@@ -34,7 +34,7 @@ def test_quick_start_then_sampling_notebook(tmp_path, tfds_dir, monkeypatch):
   assert (tmp_path / "workdir" / "checkpoints" / "2").exists()
   sampling = _run("sampling_and_interpolation.ipynb", tmp_path)  # reuses the checkpoint
   assert sorted(_images(sampling)) == ["image/gif", "image/png", "image/png", "image/png"]
-  assert len(list((tmp_path / "workdir" / "sample" / "cifs").glob("*"))) >= 1
+  assert len(list((tmp_path / "workdir" / "notebook" / "sample" / "cifs").glob("*"))) >= 1
 
 
 @pytest.mark.parametrize("name", ["quick_start.ipynb", "sampling_and_interpolation.ipynb"])

@@ -12,7 +12,7 @@ from pymatgen.core import Lattice, Structure
 from pymatgen.util.provenance import StructureNL
 from scipy import optimize
 
-from crystal_vae import crystals, input_pipeline, segmentation, voxelize
+from crystal_vae import crystals, segmentation, voxelize
 
 SPEC = voxelize.GridSpec()  # 30^3 voxels in a 10 Å cube, species radius 0.5 Å.
 HALF_VOXEL = 0.5 * SPEC.voxel_size
@@ -20,7 +20,7 @@ HALF_VOXEL = 0.5 * SPEC.voxel_size
 
 def voxelize_crystals(batch_crystals, representation, random_offset=False, seed=0, rotate=False):
   """One padded batch through `voxelize_batch`; returns numpy arrays."""
-  batch = input_pipeline.stack_crystals(batch_crystals)
+  batch = crystals.stack_crystals(batch_crystals)
   result = voxelize.voxelize_batch(
       batch, jax.random.key(seed), spec=SPEC, representation=representation, rotate=rotate,
       random_offset=random_offset,

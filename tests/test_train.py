@@ -251,6 +251,32 @@ def test_a_config_saved_before_a_field_existed_restores_with_its_default(tmp_pat
   assert restored.model.decoder_kernels == config.model.decoder_kernels
 
 
+def test_site_z_loss_is_added_with_its_weight(tfds_dir):
+  config = tiny_config(tfds_dir)
+  config.loss.site_z_weight = 0.5
+  grid, box = 4, config.voxel.box
+  h = box / grid
+  centres = (np.arange(grid) + 0.5) * h
+  sq = (centres[:, None, None] - centres[1]) ** 2 + (centres[None, :, None] - centres[1]) ** 2 \
+      + (centres[None, None, :] - centres[1]) ** 2
+  gaussian = np.exp(-sq / 2) / (2 * np.pi) ** 1.5  # σ = 1 Å, an atom at voxel (1, 1, 1)
+  species = np.zeros((1, grid, grid, grid), np.int32)
+  species[0, 1, 1, 1] = 8
+  outputs = {"recon": jnp.asarray(10.0 * gaussian[None], jnp.float32),
+             "mean": jnp.zeros((1, 2)), "logvar": jnp.zeros((1, 2)),
+             "segmented": jnp.zeros((1, grid, grid, grid, 2))}
+  batch = {"density": (8.0 * gaussian[None]).astype(np.float32), "species": species}
+  config.voxel.sigma = 1.0
+  terms = train.voxel_losses(outputs, batch, config)
+  # Z decoded 2 too high at the one atom voxel: squared error 4, and 2 > 0.5 is not right.
+  np.testing.assert_allclose(terms["site_z_mse"], [4.0], rtol=1e-4)
+  assert terms["site_z_right"][0] == 0.0
+  np.testing.assert_allclose(
+      train.total_loss(terms, config),
+      terms["mse"][0] + config.loss.beta * terms["kl"][0] + terms["seg"][0]
+      + 0.5 * terms["site_z_mse"][0], rtol=1e-6)
+
+
 def test_composition_loss_is_added_with_its_weight(tfds_dir):
   config = tiny_config(tfds_dir)
   config.model.composition_head = True
