@@ -28,6 +28,7 @@ from scipy import spatial
 
 from crystal_vae import generation
 from crystal_vae import inference
+from crystal_vae import plots
 from crystal_vae import segmentation
 
 
@@ -44,8 +45,8 @@ def decode_at_targets(model: inference.TrainedModel, z: np.ndarray, targets: np.
   """Decoded grids of the latents (N, L) at each target: one dict of (N, ...) per target."""
   if not model.config.model.conditional:
     raise ValueError("the checkpoint's model is not conditional (config.model.conditional)")
-  return [generation.decode_in_batches(model, z, np.full(z.shape[0], target, np.float32),
-                                       batch_size) for target in targets]
+  return [model.decode(z, np.full(z.shape[0], target, np.float32), batch_size)
+          for target in targets]
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -83,15 +84,15 @@ def target_report(targets: np.ndarray, maxima: np.ndarray) -> dict:
 
 
 def geometry_report(model: inference.TrainedModel, decoded: list[dict[str, np.ndarray]],
-                    reference_index: int, min_size: int = 3) -> dict:
+                    reference_index: int) -> dict:
   """Per target, how each latent's decoding compares with its decoding at the reference target
   (see the module docstring); averages over samples ignore NaN (no atoms)."""
   reference = decoded[reference_index]
-  reference_atoms = model.atoms(reference, min_size)
+  reference_atoms = model.atoms(reference)
   reference_normalised = _normalised(reference["density"])
   correlation, displacement, count_change = [], [], []
   for grids in decoded:
-    atoms = model.atoms(grids, min_size)
+    atoms = model.atoms(grids)
     current = _normalised(grids["density"])
     correlation.append(float(np.nanmean([_pearson(a, b)
                                          for a, b in zip(current, reference_normalised)])))
@@ -107,33 +108,6 @@ def geometry_report(model: inference.TrainedModel, decoded: list[dict[str, np.nd
           "reference_atom_count_mean": float(np.mean([len(a) for a in reference_atoms]))}
 
 
-def plot_report(targets: np.ndarray, maxima: np.ndarray, decoded: list[dict[str, np.ndarray]],
-                model: inference.TrainedModel, path: pathlib.Path) -> None:
-  """Left: generated maximum vs target (mean ± std, identity dashed); right: sample 0's middle
-  slice at each target on one colour scale."""
-  plt = generation.pyplot()
-  columns = len(targets)
-  figure = plt.figure(figsize=(3.5 + 2.0 * columns, 3.4))
-  grid = figure.add_gridspec(1, columns + 2)
-  axis = figure.add_subplot(grid[0, :2])
-  axis.errorbar(targets, maxima.mean(axis=1), yerr=maxima.std(axis=1), fmt="o-", capsize=3)
-  top = float(max(targets.max(), maxima.max()))
-  axis.plot([0, top], [0, top], "k--", linewidth=0.8)
-  axis.set_xlabel("target maximum density")
-  axis.set_ylabel("generated maximum density")
-  vmax = max(float(g["density"][0].max()) for g in decoded) or 1.0
-  colours, shown = generation.species_colours(*[g["species"][0] for g in decoded]), set()
-  for column, (target, grids) in enumerate(zip(targets, decoded)):
-    slice_axis = figure.add_subplot(grid[0, column + 2])
-    shown |= generation.draw_slice(slice_axis, grids["density"][0], grids["species"][0],
-                                   model.spec, colours, vmax=vmax)
-    slice_axis.set_title(f"target {target:.2f}", fontsize=8)
-  figure.tight_layout(rect=(0, 0, 0.94, 1))
-  generation.add_species_legend(figure, colours, shown)
-  figure.savefig(path, dpi=90)
-  plt.close(figure)
-
-
 def conditional(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
                 out_dir: pathlib.Path) -> dict:
   """`--mode=conditional`: see the module docstring."""
@@ -144,10 +118,9 @@ def conditional(model: inference.TrainedModel, settings: ml_collections.ConfigDi
   maxima = np.stack([g["density"].reshape(z.shape[0], -1).max(axis=1) for g in decoded])
   results = {"num_samples": settings.num_samples, "seed": settings.seed,
              **target_report(targets, maxima),
-             "geometry": geometry_report(model, decoded, len(targets) // 2,
-                                         model.config.eval.min_component_size)}
+             "geometry": geometry_report(model, decoded, len(targets) // 2)}
   out_dir.mkdir(parents=True, exist_ok=True)
-  plot_report(targets, maxima, decoded, model, out_dir / "conditional.png")
+  plots.plot_conditional(targets, maxima, decoded, model.spec, out_dir / "conditional.png")
   generation.write_json(out_dir / "summary.json", results)
   print(f"Conditional generation at {len(targets)} targets written to {out_dir}")
   print(f"  Pearson(target, generated max): {results['pearson_target_vs_max']:.4f} over all,"

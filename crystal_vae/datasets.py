@@ -40,7 +40,6 @@ from typing import Any
 from absl import app
 from absl import flags
 from absl import logging
-from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import numpy as np

@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 from crystal_vae import datasets
 from crystal_vae import generation
 from crystal_vae import inference
+from crystal_vae import plots
 from crystal_vae import models
 
 LOSSES = ("bce", "mse")
@@ -138,7 +139,7 @@ class Trainer:
   def score_latents(self, params, z: np.ndarray, condition: np.ndarray | None = None
                     ) -> np.ndarray:
     """Sigmoid outputs for latents, decoded in batches."""
-    grids = generation.decode_in_batches(self.model, z, condition, self.settings.batch_size)
+    grids = self.model.decode(z, condition, self.settings.batch_size)
     return self.score_densities(params, grids["density"])
 
 
@@ -154,37 +155,18 @@ def restore_params(directory: pathlib.Path, template) -> dict:
   return ocp.StandardCheckpointer().restore(directory.absolute(), template)
 
 
-def plot_scores(scores: dict[str, np.ndarray], losses: np.ndarray, path: pathlib.Path) -> None:
-  """Training loss per step and histograms of the scores of each group."""
-  plt = generation.pyplot()
-  figure, (loss_axis, score_axis) = plt.subplots(1, 2, figsize=(9, 3.5))
-  loss_axis.plot(np.arange(1, losses.size + 1), losses, linewidth=0.8)
-  loss_axis.set_xlabel("step")
-  loss_axis.set_ylabel("loss")
-  bins = np.linspace(0.0, 1.0, 26)
-  for name, values in scores.items():
-    score_axis.hist(values, bins=bins, alpha=0.5, label=name)
-  score_axis.set_xlabel("discriminator output (0 real, 1 random)")
-  score_axis.legend()
-  figure.tight_layout()
-  figure.savefig(path, dpi=100)
-  plt.close(figure)
-
-
 def discriminate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
                  out_dir: pathlib.Path) -> dict:
   """`--mode=discriminator`: see the module docstring."""
   train_crystals = generation.training_crystals(model.config, settings.num_real, settings.seed)
-  real_latents, real_conditions = generation.encode_crystals(model, train_crystals,
-                                                             settings.batch_size)
+  real_latents, real_conditions = model.encode_crystals(train_crystals, settings.batch_size)
   trainer = Trainer(model, settings)
   params, losses = trainer.train(real_latents, real_conditions)
 
   source = datasets.split_source(model.config.dataset, model.config.eval.split)
   eval_crystals = [datasets.record_to_crystal(source[i])
                    for i in range(min(settings.num_eval, len(source)))]
-  eval_latents, eval_conditions = generation.encode_crystals(model, eval_crystals,
-                                                             settings.batch_size)
+  eval_latents, eval_conditions = model.encode_crystals(eval_crystals, settings.batch_size)
   num = eval_latents.shape[0]
   latent_dim = model.config.model.latent_dim
   draw_conditions = None
@@ -209,7 +191,7 @@ def discriminate(model: inference.TrainedModel, settings: ml_collections.ConfigD
              **{f"{name}_std": float(values.std()) for name, values in scores.items()}}
   out_dir.mkdir(parents=True, exist_ok=True)
   save_params(params, out_dir / "params")
-  plot_scores(scores, losses, out_dir / "scores.png")
+  plots.plot_discriminator_scores(scores, losses, out_dir / "scores.png")
   generation.write_json(out_dir / "summary.json", results)
   print(f"Discriminator ({settings.loss}, {settings.num_train_steps} steps, loss "
         f"{results['loss_first']:.4f} -> {results['loss_last']:.4f}) written to {out_dir}")

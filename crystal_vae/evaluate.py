@@ -23,6 +23,7 @@ from crystal_vae import datasets
 from crystal_vae import density_fit
 from crystal_vae import inference
 from crystal_vae import metrics
+from crystal_vae import plots
 from crystal_vae import reconstruction
 
 
@@ -61,7 +62,7 @@ def evaluate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
     batch = [datasets.record_to_crystal(source[i])
              for i in range(begin, min(begin + settings.batch_size, count))]
     grids = model.voxelize(batch, seed=config.seed)
-    true_atoms = model.atoms(grids, settings.min_component_size)
+    true_atoms = model.atoms(grids)
     if settings.oracle:
       decoded = dict(grids)
       if model.config.representation == "unit_cell":
@@ -70,7 +71,7 @@ def evaluate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
     else:
       mean, _ = model.encode(grids["density"], composition=grids["composition"])
       decoded = model.decode(mean, condition=model.condition(grids["density"]))
-      decoded_atoms = model.atoms(decoded, settings.min_component_size)
+      decoded_atoms = model.atoms(decoded)
       voxel_errors.append(metrics.voxel_mse(decoded["density"], grids["density"]))
       if "composition" in decoded:  # the composition head's counts for the true number of atoms
         compositions_exact += [
@@ -109,7 +110,7 @@ def evaluate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
 
   out_dir.mkdir(parents=True, exist_ok=True)
   reconstruction.write_cifs(predicted, ids, out_dir / "cifs")
-  metrics.save_figures(out_dir, comparisons, mse)
+  plots.save_evaluation_figures(out_dir, comparisons, mse)
   (out_dir / "metrics.json").write_text(json.dumps(_finite_or_none(results), indent=2,
                                                    sort_keys=True))
   logging.info("wrote %s: %s", out_dir, json.dumps(results, sort_keys=True))

@@ -30,7 +30,6 @@ linearly between the two endpoints' own.
 from __future__ import annotations
 
 import collections
-import io
 import itertools
 import json
 import math
@@ -49,8 +48,8 @@ from smact import screening
 from crystal_vae import crystals
 from crystal_vae import datasets
 from crystal_vae import inference
+from crystal_vae import plots
 from crystal_vae import reconstruction
-from crystal_vae import voxelize
 
 METHODS = ("linear", "slerp")
 
@@ -63,32 +62,6 @@ def random_latents(num: int, latent_dim: int, seed: int, temperature: float = 1.
   """z ~ N(0, temperature²) of shape (num, latent_dim), float32, a pure function of `seed`."""
   rng = np.random.default_rng(seed)
   return (temperature * rng.standard_normal((num, latent_dim))).astype(np.float32)
-
-
-def decode_in_batches(model: inference.TrainedModel, z: np.ndarray,
-                      condition: np.ndarray | None = None, batch_size: int = 16
-                      ) -> dict[str, np.ndarray]:
-  """`model.decode` over (num, L) latents in batches padded to `batch_size` (one compilation)."""
-  z = np.asarray(z, np.float32)
-  parts = collections.defaultdict(list)
-  for begin in range(0, z.shape[0], batch_size):
-    chunk = z[begin:begin + batch_size]
-    count = chunk.shape[0]
-    pad = ((0, batch_size - count), (0, 0))
-    chunk_condition = None
-    if condition is not None:
-      chunk_condition = np.pad(np.asarray(condition, np.float32)[begin:begin + batch_size],
-                               pad[:1], constant_values=1.0)
-    decoded = model.decode(np.pad(chunk, pad), condition=chunk_condition)
-    for key, value in decoded.items():
-      parts[key].append(value[:count])
-  return {key: np.concatenate(value) for key, value in parts.items()}
-
-
-def to_crystals(model: inference.TrainedModel, grids: dict[str, np.ndarray], min_size: int = 3
-                ) -> list[reconstruction.Reconstruction]:
-  """Decoded grids -> crystals (or reasons), segmenting components of at least `min_size`."""
-  return model.to_crystals(grids, model.atoms(grids, min_size))
 
 
 def write_cifs(reconstructions: Sequence[reconstruction.Reconstruction], ids: Sequence[str],
@@ -130,22 +103,12 @@ def training_crystals(config: ml_collections.ConfigDict, num: int, seed: int
   return [datasets.record_to_crystal(source[int(i)]) for i in np.sort(chosen)]
 
 
-def maximum_densities(model: inference.TrainedModel, structures: Sequence[crystals.Crystal],
-                      batch_size: int = 16) -> np.ndarray:
-  """The conditional model's condition of each crystal: the maximum of its true density grid."""
-  maxima = []
-  for begin in range(0, len(structures), batch_size):
-    grids = model.voxelize(structures[begin:begin + batch_size])
-    maxima.append(grids["density"].reshape(grids["density"].shape[0], -1).max(axis=1))
-  return np.concatenate(maxima)
-
-
 def draw_conditions(model: inference.TrainedModel, num: int, seed: int,
                     structures: Sequence[crystals.Crystal]) -> np.ndarray | None:
   """For a conditional model, `num` conditions drawn from the crystals' maximum densities."""
   if not model.config.model.conditional:
     return None
-  maxima = maximum_densities(model, structures)
+  maxima = model.maximum_densities(structures)
   return np.random.default_rng(seed).choice(maxima, size=num).astype(np.float32)
 
 
@@ -275,153 +238,8 @@ def traverse_latents(z: np.ndarray, dim: int, values: Sequence[float]) -> np.nda
   return path
 
 
-# ---------------------------------------------------------------------------------------------
-# Figures.
-
-
-def pyplot():
-  """matplotlib.pyplot on the Agg backend."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
-
-
-def species_colours(*species_grids: np.ndarray) -> dict[int, tuple[float, float, float]]:
-  """One colour per species present in any of the grids (tab20 by rank of Z, cycling)."""
-  present = sorted(set().union(*[{int(z) for z in np.unique(g)} for g in species_grids]) - {0})
-  palette = pyplot().get_cmap("tab20")
-  return {z: palette(rank % 20)[:3] for rank, z in enumerate(present)}
-
-
-def draw_slice(axis, density: np.ndarray, species: np.ndarray, spec: voxelize.GridSpec,
-               colours: dict[int, tuple[float, float, float]], index: int | None = None,
-               vmax: float | None = None) -> set[int]:
-  """Draws z-slice `index` (default: the middle) of a density grid with its non-zero species
-  voxels overlaid in their `colours`; returns the species shown."""
-  k = spec.grid // 2 if index is None else index
-  extent = (0.0, spec.box, 0.0, spec.box)
-  axis.imshow(density[:, :, k].T, origin="lower", extent=extent, cmap="gray_r", vmin=0.0,
-              vmax=vmax or float(density.max()) or 1.0)
-  shown = {int(z) for z in np.unique(species[:, :, k]) if z > 0}
-  overlay = np.zeros(species.shape[:2] + (4,))
-  for z in shown:
-    overlay[species[:, :, k] == z] = (*colours[z], 0.55)
-  axis.imshow(overlay.transpose(1, 0, 2), origin="lower", extent=extent)
-  axis.set_xticks([])
-  axis.set_yticks([])
-  return shown
-
-
-def add_species_legend(figure, colours: dict[int, tuple[float, float, float]],
-                       shown: set[int]) -> None:
-  """A figure legend naming the overlay colour of each species shown."""
-  from matplotlib import patches  # pylint: disable=g-import-not-at-top
-  handles = [patches.Patch(color=colours[z], label=Element.from_Z(z).symbol)
-             for z in sorted(shown)]
-  if handles:
-    figure.legend(handles=handles, loc="center right", fontsize=7, ncol=1 + len(handles) // 20)
-
-
 def _label(r: reconstruction.Reconstruction) -> str:
   return r.structure.composition.reduced_formula if r.valid else f"({r.reason})"
-
-
-def plot_gallery(grids: dict[str, np.ndarray], reconstructions, spec: voxelize.GridSpec,
-                 path: pathlib.Path, columns: int = 4) -> None:
-  """A grid of panels: the middle z-slice of each sample with its segmentation."""
-  plt = pyplot()
-  num = grids["density"].shape[0]
-  rows = max(math.ceil(num / columns), 1)
-  figure, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.8 * rows), squeeze=False)
-  colours, shown = species_colours(grids["species"]), set()
-  for index, axis in enumerate(axes.ravel()):
-    if index < num:
-      shown |= draw_slice(axis, grids["density"][index], grids["species"][index], spec, colours)
-      axis.set_title(f"{index}: {_label(reconstructions[index])}", fontsize=8)
-    else:
-      axis.axis("off")
-  figure.suptitle(f"random samples, z-slice at {spec.voxel_centres()[spec.grid // 2]:.2f} Å")
-  figure.tight_layout(rect=(0, 0, 0.92, 1))
-  add_species_legend(figure, colours, shown)
-  figure.savefig(path, dpi=90)
-  plt.close(figure)
-
-
-def plot_nearest_neighbours(samples: np.ndarray, reference: np.ndarray, path: pathlib.Path
-                            ) -> None:
-  """Normalised histograms of nearest-neighbour distances, samples vs training (Fig. 9A)."""
-  plt = pyplot()
-  figure, axis = plt.subplots(figsize=(5, 3.5))
-  finite = [values[np.isfinite(values)] for values in (samples, reference)]
-  top = max([float(v.max()) for v in finite if v.size] + [1.0])
-  bins = np.linspace(0.0, top, 40)
-  axis.hist(finite[1], bins=bins, density=True, alpha=0.5, label=f"training ({finite[1].size})")
-  if finite[0].size:
-    axis.hist(finite[0], bins=bins, density=True, alpha=0.5, label=f"samples ({finite[0].size})")
-  axis.set_xlabel("nearest-neighbour distance (Å)")
-  axis.set_ylabel("density")
-  axis.legend()
-  figure.tight_layout()
-  figure.savefig(path, dpi=100)
-  plt.close(figure)
-
-
-def _figure_image(figure) -> np.ndarray:
-  buffer = io.BytesIO()
-  figure.savefig(buffer, format="png", dpi=80)
-  buffer.seek(0)
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  return np.asarray(Image.open(buffer).convert("RGB"))
-
-
-def plot_path(grids_by_row: dict[str, dict[str, np.ndarray]], column_titles: Sequence[str],
-              spec: voxelize.GridSpec, path: pathlib.Path, title: str) -> None:
-  """Rows of middle z-slices (one row per path, one column per step), one colour scale."""
-  plt = pyplot()
-  rows, columns = len(grids_by_row), len(column_titles)
-  vmax = max(float(g["density"].max()) for g in grids_by_row.values()) or 1.0
-  figure, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.2 * rows + 0.4),
-                              squeeze=False)
-  colours = species_colours(*[g["species"] for g in grids_by_row.values()])
-  shown = set()
-  for row, (name, grids) in enumerate(grids_by_row.items()):
-    for column in range(columns):
-      axis = axes[row, column]
-      shown |= draw_slice(axis, grids["density"][column], grids["species"][column], spec,
-                          colours, vmax=vmax)
-      axis.set_title(column_titles[column], fontsize=8)
-    axes[row, 0].set_ylabel(name)
-  figure.suptitle(title)
-  figure.tight_layout(rect=(0, 0, 0.92, 1))
-  add_species_legend(figure, colours, shown)
-  figure.savefig(path, dpi=90)
-  plt.close(figure)
-
-
-def write_gif(grids_by_row: dict[str, dict[str, np.ndarray]], frame_titles: Sequence[str],
-              spec: voxelize.GridSpec, path: pathlib.Path, seconds_per_frame: float) -> None:
-  """An animated GIF: one frame per step showing each path's middle slice side by side."""
-  plt = pyplot()
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  vmax = max(float(g["density"].max()) for g in grids_by_row.values()) or 1.0
-  colours = species_colours(*[g["species"] for g in grids_by_row.values()])
-  frames = []
-  for step, frame_title in enumerate(frame_titles):
-    figure, axes = plt.subplots(1, len(grids_by_row), figsize=(3.0 * len(grids_by_row), 3.3),
-                                squeeze=False)
-    shown = set()
-    for axis, (name, grids) in zip(axes[0], grids_by_row.items()):
-      shown |= draw_slice(axis, grids["density"][step], grids["species"][step], spec, colours,
-                          vmax=vmax)
-      axis.set_title(name)
-    figure.suptitle(frame_title, fontsize=9)
-    figure.tight_layout(rect=(0, 0, 0.85, 1))
-    add_species_legend(figure, colours, shown)
-    frames.append(Image.fromarray(_figure_image(figure)))
-    plt.close(figure)
-  frames[0].save(path, save_all=True, append_images=frames[1:],
-                 duration=int(1000 * seconds_per_frame), loop=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,12 +263,12 @@ def write_json(path: pathlib.Path, results: dict) -> None:
 
 
 def generate(model: inference.TrainedModel, num: int, seed: int, temperature: float = 1.0, *,
-             condition: np.ndarray | None = None, batch_size: int = 16, min_size: int = 3
+             condition: np.ndarray | None = None, batch_size: int = 16
              ) -> tuple[np.ndarray, dict[str, np.ndarray], list[reconstruction.Reconstruction]]:
   """Random draws: latents, decoded grids and their crystals (or reasons)."""
   z = random_latents(num, model.config.model.latent_dim, seed, temperature)
-  grids = decode_in_batches(model, z, condition, batch_size)
-  return z, grids, to_crystals(model, grids, min_size)
+  grids = model.decode(z, condition, batch_size)
+  return z, grids, model.to_crystals(grids)
 
 
 def sample(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
@@ -459,8 +277,7 @@ def sample(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
   train_crystals = training_crystals(model.config, settings.num_train_structures, settings.seed)
   condition = draw_conditions(model, settings.num, settings.seed, train_crystals)
   _, grids, rebuilt = generate(model, settings.num, settings.seed, settings.temperature,
-                               condition=condition, batch_size=settings.batch_size,
-                               min_size=model.config.eval.min_component_size)
+                               condition=condition, batch_size=settings.batch_size)
   ids = [f"sample_{index:04d}" for index in range(settings.num)]
   counts = write_cifs(rebuilt, ids, out_dir / "cifs")
   reference = [crystal.to_structure() for crystal in train_crystals]
@@ -475,9 +292,11 @@ def sample(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
                                                  if sample_distances.size else float("nan"))
   results["nearest_neighbour_median_train"] = float(np.median(train_distances))
   shown = min(settings.gallery, settings.num)
-  plot_gallery({key: value[:shown] for key, value in grids.items()}, rebuilt[:shown], model.spec,
-               out_dir / "gallery.png")
-  plot_nearest_neighbours(sample_distances, train_distances, out_dir / "nearest_neighbours.png")
+  plots.plot_gallery({key: value[:shown] for key, value in grids.items()},
+                     [_label(r) for r in rebuilt[:shown]], model.spec, out_dir / "gallery.png",
+                     "random samples")
+  plots.plot_nearest_neighbours(sample_distances, train_distances,
+                                out_dir / "nearest_neighbours.png")
   write_json(out_dir / "summary.json", results)
   logging.info("wrote %s: %s", out_dir, results)
   print(f"{settings.num} samples written to {out_dir}")
@@ -487,35 +306,19 @@ def sample(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
   return results
 
 
-def encode_crystals(model: inference.TrainedModel, structures: Sequence[crystals.Crystal],
-                    batch_size: int = 16) -> tuple[np.ndarray, np.ndarray | None]:
-  """Latent means of crystals voxelised as at evaluation, and their conditions (or None); in
-  batches of at most `batch_size`."""
-  means, conditions = [], []
-  for begin in range(0, len(structures), batch_size):
-    grids = model.voxelize(structures[begin:begin + batch_size])
-    condition = model.condition(grids["density"])
-    means.append(model.encode(grids["density"], condition, grids["composition"])[0])
-    conditions.append(None if condition is None else np.asarray(condition))
-  if conditions[0] is None:
-    return np.concatenate(means), None
-  return np.concatenate(means), np.concatenate(conditions)
-
-
 def interpolation(model: inference.TrainedModel, start: crystals.Crystal, end: crystals.Crystal,
-                  steps: int, min_size: int = 3
-                  ) -> dict[str, tuple[dict[str, np.ndarray], list[reconstruction.Reconstruction]]]:
+                  steps: int) -> dict[str, tuple[dict[str, np.ndarray], list[reconstruction.Reconstruction]]]:
   """Per method: the decoded grids along the path between the two crystals' latent means and
   the crystals rebuilt from them."""
-  means, condition = encode_crystals(model, [start, end])
+  means, condition = model.encode_crystals([start, end])
   path_condition = None
   if condition is not None:
     path_condition = np.linspace(condition[0], condition[1], steps).astype(np.float32)
   results = {}
   for method in METHODS:
     z = interpolate_latents(means[0], means[1], steps, method)
-    grids = decode_in_batches(model, z, path_condition, batch_size=steps)
-    results[method] = (grids, to_crystals(model, grids, min_size))
+    grids = model.decode(z, path_condition, batch_size=steps)
+    results[method] = (grids, model.to_crystals(grids))
   return results
 
 
@@ -524,7 +327,7 @@ def interpolate(model: inference.TrainedModel, settings: ml_collections.ConfigDi
   """`--mode=interpolate`: see the module docstring."""
   start = load_crystal(settings.start, model.config, 0)
   end = load_crystal(settings.end, model.config, 1)
-  paths = interpolation(model, start, end, settings.steps, model.config.eval.min_component_size)
+  paths = interpolation(model, start, end, settings.steps)
   results = {"start": start.id, "end": end.id, "steps": settings.steps}
   for method, (_, rebuilt) in paths.items():
     ids = [f"step_{step:02d}" for step in range(settings.steps)]
@@ -533,9 +336,13 @@ def interpolate(model: inference.TrainedModel, settings: ml_collections.ConfigDi
   titles = [f"t = {t:.2f}" for t in np.linspace(0.0, 1.0, settings.steps)]
   grids = {method: grids for method, (grids, _) in paths.items()}
   title = f"{start.id} → {end.id}"
-  plot_path(grids, titles, model.spec, out_dir / "panel.png", title)
-  write_gif(grids, [f"{title}, {t}" for t in titles], model.spec, out_dir / "interpolation.gif",
-            settings.seconds_per_frame)
+  inputs = model.voxelize([start, end])  # the two crystals themselves, beside the path
+  panel = {method: {key: np.concatenate([inputs[key][:1], path[key], inputs[key][1:]])
+                    for key in ("density", "species")} for method, path in grids.items()}
+  plots.plot_path(panel, [f"{start.id} (input)", *titles, f"{end.id} (input)"], model.spec,
+                  out_dir / "panel.png", f"{title}: decoded path between the inputs' latents")
+  plots.write_gif(grids, [f"{title}, {t}" for t in titles], model.spec,
+                  out_dir / "interpolation.gif", settings.seconds_per_frame)
   write_json(out_dir / "summary.json", results)
   print(f"Interpolation {title} ({settings.steps} steps) written to {out_dir}")
   for method in METHODS:
@@ -547,16 +354,19 @@ def traverse(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
              out_dir: pathlib.Path) -> dict:
   """`--mode=traverse`: see the module docstring."""
   crystal = load_crystal(settings.crystal, model.config, 0)
-  means, condition = encode_crystals(model, [crystal])
+  means, condition = model.encode_crystals([crystal])
   values = np.linspace(settings.low, settings.high, settings.steps)
   z = traverse_latents(means[0], settings.dim, values)
   path_condition = None if condition is None else np.repeat(condition, settings.steps)
-  grids = decode_in_batches(model, z, path_condition, batch_size=settings.steps)
-  rebuilt = to_crystals(model, grids, model.config.eval.min_component_size)
+  grids = model.decode(z, path_condition, batch_size=settings.steps)
+  rebuilt = model.to_crystals(grids)
   out_dir.mkdir(parents=True, exist_ok=True)
   titles = [f"z[{settings.dim}] = {v:+.1f}" for v in values]
-  plot_path({crystal.id: grids}, titles, model.spec, out_dir / "traverse.png",
-            f"{crystal.id}: latent {settings.dim} (encoded {means[0, settings.dim]:+.2f})")
+  true = model.voxelize([crystal])
+  panel = {key: np.concatenate([true[key], grids[key]]) for key in ("density", "species")}
+  plots.plot_path({crystal.id: panel}, [f"{crystal.id} (input)", *titles], model.spec,
+                  out_dir / "traverse.png",
+                  f"{crystal.id}: latent {settings.dim} (encoded {means[0, settings.dim]:+.2f})")
   density = grids["density"].reshape(settings.steps, -1)
   results = {"crystal": crystal.id, "dim": settings.dim,
              "encoded_value": float(means[0, settings.dim]),

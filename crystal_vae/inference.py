@@ -10,6 +10,7 @@ decides the representation, grid, model and dataset.
     reconstructions = model.to_crystals(decoded)      # pymatgen Structures or reasons
 """
 
+import collections
 import dataclasses
 import functools
 import pathlib
@@ -135,9 +136,50 @@ class TrainedModel:
                                condition=condition, composition=composition, method="encode")
     return np.asarray(mean), np.asarray(logvar)
 
-  def decode(self, z: np.ndarray, condition: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Latents -> decoded `density`, segmented `species` (argmax), `lattice` (unit cell) and
-    `composition` (fractions per Z, with a composition head)."""
+  def decode(self, z: np.ndarray, condition: np.ndarray | None = None,
+             batch_size: int | None = None) -> dict[str, np.ndarray]:
+    """Latents (N, L) -> decoded `density`, segmented `species` (argmax), `lattice` (unit cell)
+    and `composition` (fractions per Z, with a composition head); with `batch_size`, in batches
+    padded to that size (one compilation whatever N)."""
+    if batch_size is None:
+      return self._decode(z, condition)
+    z = np.asarray(z, np.float32)
+    parts = collections.defaultdict(list)
+    for begin in range(0, z.shape[0], batch_size):
+      count = min(batch_size, z.shape[0] - begin)
+      pad = ((0, batch_size - count), (0, 0))
+      chunk_condition = None
+      if condition is not None:
+        chunk_condition = np.pad(np.asarray(condition, np.float32)[begin:begin + batch_size],
+                                 pad[:1], constant_values=1.0)
+      decoded = self._decode(np.pad(z[begin:begin + batch_size], pad), chunk_condition)
+      for key, value in decoded.items():
+        parts[key].append(value[:count])
+    return {key: np.concatenate(value) for key, value in parts.items()}
+
+  def encode_crystals(self, structures: Sequence[crystals.Crystal], batch_size: int = 16
+                      ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Latent means of crystals voxelised as at evaluation, and their conditions (or None)."""
+    means, conditions = [], []
+    for begin in range(0, len(structures), batch_size):
+      grids = self.voxelize(structures[begin:begin + batch_size])
+      condition = self.condition(grids["density"])
+      means.append(self.encode(grids["density"], condition, grids["composition"])[0])
+      conditions.append(None if condition is None else np.asarray(condition))
+    if conditions[0] is None:
+      return np.concatenate(means), None
+    return np.concatenate(means), np.concatenate(conditions)
+
+  def maximum_densities(self, structures: Sequence[crystals.Crystal], batch_size: int = 16
+                        ) -> np.ndarray:
+    """The conditional model's condition of each crystal: the maximum of its true density."""
+    maxima = []
+    for begin in range(0, len(structures), batch_size):
+      density = self.voxelize(structures[begin:begin + batch_size])["density"]
+      maxima.append(density.reshape(density.shape[0], -1).max(axis=1))
+    return np.concatenate(maxima)
+
+  def _decode(self, z: np.ndarray, condition: np.ndarray | None) -> dict[str, np.ndarray]:
     z = jnp.asarray(z, jnp.float32)
     if self.config.model.conditional and condition is None:
       raise ValueError("a conditional model needs a condition (target maximum density)")
@@ -157,12 +199,12 @@ class TrainedModel:
     """Whether atoms are read off the decoded density (`eval.atoms_from`) or segmented."""
     return self.config.eval.atoms_from == "density"
 
-  def atoms(self, grids: dict[str, np.ndarray], min_size: int = 3) -> list[segmentation.Atoms]:
-    """Connected components (of at least `min_size` voxels) of the species grids, at their
-    density-weighted centres; for a unit cell fitting the density, with positions and species
-    refined by least squares (`segmentation.fit_atoms`)."""
+  def atoms(self, grids: dict[str, np.ndarray]) -> list[segmentation.Atoms]:
+    """Connected components (of at least `eval.min_component_size` voxels) of the species grids,
+    at their density-weighted centres; for a unit cell fitting the density, with positions and
+    species refined by least squares (`segmentation.fit_atoms`)."""
     atoms = segmentation.segment_batch(grids["species"], self.spec.box, density=grids["density"],
-                                       min_size=min_size)
+                                       min_size=self.config.eval.min_component_size)
     if self.fits_density and self.config.representation == "unit_cell":
       atoms = [segmentation.fit_atoms(a, density, self.spec.box, self.spec.sigma,
                                       self.config.dataset.max_z)

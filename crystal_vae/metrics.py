@@ -18,7 +18,6 @@ The plotting functions mirror the panels of the paper's Fig. 3/4 and write PNGs 
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import warnings
 from collections.abc import Sequence
 
@@ -140,99 +139,3 @@ def match_metrics(predicted: Sequence[Structure | None],
           "framework_match_rate": frameworks / count if count else float("nan"),
           "rms_dist": float(np.mean(distances)) if distances else float("nan"),
           "valid_rate": sum(p is not None for p in predicted) / count if count else float("nan")}
-
-
-def _figure():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
-
-
-def _percentile_curve(axis, values: np.ndarray, label: str) -> None:
-  finite = np.sort(values[np.isfinite(values)])
-  if finite.size:
-    axis.plot(100.0 * np.arange(1, finite.size + 1) / values.size, finite, label=label)
-
-
-def plot_voxel_errors(mse: np.ndarray, path: str | pathlib.Path) -> None:
-  """Per-sample voxel MSE against its percentile (Fig. 3a/4a)."""
-  plt = _figure()
-  figure, axis = plt.subplots(figsize=(4.5, 3.5))
-  _percentile_curve(axis, np.asarray(mse, np.float64), "voxel MSE")
-  axis.set_xlabel("percentile of samples")
-  axis.set_ylabel("voxel MSE")
-  axis.set_yscale("log")
-  figure.tight_layout()
-  figure.savefig(path, dpi=100)
-  plt.close(figure)
-
-
-def plot_atom_counts(comparisons: Sequence[AtomComparison], path: str | pathlib.Path) -> None:
-  """Predicted vs true atom counts per sample, point size = number of samples (Fig. 3b/4b)."""
-  plt = _figure()
-  counts = np.array([(c.true_count, c.predicted_count) for c in comparisons]).reshape(-1, 2)
-  pairs, multiplicity = np.unique(counts, axis=0, return_counts=True)
-  figure, axis = plt.subplots(figsize=(4.5, 4))
-  axis.scatter(pairs[:, 0], pairs[:, 1], s=10 + 40 * multiplicity / max(multiplicity.max(), 1),
-               alpha=0.7)
-  top = max(int(counts.max()) if counts.size else 1, 1)
-  axis.plot([0, top], [0, top], "k--", linewidth=0.8)
-  axis.set_xlabel("true atoms in cube")
-  axis.set_ylabel("predicted atoms in cube")
-  figure.tight_layout()
-  figure.savefig(path, dpi=100)
-  plt.close(figure)
-
-
-def plot_distances(comparisons: Sequence[AtomComparison], path: str | pathlib.Path) -> None:
-  """Nearest-atom distance against its percentile, true -> predicted and predicted -> true
-  (Fig. 3c/4c)."""
-  plt = _figure()
-  figure, axis = plt.subplots(figsize=(4.5, 3.5))
-  for name, label in (("true_to_predicted", "true → predicted"),
-                      ("predicted_to_true", "predicted → true")):
-    pooled = np.concatenate([getattr(c, name) for c in comparisons]) if comparisons else np.zeros(0)
-    _percentile_curve(axis, pooled, label)
-  axis.set_xlabel("percentile of atoms")
-  axis.set_ylabel("nearest-atom distance (Å)")
-  axis.legend()
-  figure.tight_layout()
-  figure.savefig(path, dpi=100)
-  plt.close(figure)
-
-
-def plot_species(comparisons: Sequence[AtomComparison], path: str | pathlib.Path) -> None:
-  """Predicted vs true Z of predicted atoms within 0.5 Å of a true atom (Fig. 3d/4d)."""
-  plt = _figure()
-  pairs = (np.concatenate([c.species_pairs for c in comparisons]) if comparisons
-           else np.zeros((0, 2), np.int64))
-  unique, multiplicity = np.unique(pairs, axis=0, return_counts=True)
-  figure, axis = plt.subplots(figsize=(4.5, 4))
-  if unique.size:
-    axis.scatter(unique[:, 1], unique[:, 0], s=10 + 40 * multiplicity / multiplicity.max(),
-                 alpha=0.7)
-  top = max(int(pairs.max()) if pairs.size else 1, 1)
-  axis.plot([0, top], [0, top], "k--", linewidth=0.8)
-  axis.set_xlabel("true Z")
-  axis.set_ylabel("predicted Z")
-  figure.tight_layout()
-  figure.savefig(path, dpi=100)
-  plt.close(figure)
-
-
-def save_figures(directory: str | pathlib.Path, comparisons: Sequence[AtomComparison],
-                 mse: np.ndarray | None = None) -> list[pathlib.Path]:
-  """Writes every panel as a PNG into `directory`; returns the paths."""
-  directory = pathlib.Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  panels = [("atom_counts.png", plot_atom_counts), ("distances.png", plot_distances),
-            ("species.png", plot_species)]
-  paths = []
-  if mse is not None:
-    paths.append(directory / "voxel_errors.png")
-    plot_voxel_errors(mse, paths[-1])
-  for name, plot in panels:
-    paths.append(directory / name)
-    plot(comparisons, paths[-1])
-  return paths

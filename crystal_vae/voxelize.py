@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crystal_vae import crystals
+from crystal_vae import plots
 
 UNIT_CELL = "unit_cell"
 REPEAT = "repeat"
@@ -318,45 +319,6 @@ def voxelize_crystal(crystal: crystals.Crystal, seed: int, *, spec: GridSpec,
   return {name: np.asarray(value[0]) for name, value in result.items()}
 
 
-def plot_slices(density: np.ndarray, species: np.ndarray, spec: GridSpec, path: pathlib.Path,
-                title: str, num_slices: int = 4) -> None:
-  """Saves a PNG of `num_slices` z-slices of the density with the species grid overlaid: the
-  slices holding the most density, at least grid / (2 num_slices) voxels apart."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import patches  # pylint: disable=g-import-not-at-top
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  from pymatgen.core import Element  # pylint: disable=g-import-not-at-top
-
-  present = [int(z) for z in np.unique(species) if z > 0]
-  colours = plt.get_cmap("tab10")
-  colour_of = {z: colours(i % 10) for i, z in enumerate(present)}
-  figure, axes = plt.subplots(1, num_slices, figsize=(4 * num_slices, 4.4), squeeze=False)
-  extent = (0.0, spec.box, 0.0, spec.box)
-  gap = max(1, spec.grid // (2 * num_slices))
-  slices = []
-  for k in np.argsort(-density.sum(axis=(0, 1)), kind="stable"):
-    if len(slices) < num_slices and all(abs(k - other) >= gap for other in slices):
-      slices.append(k)
-  for axis, k in zip(axes[0], sorted(slices)):
-    axis.imshow(density[:, :, k].T, origin="lower", extent=extent, cmap="gray_r",
-                vmin=0.0, vmax=float(density.max()) or 1.0)
-    overlay = np.zeros(species.shape[:2] + (4,))
-    for z, colour in colour_of.items():
-      overlay[species[:, :, k] == z] = (*colour[:3], 0.6)
-    axis.imshow(overlay.transpose(1, 0, 2), origin="lower", extent=extent)
-    axis.set_title(f"z = {spec.voxel_centres()[k]:.2f} Å")
-    axis.set_xlabel("x (Å)")
-    axis.set_ylabel("y (Å)")
-  handles = [patches.Patch(color=colour, label=Element.from_Z(z).symbol)
-             for z, colour in colour_of.items()]
-  if handles:
-    figure.legend(handles=handles, loc="upper right")
-  figure.suptitle(title)
-  figure.savefig(path, dpi=100)
-  plt.close(figure)
-
-
 def _define_flags() -> None:
   flags.DEFINE_enum("representation", REPEAT, REPRESENTATIONS, "Voxel representation.")
   flags.DEFINE_integer("seed", 0, "Seed of the random rotation and offset.")
@@ -393,8 +355,8 @@ def main(argv: list[str]) -> None:
   print(f"wrote {out}")
   if config.png:
     png = out.with_suffix(".png")
-    plot_slices(result["density"], result["species"], spec, png,
-                f"{crystal.id} ({config.representation})")
+    plots.plot_slices(result["density"], result["species"], spec, png,
+                      f"{crystal.id} ({config.representation})")
     print(f"wrote {png}")
 
 

@@ -43,7 +43,7 @@ def read_cells(path: str, count: int, limits: crystals.CrystalLimits) -> list[cr
 
 def voxelize_cells(cells, spec, representation, random_offset, batch_size, seed=0):
   """Species and density grids (N, G, G, G) of `cells`, batch by batch."""
-  species, density, offsets = [], [], []
+  species, density = [], []
   for start in range(0, len(cells), batch_size):
     batch = crystals.stack_crystals(cells[start:start + batch_size])
     result = voxelize.voxelize_batch(

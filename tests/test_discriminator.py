@@ -47,8 +47,8 @@ def test_training_reduces_the_loss_and_outputs_lie_in_unit_interval(workdir, tfd
   settings.learning_rate = 1e-2
   settings.log_every_steps = 10
   model = inference.TrainedModel.restore(workdir)
-  real, conditions = generation.encode_crystals(
-      model, generation.training_crystals(config, settings.num_real, 0), settings.batch_size)
+  real, conditions = model.encode_crystals(
+      generation.training_crystals(config, settings.num_real, 0), settings.batch_size)
   trainer = discriminator.Trainer(model, settings)
   initial, _ = trainer.init(settings.seed)
   params, losses = trainer.train(real, conditions)

@@ -174,7 +174,7 @@ def test_true_grids_rebuild_and_write_parseable_cifs(tfds_dir, tmp_path):
   grids = {key: np.array(value) for key, value in model.voxelize([salt, salt]).items()}
   grids["species"][1] = 0  # nothing segmented and no density: no atoms
   grids["density"][1] = 0
-  rebuilt = generation.to_crystals(model, grids)
+  rebuilt = model.to_crystals(grids)
   counts = generation.write_cifs(rebuilt, ["salt", "empty"], tmp_path)
   assert counts == {"valid": 1, "invalid": 1, "invalid_no_atoms": 1}
   (parsed,) = _assert_accounted(tmp_path, 2)

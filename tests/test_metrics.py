@@ -86,14 +86,3 @@ def test_match_metrics_counts_invalid_as_misses():
   expected = metrics.structure_matcher().get_rms_dist(perturbed, rocksalt)[0]
   assert expected > 0
   assert result["rms_dist"] == pytest.approx(expected / 2)
-
-
-def test_save_figures_writes_every_panel(tmp_path):
-  true = _atoms([8, 22], [[1, 1, 1], [5, 5, 5]])
-  comparisons = [metrics.compare_atoms(_atoms([8], [[1.2, 1, 1]]), true),
-                 metrics.compare_atoms(_atoms([], []), true)]
-  paths = metrics.save_figures(tmp_path, comparisons, mse=np.array([0.1, 0.2]))
-  assert [p.name for p in paths] == ["voxel_errors.png", "atom_counts.png", "distances.png",
-                                     "species.png"]
-  for path in paths:
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
