@@ -242,22 +242,27 @@ def plot_voxel_errors(mse: np.ndarray, path: pathlib.Path) -> None:
   _save(figure, path)
 
 
-def plot_atom_counts(comparisons: Sequence[AtomComparison], path: pathlib.Path) -> None:
-  """Predicted vs true atom counts per sample, point size = number of samples (Fig. 3b/4b)."""
+def _parity(points: np.ndarray, path: pathlib.Path, xlabel: str, ylabel: str, empty: str) -> None:
+  """(x, y) integer pairs as a scatter, point size = how many, with the identity dashed."""
   plt = pyplot()
-  counts = np.array([(c.true_count, c.predicted_count) for c in comparisons]).reshape(-1, 2)
-  pairs, multiplicity = np.unique(counts, axis=0, return_counts=True)
+  unique, multiplicity = np.unique(points, axis=0, return_counts=True)
   figure, axis = plt.subplots(figsize=(4.5, 4))
-  if counts.size:
-    axis.scatter(pairs[:, 0], pairs[:, 1], s=10 + 40 * multiplicity / multiplicity.max(),
+  if unique.size:
+    axis.scatter(unique[:, 0], unique[:, 1], s=10 + 40 * multiplicity / multiplicity.max(),
                  alpha=0.7)
   else:
-    _say(axis, "no samples")
-  top = max(int(counts.max()) if counts.size else 1, 1)
+    _say(axis, empty)
+  top = max(int(points.max()) if points.size else 1, 1)
   axis.plot([0, top], [0, top], "k--", linewidth=0.8)
-  axis.set_xlabel("true atoms in cube")
-  axis.set_ylabel("predicted atoms in cube")
+  axis.set_xlabel(xlabel)
+  axis.set_ylabel(ylabel)
   _save(figure, path)
+
+
+def plot_atom_counts(comparisons: Sequence[AtomComparison], path: pathlib.Path) -> None:
+  """Predicted vs true atom counts per sample (Fig. 3b/4b)."""
+  counts = np.array([(c.true_count, c.predicted_count) for c in comparisons]).reshape(-1, 2)
+  _parity(counts, path, "true atoms in cube", "predicted atoms in cube", "no samples")
 
 
 def plot_distances(comparisons: Sequence[AtomComparison], path: pathlib.Path) -> None:
@@ -281,21 +286,10 @@ def plot_distances(comparisons: Sequence[AtomComparison], path: pathlib.Path) ->
 
 def plot_species(comparisons: Sequence[AtomComparison], path: pathlib.Path) -> None:
   """Predicted vs true Z of predicted atoms within 0.5 Å of a true atom (Fig. 3d/4d)."""
-  plt = pyplot()
   pairs = (np.concatenate([c.species_pairs for c in comparisons]) if comparisons
-           else np.zeros((0, 2), np.int64))
-  unique, multiplicity = np.unique(pairs, axis=0, return_counts=True)
-  figure, axis = plt.subplots(figsize=(4.5, 4))
-  if unique.size:
-    axis.scatter(unique[:, 1], unique[:, 0], s=10 + 40 * multiplicity / multiplicity.max(),
-                 alpha=0.7)
-  else:
-    _say(axis, "no decoded atom within 0.5 Å of a true atom")
-  top = max(int(pairs.max()) if pairs.size else 1, 1)
-  axis.plot([0, top], [0, top], "k--", linewidth=0.8)
-  axis.set_xlabel("true Z")
-  axis.set_ylabel("predicted Z")
-  _save(figure, path)
+           else np.zeros((0, 2), np.int64))  # (predicted, true)
+  _parity(pairs[:, ::-1], path, "true Z", "predicted Z",
+          "no decoded atom within 0.5 Å of a true atom")
 
 
 def save_evaluation_figures(directory: pathlib.Path, comparisons: Sequence[AtomComparison],
