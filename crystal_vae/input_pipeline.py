@@ -10,8 +10,9 @@ A source is any sequence of records as stored by `datasets.CrystalDataset` (or o
 - `index` int32 (B,), the position of the record in its split;
 - `valid` bool (B,), False for the padding rows of a final eval batch.
 
-Each process reads the records `process_index::process_count` of the source and yields
-batches of its own `batch_size`.
+Training: every process shuffles the whole source alike and reads its own slice of each global
+batch, so the global batch of a step is the same whatever the number of processes. Evaluation:
+each process reads the records `process_index::process_count`.
 """
 
 from __future__ import annotations
@@ -48,25 +49,30 @@ def _shard(num_records: int) -> tuple[int, int]:
 
 def train_batches(source: Sequence[Any], *, batch_size: int, max_atoms: int, seed: int,
                   start_step: int = 0) -> Iterator[Batch]:
-  """Infinite shuffled batches; the batch of step s depends only on (seed, s, process).
+  """Infinite shuffled batches of this process's `batch_size`: its slice of the global batch
+  (`batch_size` x process count), which depends only on (seed, step).
 
-  Each epoch of this process's shard is a fresh permutation (derived from `seed` and the
-  epoch); batches run across epoch boundaries. Starting at `start_step` yields exactly the
-  batches an uninterrupted iterator would have yielded from that step on.
+  Each epoch is a fresh permutation of the source (derived from `seed` and the epoch); batches
+  run across epoch boundaries. Starting at `start_step` yields exactly the batches an
+  uninterrupted iterator would have yielded from that step on.
   """
   num_records = len(source)
   process_index, process_count = _shard(num_records)
   # Mix the seed so that runs with seeds s and s + 1 do not share epochs (grain adds the
   # epoch number to the shuffle seed).
   shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
-  dataset = (grain.MapDataset.source(source)
-             # Later epochs read index + epoch * num_records.
-             .map_with_index(lambda index, record: _example(index % num_records, record,
-                                                            max_atoms))
-             [process_index::process_count]
+  mine = slice(process_index * batch_size, (process_index + 1) * batch_size)
+
+  def read(global_indices: np.ndarray) -> Batch:
+    examples = [_example(int(index), source[int(index)], max_atoms)
+                for index in global_indices[mine]]
+    return {key: np.stack([example[key] for example in examples]) for key in examples[0]}
+
+  dataset = (grain.MapDataset.range(num_records)
              .shuffle(seed=shuffle_seed)
              .repeat()
-             .batch(batch_size, drop_remainder=True))
+             .batch(batch_size * process_count, drop_remainder=True)
+             .map(read))
   return iter(dataset[start_step:].to_iter_dataset(_READ_OPTIONS))
 
 

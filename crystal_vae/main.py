@@ -29,7 +29,13 @@ config_flags.DEFINE_config_file(
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
 flags.DEFINE_enum("mode", "train", modes.NAMES, "What to do with the config and workdir.")
-flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() first (multi-host).")
+flags.DEFINE_bool("jax_distributed", False,
+                  "Call jax.distributed.initialize() first: one process per host (or per GPU).")
+flags.DEFINE_string("coordinator_address", None,
+                    "With --jax_distributed: host:port of process 0; unset = from the cluster "
+                    "(SLURM, Open MPI, ...) or JAX_COORDINATOR_ADDRESS.")
+flags.DEFINE_integer("num_processes", None, "With --jax_distributed; unset = from the cluster.")
+flags.DEFINE_integer("process_id", None, "With --jax_distributed; unset = from the cluster.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -71,7 +77,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if FLAGS.jax_distributed:
-    jax.distributed.initialize()
+    # CPU processes exchange gradients through gloo; GPUs use NCCL whatever this says.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
   try:

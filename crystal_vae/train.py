@@ -109,8 +109,11 @@ def initialised_from(state: TrainState, workdir: str) -> TrainState:
   latest checkpoint in `workdir`; the others keep their initial values."""
   manager = checkpoints.checkpoint_manager(workdir, read_only=True)
   saved_config = checkpoints.restore_config(manager)
-  _, saved = checkpoints.restore_state(
-      manager, jax.eval_shape(lambda: create_train_state(saved_config, jax.random.key(0))))
+  sharding = jax.tree.leaves(state.params)[0].sharding  # replicated like the state
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      jax.eval_shape(lambda: models.init_variables(saved_config, jax.random.key(0))))
+  saved = checkpoints.restore_variables(manager, abstract)
   kept = []
 
   def take(path, initial, saved_values):
@@ -118,11 +121,11 @@ def initialised_from(state: TrainState, workdir: str) -> TrainState:
     if value is None or value.shape != initial.shape:
       return initial
     kept.append(path)
-    return jax.device_put(value, initial.sharding)
+    return value
 
   variables = {}
   for name in ("params", "batch_stats"):
-    saved_values = dict(traverse_util.flatten_dict(getattr(saved, name)))
+    saved_values = dict(traverse_util.flatten_dict(saved[name]))
     flat = traverse_util.flatten_dict(getattr(state, name))
     variables[name] = traverse_util.unflatten_dict(
         {path: take(path, value, saved_values) for path, value in flat.items()})
@@ -273,8 +276,8 @@ def num_images_for(lattice: np.ndarray, config: ml_collections.ConfigDict,
                    train: bool) -> tuple[int, int, int]:
   """The batch's static image counts, equal on every host and rounded up to even numbers so that
   few distinct values (and so few compilations of the voxeliser) occur."""
-  counts = np.array(voxelize.num_images_for(lattice, voxelize.GridSpec.from_config(config.voxel), config.representation,
-                                            train and config.voxel.rotate))
+  counts = np.array(voxelize.num_images_for(lattice, voxelize.GridSpec.from_config(config.voxel),
+                                            config.representation, train and config.voxel.rotate))
   if jax.process_count() > 1:
     counts = multihost_utils.process_allgather(counts).reshape(-1, 3).max(axis=0)
   return tuple(int(2 * math.ceil(count / 2)) for count in counts)
@@ -345,6 +348,18 @@ def _check_finite(pending: list[tuple[int, dict[str, jax.Array]]], last_good: in
           " learning rate or check the data.")
 
 
+def replicated(tree: Any, sharding: jax.sharding.NamedSharding) -> Any:
+  """A pytree of this process's arrays (the same values on every process) as global arrays
+  replicated over `sharding`'s mesh, whose devices may belong to other processes."""
+  def put(value):
+    value = value if isinstance(value, jax.Array) else np.asarray(value)
+    if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(value)),
+                                      impl=jax.random.key_impl(value))
+    return jax.make_array_from_process_local_data(sharding, np.asarray(jax.device_get(value)))
+  return jax.tree.map(put, tree)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains for `config.num_train_steps`, resuming from the latest checkpoint in `workdir`."""
   workdir = pathlib.Path(workdir)
@@ -362,7 +377,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   rng = jax.random.key(config.seed)
   init_rng, step_rng, placement_rng = jax.random.split(rng, 3)
   with jax.set_mesh(mesh):
-    state = jax.device_put(create_train_state(config, init_rng), trainer.replicated)
+    state = replicated(create_train_state(config, init_rng), trainer.replicated)
     if manager.latest_step() is not None:
       step, state = checkpoints.restore_state(manager, state)
       checkpoints.set_aside_newer(manager, step)
@@ -370,7 +385,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     elif config.init_from:
       state = initialised_from(state, config.init_from)
     start_step = int(state.step)
-    step_rng = jax.device_put(step_rng, trainer.replicated)
+    step_rng = replicated(step_rng, trainer.replicated)
 
     writer = metric_writer.MetricWriter(workdir, start_step)
     batches = input_pipeline.train_batches(
