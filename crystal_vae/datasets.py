@@ -256,13 +256,12 @@ def load_data_sources(dataset_config: Any) -> dict[str, Sequence[Mapping[str, An
   Builds the dataset on first use. Records are dicts of numpy arrays with the features of
   `CrystalDataset`; `record_to_crystal` turns one into a `crystals.Crystal`.
   """
-  builder = make_builder(dataset_config)
   if jax.process_index() == 0:
-    builder.download_and_prepare()
+    make_builder(dataset_config).download_and_prepare()
   if jax.process_count() > 1:  # the others wait for process 0's build instead of racing it
-    multihost_utils.sync_global_devices(f"built {builder.builder_config.name}")
-    builder.download_and_prepare()
-  sources = builder.as_data_source()
+    multihost_utils.sync_global_devices(f"built {builder_config(dataset_config).name}")
+  # Made after the build, so that every process reads the built dataset's information.
+  sources = make_builder(dataset_config).as_data_source()
   return {split: sources[split] for split in SPLITS if split in sources}
 
 

@@ -43,6 +43,7 @@ def _free_port() -> int:
 
 def _main(config_file: pathlib.Path, workdir: pathlib.Path, devices: int, *extra: str
           ) -> subprocess.Popen:
+  """`crystal_vae.main` on `devices` CPU devices; extra flags after the config's."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   return subprocess.Popen(
@@ -72,10 +73,12 @@ def test_two_processes_killed_and_resumed_train_to_the_parameters_of_one(tfds_di
   workdir = tmp_path / "distributed"
 
   def start() -> list[subprocess.Popen]:
+    # A data dir of their own: process 0 builds the dataset while process 1 waits for it.
     port = _free_port()
     return [_main(config_file, workdir, 2, "--jax_distributed",
                   f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                  f"--process_id={index}") for index in range(2)]
+                  f"--process_id={index}", f"--config.dataset.data_dir={tmp_path / 'tfds'}")
+            for index in range(2)]
 
   processes = start()
   deadline = time.time() + 400
