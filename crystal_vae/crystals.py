@@ -143,6 +143,8 @@ def _check_geometry(structure: Structure, crystal_id: str) -> None:
 
 def structure_from_cif(cif_text: str, crystal_id: str) -> Structure:
   """Parses the first structure of a CIF text; raises `RejectedCrystal` when it cannot."""
+  if not cif_text.strip():
+    raise RejectedCrystal(crystal_id, UNPARSABLE, "empty file")
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     try:

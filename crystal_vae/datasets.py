@@ -39,7 +39,6 @@ from typing import Any
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -181,10 +180,18 @@ class CrystalDataset(tfds.core.GeneratorBasedBuilder):
 
   def _download_and_prepare(self, dl_manager, download_config) -> None:
     super()._download_and_prepare(dl_manager, download_config)
-    _write_rejections(pathlib.Path(self.data_dir) / REJECTED_FILE, self._rejections)
+    rejected = pathlib.Path(self.data_dir) / REJECTED_FILE
+    _write_rejections(rejected, self._rejections)
     for line in _summary_lines(self._logs):
       print(f"{self.name}/{self.builder_config.name}: {line}", flush=True)
-      logging.info("%s/%s: %s", self.name, self.builder_config.name, line)
+
+  def _log_download_bytes(self) -> None:
+    """Replaces TFDS's "Downloading and preparing dataset Unknown size ..." line."""
+    print(f"Building {self.name}/{self.builder_config.name} in {self.data_dir} (once) ...",
+          flush=True)
+
+  def _log_download_done(self) -> None:
+    print(f"Built {self.name}/{self.builder_config.name}.", flush=True)
 
 
 def record_to_crystal(record: Mapping[str, Any]) -> crystals.Crystal:
@@ -257,7 +264,10 @@ def load_data_sources(dataset_config: Any) -> dict[str, Sequence[Mapping[str, An
   `CrystalDataset`; `record_to_crystal` turns one into a `crystals.Crystal`.
   """
   if jax.process_index() == 0:
-    make_builder(dataset_config).download_and_prepare()
+    builder = make_builder(dataset_config)
+    if not builder.is_prepared():
+      builder.download_and_prepare()
+      print(f"Skipped entries and their reasons: {rejected_path(builder)}", flush=True)
   if jax.process_count() > 1:  # the others wait for process 0's build instead of racing it
     multihost_utils.sync_global_devices(f"built {builder_config(dataset_config).name}")
   # Made after the build, so that every process reads the built dataset's information.

@@ -29,11 +29,14 @@ class MetricWriter:
               if line.strip() and json.loads(line)["step"] <= start_step]
       path.write_text("".join(line + "\n" for line in kept))
     self._jsonl = open(path, "a")
-    self._tensorboard = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+    self._tensorboard_dir = workdir / "tensorboard"
+    self._tensorboard = None  # opened at the first write: a finished run re-run adds no file
 
   def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
     if not self._active:
       return
+    if self._tensorboard is None:
+      self._tensorboard = tensorboardX.SummaryWriter(str(self._tensorboard_dir))
     values = {key: float(np.asarray(value)) for key, value in metrics.items()}
     self._jsonl.write(json.dumps({"step": int(step), "split": split, **values}) + "\n")
     self._jsonl.flush()
@@ -44,4 +47,5 @@ class MetricWriter:
   def close(self) -> None:
     if self._active:
       self._jsonl.close()
-      self._tensorboard.close()
+      if self._tensorboard is not None:
+        self._tensorboard.close()

@@ -72,6 +72,14 @@ def test_close_atoms_are_measured_across_the_cell_boundary():
       Structure(Lattice.cubic(4.0), ["O", "H"], [[0, 0, 0], [0.15, 0, 0]]), "x")
 
 
+def test_an_empty_file_is_named_as_such(tmp_path):
+  path = tmp_path / "empty.cif"
+  path.write_text("  \n")
+  with pytest.raises(crystals.RejectedCrystal) as info:
+    crystals.read_cif_file(path)
+  assert info.value.reason == crystals.UNPARSABLE and info.value.detail == "empty file"
+
+
 def test_a_negative_cell_length_in_a_cif_is_a_degenerate_cell():
   cif = str(CifWriter(_rocksalt())).replace("_cell_length_a   5.64", "_cell_length_a   -5.64")
   assert "-5.64" in cif

@@ -100,6 +100,17 @@ def test_end_to_end_run_writes_metrics_checkpoints_and_events(trained_workdir):
   assert checkpoints.restore_config(manager).model.decoder_paddings == ("SAME", "SAME", "SAME")
 
 
+def test_a_finished_run_run_again_changes_nothing(trained_workdir, tfds_dir, tmp_path):
+  workdir = tmp_path / "finished"
+  shutil.copytree(trained_workdir, workdir)
+  before = {path.relative_to(workdir): path.read_bytes() for path in workdir.rglob("*")
+            if path.is_file() and path.suffix != ".png"}
+  train.train_and_evaluate(tiny_config(tfds_dir), str(workdir))
+  after = {path.relative_to(workdir): path.read_bytes() for path in workdir.rglob("*")
+           if path.is_file() and path.suffix != ".png"}
+  assert after == before  # no new TensorBoard file, metrics or checkpoint
+
+
 def test_resume_after_a_crash_equals_the_uninterrupted_run(trained_workdir, tfds_dir, tmp_path,
                                                            monkeypatch):
   real_batches = input_pipeline.train_batches
