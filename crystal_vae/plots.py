@@ -41,15 +41,16 @@ def species_colours(*species_grids: np.ndarray) -> Colours:
 def _say(axis, text: str) -> None:
   """Writes `text` in the middle of an axis (a panel or plot with nothing to show)."""
   axis.text(0.5, 0.5, text, transform=axis.transAxes, ha="center", va="center", fontsize=8,
-            color="0.3", wrap=True)
+            color="0.2", wrap=True, bbox=dict(facecolor="white", alpha=0.8, lw=0))
 
 
 def draw_slice(axis, density: np.ndarray, species: np.ndarray, spec: GridSpec, colours: Colours,
                index: int | None = None, vmax: float | None = None, axis_labels: bool = True):
-  """Draws z-slice `index` (default: the middle) of a density grid in Å with its non-zero
-  species voxels overlaid in their `colours`. Returns (species shown, the density image for a
-  colour bar). A grid without atom voxels says "no atoms"."""
-  k = spec.grid // 2 if index is None else index
+  """Draws z-slice `index` of a density grid in Å with its non-zero species voxels overlaid in
+  their `colours`, its height written in a corner (default: the slice with the most atom voxels,
+  else the densest). Returns (species shown, the density image for a colour bar). A grid
+  without atom voxels says "no atoms"."""
+  k = best_slice(density, species) if index is None else index
   extent = (0.0, spec.box, 0.0, spec.box)
   image = axis.imshow(density[:, :, k].T, origin="lower", extent=extent, cmap="gray_r",
                       vmin=0.0, vmax=vmax or float(density.max()) or 1.0)
@@ -65,18 +66,28 @@ def draw_slice(axis, density: np.ndarray, species: np.ndarray, spec: GridSpec, c
   if axis_labels:
     axis.set_xlabel("x (Å)", fontsize=7)
     axis.set_ylabel("y (Å)", fontsize=7)
+  axis.text(0.03, 0.97, f"z = {spec.voxel_centres()[k]:.2f} Å", transform=axis.transAxes,
+            ha="left", va="top", fontsize=6, bbox=dict(facecolor="white", alpha=0.7, lw=0))
   if not species.any():
     _say(axis, "no atoms")
   return shown, image
 
 
+def best_slice(density: np.ndarray, species: np.ndarray) -> int:
+  """The z index with the most atom voxels (ties: the densest), the densest without atoms."""
+  atoms = (species > 0).sum(axis=(0, 1))
+  return int(np.lexsort((-density.sum(axis=(0, 1)), -atoms))[0])
+
+
 def add_species_legend(figure, colours: Colours, shown: set[int]) -> None:
-  """A figure legend naming the overlay colour of each species shown."""
+  """A figure legend naming the overlay colour of each species shown, right of the panels (and
+  of their colour bar) in a figure with the constrained layout."""
   from matplotlib import patches  # pylint: disable=import-outside-toplevel
   handles = [patches.Patch(color=colours[z], label=Element.from_Z(z).symbol)
              for z in sorted(shown)]
   if handles:
-    figure.legend(handles=handles, loc="center right", fontsize=7, ncol=1 + len(handles) // 20)
+    figure.legend(handles=handles, loc="outside right upper", fontsize=7, title="species",
+                  title_fontsize=7, ncol=1 + len(handles) // 20)
 
 
 def _finish(figure, image, axes, shown: set[int], colours: Colours, path: pathlib.Path,
@@ -116,6 +127,7 @@ def plot_gallery(grids: dict[str, np.ndarray], labels: Sequence[str], spec: Grid
   """A grid of panels: the middle z-slice of each grid, titled by its label."""
   plt = pyplot()
   num = grids["density"].shape[0]
+  columns = max(min(columns, num), 1)
   rows = max(math.ceil(num / columns), 1)
   figure, axes = plt.subplots(rows, columns, figsize=(2.5 * columns + 1.8, 2.7 * rows + 0.4),
                               squeeze=False, layout="constrained")
@@ -130,7 +142,7 @@ def plot_gallery(grids: dict[str, np.ndarray], labels: Sequence[str], spec: Grid
       axis.set_title(f"{index}: {labels[index]}", fontsize=8)
     else:
       axis.axis("off")
-  figure.suptitle(f"{title}, z-slice at {spec.voxel_centres()[spec.grid // 2]:.2f} Å")
+  figure.suptitle(title)
   _finish(figure, image, axes, shown, colours, path)
 
 

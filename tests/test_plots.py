@@ -32,13 +32,13 @@ def test_a_slice_is_drawn_in_angstrom_with_its_species():
   plt = plots.pyplot()
   figure, axis = plt.subplots()
   shown, image = plots.draw_slice(axis, density, species, SPEC, colours)
-  assert shown == {8, 26}  # the middle slice, z index 4
+  assert shown == {8, 26}  # the slice with the most atom voxels: z index 4, not Na's 0
   assert list(axis.get_xticks()) == [0.0, 2.0, 4.0] and axis.get_xlabel() == "x (Å)"
   assert image.get_extent() == [0.0, 4.0, 0.0, 4.0] and image.get_clim() == (0.0, 2.0)
-  assert _texts(axis) == []
+  assert _texts(axis) == ["z = 2.25 Å"]  # (4 + 0.5) × 0.5 Å
   _, empty_axis = plt.subplots()
   plots.draw_slice(empty_axis, density, np.zeros_like(species), SPEC, colours)
-  assert _texts(empty_axis) == ["no atoms"]
+  assert _texts(empty_axis) == ["z = 2.25 Å", "no atoms"]  # the densest slice
   plt.close("all")
 
 
