@@ -51,6 +51,22 @@ def _write_errors(manager: ocp.CheckpointManager):
         " command to resume from it") from error
 
 
+def save_pytree(tree: Any, directory: str | pathlib.Path) -> None:
+  """Writes a pytree of arrays (e.g. a discriminator's parameters) to `directory` with orbax,
+  replacing an earlier save, and waits until it is written."""
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    checkpointer.save(pathlib.Path(directory).absolute(), tree, force=True)
+    checkpointer.wait_until_finished()
+  except Exception as error:  # pylint: disable=broad-exception-caught
+    raise CheckpointWriteError(f"could not write {directory}: {_first_line(error)}") from error
+
+
+def restore_pytree(directory: str | pathlib.Path, template: Any) -> Any:
+  """Reads a pytree written by `save_pytree` into the layout of `template`."""
+  return ocp.StandardCheckpointer().restore(pathlib.Path(directory).absolute(), template)
+
+
 def restore_config(manager: ocp.CheckpointManager, step: int | None = None
                    ) -> ml_collections.ConfigDict:
   """The config saved with checkpoint `step` (default: the newest that restores). Fields added

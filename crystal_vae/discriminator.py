@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
+from crystal_vae import checkpoints
 from crystal_vae import datasets
 from crystal_vae import generation
 from crystal_vae import inference
@@ -75,7 +75,8 @@ def mixed_latents(key: jax.Array, real_latents: jax.Array, real_conditions: jax.
 
 
 class Trainer:
-  """The jitted training step and scoring of a discriminator on one frozen VAE."""
+  """The jitted training step and scoring of a discriminator on one frozen VAE (its variables
+  are an argument of the jitted functions, not constants baked into them)."""
 
   def __init__(self, model: inference.TrainedModel, settings: ml_collections.ConfigDict):
     self.model = model
@@ -87,24 +88,23 @@ class Trainer:
     self._logits = jax.jit(lambda params, density: self.network.apply({"params": params}, density))
     self._mixed_loss = jax.jit(self._loss_on_mixture)
 
-  def _decode(self, z: jax.Array, condition: jax.Array | None) -> jax.Array:
-    return self.vae.apply(self.model.variables, z, train=False, condition=condition,
-                          method="decode")
+  def _decode(self, vae_variables, z: jax.Array, condition: jax.Array | None) -> jax.Array:
+    return self.vae.apply(vae_variables, z, train=False, condition=condition, method="decode")
 
   def init(self, seed: int) -> tuple[dict, optax.OptState]:
     grid = self.model.config.voxel.grid
     params = self.network.init(jax.random.key(seed), jnp.zeros((1, grid, grid, grid)))["params"]
     return params, self.optimizer.init(params)
 
-  def _loss_on_mixture(self, params, key, real_latents, real_conditions):
+  def _loss_on_mixture(self, params, vae_variables, key, real_latents, real_conditions):
     z, condition, mix = mixed_latents(key, real_latents, real_conditions,
                                       self.settings.batch_size)
-    density = jax.lax.stop_gradient(self._decode(z, condition))
+    density = jax.lax.stop_gradient(self._decode(vae_variables, z, condition))
     return loss_of(self.network.apply({"params": params}, density), mix, self.settings.loss)
 
-  def _train_step(self, params, opt_state, key, real_latents, real_conditions):
-    loss, grads = jax.value_and_grad(self._loss_on_mixture)(params, key, real_latents,
-                                                            real_conditions)
+  def _train_step(self, params, opt_state, vae_variables, key, real_latents, real_conditions):
+    loss, grads = jax.value_and_grad(self._loss_on_mixture)(params, vae_variables, key,
+                                                            real_latents, real_conditions)
     updates, opt_state = self.optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -112,7 +112,8 @@ class Trainer:
                  real_conditions: np.ndarray | None = None) -> float:
     """The loss on one mixed batch drawn from `key` (for comparisons on a fixed batch)."""
     conditions = None if real_conditions is None else jnp.asarray(real_conditions)
-    return float(self._mixed_loss(params, key, jnp.asarray(real_latents), conditions))
+    return float(self._mixed_loss(params, self.model.variables, key, jnp.asarray(real_latents),
+                                  conditions))
 
   def train(self, real_latents: np.ndarray, real_conditions: np.ndarray | None = None
             ) -> tuple[dict, np.ndarray]:
@@ -124,8 +125,9 @@ class Trainer:
     real_conditions = None if real_conditions is None else jnp.asarray(real_conditions)
     losses = []
     for step in range(settings.num_train_steps):
-      params, opt_state, loss = self._step(params, opt_state, jax.random.fold_in(key, step),
-                                           real_latents, real_conditions)
+      params, opt_state, loss = self._step(params, opt_state, self.model.variables,
+                                           jax.random.fold_in(key, step), real_latents,
+                                           real_conditions)
       losses.append(loss)
       if (step + 1) % settings.log_every_steps == 0:
         logging.info("discriminator step %d/%d  loss %.5f", step + 1, settings.num_train_steps,
@@ -141,18 +143,6 @@ class Trainer:
     """Sigmoid outputs for latents, decoded in batches."""
     grids = self.model.decode(z, condition, self.settings.batch_size)
     return self.score_densities(params, grids["density"])
-
-
-def save_params(params, directory: pathlib.Path) -> None:
-  """Writes the parameters with orbax (replacing an earlier save)."""
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(directory.absolute(), params, force=True)
-  checkpointer.wait_until_finished()
-
-
-def restore_params(directory: pathlib.Path, template) -> dict:
-  """Reads parameters written by `save_params` into the layout of `template`."""
-  return ocp.StandardCheckpointer().restore(directory.absolute(), template)
 
 
 def discriminate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
@@ -190,7 +180,7 @@ def discriminate(model: inference.TrainedModel, settings: ml_collections.ConfigD
              **{f"{name}_mean": float(values.mean()) for name, values in scores.items()},
              **{f"{name}_std": float(values.std()) for name, values in scores.items()}}
   out_dir.mkdir(parents=True, exist_ok=True)
-  save_params(params, out_dir / "params")
+  checkpoints.save_pytree(params, out_dir / "params")
   plots.plot_discriminator_scores(scores, losses, out_dir / "scores.png")
   generation.write_json(out_dir / "summary.json", results)
   print(f"Discriminator ({settings.loss}, {settings.num_train_steps} steps, loss "

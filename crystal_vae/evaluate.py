@@ -115,7 +115,7 @@ def evaluate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
                                                    sort_keys=True))
   logging.info("wrote %s: %s", out_dir, json.dumps(results, sort_keys=True))
   print(f"Evaluation of {len(ids)} {split} crystals written to {out_dir}")
-  for key in ("match_rate", "framework_match_rate", "rms_dist", "valid_rate",
+  for key in ("match_rate", "match_rate_cdvae", "framework_match_rate", "rms_dist", "valid_rate",
               "cell_atom_count_exact", "composition_exact", "atom_count_exact",
               "atom_count_within_2", "species_exact",
               "distance_true_to_predicted_p50", "distance_predicted_to_true_p50", "voxel_mse_mean"):

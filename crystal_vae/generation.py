@@ -11,7 +11,7 @@ restored model (its config decides representation, grid and dataset), the mode's
   training crystals, Fig. 9A) and `summary.json`:
   - `valid_fraction`: reconstructions that are crystals (at least one atom, sites >= 0.5 Å apart);
   - `composition_valid_fraction`: samples that are crystals with a charge-neutral composition by
-    SMACT (CDVAE's `smact_validity`, see `smact_valid`), and the same among the valid ones;
+    SMACT (CDVAE's `smact_validity`, see `metrics.smact_valid`), and the same among the valid ones;
   - `wasserstein_density` (g/cm³) and `wasserstein_num_elements`: between the valid samples and
     `config.sample.num_train_structures` training crystals (scipy.stats.wasserstein_distance).
 * `interpolate` (Fig. 8): encodes `config.interpolate.start` and `.end` (CIF paths or dataset
@@ -29,8 +29,6 @@ linearly between the two endpoints' own.
 
 from __future__ import annotations
 
-import collections
-import itertools
 import json
 import math
 import pathlib
@@ -40,14 +38,13 @@ from collections.abc import Sequence
 from absl import logging
 import ml_collections
 import numpy as np
-from pymatgen.core import Element, Structure
+from pymatgen.core import Structure
 from scipy import stats
-import smact
-from smact import screening
 
 from crystal_vae import crystals
 from crystal_vae import datasets
 from crystal_vae import inference
+from crystal_vae import metrics
 from crystal_vae import plots
 from crystal_vae import reconstruction
 
@@ -113,51 +110,7 @@ def draw_conditions(model: inference.TrainedModel, num: int, seed: int,
 
 
 # ---------------------------------------------------------------------------------------------
-# Composition validity and distribution statistics (CDVAE).
-
-
-def _oxidation_states(symbol: str) -> tuple[list[int], float | None]:
-  try:
-    element = smact.element_dictionary((symbol,))[symbol]
-  except (KeyError, NameError, ValueError):
-    return [], None
-  return list(element.oxidation_states or []), element.pauling_eneg
-
-
-def smact_valid(atomic_numbers: Sequence[int], use_pauling_test: bool = True,
-                include_alloys: bool = True) -> bool:
-  """CDVAE's `smact_validity` of a composition (any multiset of atomic numbers).
-
-  The counts are reduced by their gcd. A single element is valid; so (`include_alloys`, as in
-  CDVAE) is a composition of metals only. Otherwise the composition is valid when some
-  combination of the elements' SMACT oxidation states is charge neutral for the counts
-  (`smact.neutral_ratios` with the counts as the only stoichiometry) and passes the Pauling
-  electronegativity test (`smact.screening.pauling_test`; missing electronegativities pass).
-  """
-  counter = collections.Counter(int(z) for z in atomic_numbers)
-  if not counter:
-    return False
-  numbers = sorted(counter)
-  symbols = [Element.from_Z(z).symbol for z in numbers]
-  if len(symbols) == 1:
-    return True
-  if include_alloys and all(symbol in smact.metals for symbol in symbols):
-    return True
-  counts = np.array([counter[z] for z in numbers])
-  counts = counts // np.gcd.reduce(counts)
-  states, electronegativities = zip(*[_oxidation_states(symbol) for symbol in symbols])
-  stoichs = [(int(count),) for count in counts]
-  for oxidation in itertools.product(*states):
-    if not smact.neutral_ratios(oxidation, stoichs=stoichs, threshold=int(counts.max())):
-      continue
-    if not use_pauling_test:
-      return True
-    try:
-      if screening.pauling_test(oxidation, electronegativities):
-        return True
-    except TypeError:  # No electronegativity data: CDVAE counts it as passing.
-      return True
-  return False
+# Distribution statistics (CDVAE); validity is in metrics.py.
 
 
 def nearest_neighbour_distances(structure: Structure) -> np.ndarray:
@@ -188,7 +141,7 @@ def sample_summary(reconstructions: Sequence[reconstruction.Reconstruction],
                    reference: Sequence[Structure]) -> dict[str, float]:
   """Validity fractions and distribution distances of generated crystals (see module doc)."""
   valid = [r.structure for r in reconstructions if r.valid]
-  composition_valid = [smact_valid(s.atomic_numbers) for s in valid]
+  composition_valid = [metrics.smact_valid(s.atomic_numbers) for s in valid]
   num = len(reconstructions)
   return {
       "num_samples": num,
@@ -307,7 +260,8 @@ def sample(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
 
 
 def interpolation(model: inference.TrainedModel, start: crystals.Crystal, end: crystals.Crystal,
-                  steps: int) -> dict[str, tuple[dict[str, np.ndarray], list[reconstruction.Reconstruction]]]:
+                  steps: int
+                  ) -> dict[str, tuple[dict[str, np.ndarray], list[reconstruction.Reconstruction]]]:
   """Per method: the decoded grids along the path between the two crystals' latent means and
   the crystals rebuilt from them."""
   means, condition = model.encode_crystals([start, end])

@@ -1,7 +1,12 @@
-"""Shared fixtures: a tiny training config over the embedded prototypes dataset."""
+"""Shared fixtures and helpers: a tiny training config over the embedded prototypes dataset, a
+trained tiny checkpoint, the AFLOW prototypes as crystals, voxelisation of a batch, matching."""
 
+import gzip
+import json
 import os
+import pathlib
 import tempfile
+import warnings
 
 # Tests run on the CPU; several tests need more than one (virtual) device.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -10,10 +15,21 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     tempfile.gettempdir(), f"crystal_vae_tests_jax_cache_{os.getuid()}"))
 
-import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import ml_collections
+import numpy as np
+import pymatgen
+import pytest
+from pymatgen.analysis.structure_matcher import StructureMatcher
+from pymatgen.core import Lattice
+from pymatgen.util.provenance import StructureNL
 
-from crystal_vae import default_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from crystal_vae import crystals
+from crystal_vae import default_config
+from crystal_vae import reconstruction
+from crystal_vae import train
+from crystal_vae import voxelize
 
 
 def tiny_config(data_dir: str, representation: str = "repeat") -> ml_collections.ConfigDict:
@@ -47,3 +63,87 @@ def tiny_config(data_dir: str, representation: str = "repeat") -> ml_collections
 def tfds_dir(tmp_path_factory) -> str:
   """One TFDS data dir per test session, so the prototypes dataset is built once."""
   return str(tmp_path_factory.mktemp("tfds"))
+
+
+SPEC = voxelize.GridSpec()  # 30^3 voxels in a 10 Å cube, species radius 0.5 Å.
+MATCHER = StructureMatcher(stol=0.5, angle_tol=10, ltol=0.3)
+# Prototypes of different lattice systems and sizes: e.g. Cu (fcc), W (bcc), Mg (hcp), NaCl,
+# CsCl, spinel MgAl2O4 (14 atoms), calcite (10), triclinic cells.
+REPRESENTATIVE = ("Cu", "W", "Mg", "NaCl", "CsCl", "ZnS", "CaF2", "TiO2", "Al2O3", "MgAl2O4")
+
+
+def voxelize_crystals(batch_crystals, representation, random_offset=False, seed=0, rotate=False):
+  """One padded batch through `voxelize_batch`; returns numpy arrays."""
+  batch = crystals.stack_crystals(batch_crystals)
+  result = voxelize.voxelize_batch(
+      batch, jax.random.key(seed), spec=SPEC, representation=representation, rotate=rotate,
+      random_offset=random_offset,
+      num_images=voxelize.num_images_for(batch["lattice"], SPEC, representation, False))
+  return {name: np.asarray(value) for name, value in result.items()}
+
+
+def prototypes(limits=crystals.CrystalLimits()):
+  path = pathlib.Path(pymatgen.__path__[0]) / "analysis/prototypes/aflow_prototypes.json.gz"
+  with gzip.open(path, "rt") as handle:
+    entries = json.load(handle)
+  found = []
+  for index, entry in enumerate(entries):
+    try:
+      found.append(crystals.crystal_from_structure(
+          StructureNL.from_dict(entry["snl"]).structure, f"aflow_{index}", limits))
+    except crystals.RejectedCrystal:
+      continue
+  return found
+
+
+def matches(result: reconstruction.Reconstruction, crystal: crystals.Crystal) -> bool:
+  true = crystal.to_structure()
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    return (result.valid and len(result.structure) == len(true.get_primitive_structure())
+            and MATCHER.fit(result.structure, true))
+
+
+def representative_prototypes():
+  chosen = {}
+  for crystal in prototypes():
+    formula = crystal.to_structure().composition.reduced_formula
+    if formula in REPRESENTATIVE and formula not in chosen:
+      chosen[formula] = crystal
+  # Plus two low-symmetry cells (monoclinic / triclinic: all angles away from 90 and 120).
+  low = [c for c in prototypes() if np.linalg.norm(c.lattice, axis=1).max() < 7.0
+         and np.all(np.abs(np.array(Lattice(c.lattice).angles) - 90) > 1)]
+  return list(chosen.values()) + low[:2]
+
+
+def small_config(tfds_dir: str, conditional_model: bool = False):
+  """`tiny_config` trained for 2 steps, with small generation settings."""
+  config = tiny_config(tfds_dir)
+  config.model.conditional = conditional_model
+  config.num_train_steps = 2
+  config.checkpoint_every_steps = 2
+  config.sample.num = 6
+  config.sample.batch_size = 4
+  config.sample.num_train_structures = 12
+  config.sample.gallery = 4
+  config.interpolate.steps = 3
+  config.traverse.steps = 3
+  config.conditional.targets = (0.5, 1.0, 2.0, 4.0)
+  config.conditional.num_samples = 4
+  config.conditional.batch_size = 4
+  config.discriminator.features = (4, 8)
+  config.discriminator.batch_size = 8
+  config.discriminator.num_real = 12
+  config.discriminator.num_eval = 4
+  return config
+
+
+def trained_checkpoint(tmp_path_factory, tfds_dir: str, conditional_model: bool = False
+                       ) -> pathlib.Path:
+  """A workdir with a 2-step checkpoint, trained once per test session (shared by modules)."""
+  workdir = tmp_path_factory.getbasetemp() / ("conditional" if conditional_model else "tiny")
+  if not (workdir / "checkpoints" / "2").exists():
+    config = small_config(tfds_dir, conditional_model)
+    config.eval.split = "none"  # no evaluation while training: the checkpoint is all we need
+    train.train_and_evaluate(config, str(workdir))
+  return workdir

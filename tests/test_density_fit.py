@@ -4,8 +4,7 @@ import numpy as np
 from pymatgen.core import Lattice
 
 from crystal_vae import crystals, density_fit, reconstruction, voxelize
-from test_reconstruction import _matches, _representative_prototypes
-from test_segmentation import SPEC, voxelize_crystals
+from conftest import SPEC, matches, representative_prototypes, voxelize_crystals
 
 
 def _fit(density: np.ndarray) -> density_fit.DensityFit:
@@ -58,12 +57,12 @@ def test_sites_include_the_oxygen_saddles_between_cations():
 def test_prototypes_are_rebuilt_from_their_density_alone():
   """12 lattice systems and sizes. Known misses: corundum's pseudo-translations (as deep as its
   lattice vectors at 30³) and CaC6's C rings (C 1.44 Å apart, unresolved peaks)."""
-  cells = _representative_prototypes()
+  cells = representative_prototypes()
   grids = voxelize_crystals(cells, voxelize.REPEAT, random_offset=True, seed=2)
   failures = []
   for cell, density in zip(cells, grids["density"]):
     result = reconstruction.reconstruct_repeat_from_density(_fit(density), max_z=100, min_z=0.5)
-    if not (_matches(result, cell)
+    if not (matches(result, cell)
             and np.allclose(sorted(result.structure.lattice.get_niggli_reduced_lattice().abc),
                             sorted(Lattice(cell.lattice).get_niggli_reduced_lattice().abc),
                             atol=0.01)):
@@ -105,5 +104,5 @@ def test_a_predicted_composition_corrects_the_species_of_a_biased_density():
   composition[[38, 22, 8]] = [0.2, 0.2, 0.6]
   result = reconstruction.reconstruct_repeat_from_density(_fit(density), max_z=100, min_z=6,
                                                           composition=composition)
-  assert _matches(result, crystal)
+  assert matches(result, crystal)
   assert set(result.cube_atoms.species.tolist()) == {8, 22, 38}

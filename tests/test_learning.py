@@ -12,7 +12,7 @@ from crystal_vae import crystals
 from crystal_vae import losses
 from crystal_vae import models
 from crystal_vae import voxelize
-from test_segmentation import prototypes
+from conftest import prototypes
 
 # 16^3 voxels over a 6 Å cube: 0.375 Å voxels, close to the paper's 0.33 Å.
 SPEC = voxelize.GridSpec(grid=16, box=6.0)

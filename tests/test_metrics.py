@@ -86,3 +86,30 @@ def test_match_metrics_counts_invalid_as_misses():
   expected = metrics.structure_matcher().get_rms_dist(perturbed, rocksalt)[0]
   assert expected > 0
   assert result["rms_dist"] == pytest.approx(expected / 2)
+
+
+def test_cdvae_match_rate_counts_only_valid_reconstructions():
+  rocksalt = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"],
+                                       [[0, 0, 0], [0.5, 0.5, 0.5]])
+  # Fluorite geometry with Na and Cl: NaCl2 has no charge-neutral oxidation states (SMACT).
+  sodium_chloride_2 = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.5), ["Na", "Cl"],
+                                                [[0, 0, 0], [0.25, 0.25, 0.25]])
+  # Two atoms 0.4 Å apart through the cell's face: structurally invalid.
+  overlapping = Structure(Lattice.cubic(4.0), ["Na", "Cl"], [[0.05, 0, 0], [0.95, 0, 0]])
+  assert not metrics.smact_valid(sodium_chloride_2.atomic_numbers)
+  assert metrics.smact_valid(overlapping.atomic_numbers)
+  assert not metrics.structure_valid(overlapping)
+  assert metrics.structure_valid(rocksalt) and metrics.cdvae_valid(rocksalt)
+  truths = [rocksalt, sodium_chloride_2, overlapping]
+  result = metrics.match_metrics(truths, truths)  # perfect reconstructions
+  assert result["match_rate"] == 1.0
+  assert result["match_rate_cdvae"] == pytest.approx(1 / 3)
+
+
+def test_structure_validity_by_hand():
+  # 0.5 Å apart exactly is valid, below is not; a 0.05 Å³ cell is not.
+  assert metrics.structure_valid(Structure(Lattice.cubic(4.0), ["C", "C"],
+                                           [[0, 0, 0], [0.125, 0, 0]]))
+  assert not metrics.structure_valid(Structure(Lattice.cubic(4.0), ["C", "C"],
+                                               [[0, 0, 0], [0.12, 0, 0]]))
+  assert not metrics.structure_valid(Structure(Lattice.cubic(0.35), ["H"], [[0, 0, 0]]))

@@ -4,29 +4,15 @@ import csv
 import gzip
 import pathlib
 import sys
-import warnings
 
 import numpy as np
 import pytest
-from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Lattice, Structure
 
 from crystal_vae import crystals, reconstruction, segmentation, voxelize
-from test_segmentation import SPEC, prototypes, voxelize_crystals
+from conftest import MATCHER, SPEC, matches, representative_prototypes, voxelize_crystals
 
 PEROV_VAL = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "perov_5" / "val.csv.gz"
-MATCHER = StructureMatcher(stol=0.5, angle_tol=10, ltol=0.3)
-# Prototypes of different lattice systems and sizes: e.g. Cu (fcc), W (bcc), Mg (hcp), NaCl,
-# CsCl, spinel MgAl2O4 (14 atoms), calcite (10), triclinic cells.
-REPRESENTATIVE = ("Cu", "W", "Mg", "NaCl", "CsCl", "ZnS", "CaF2", "TiO2", "Al2O3", "MgAl2O4")
-
-
-def _matches(result: reconstruction.Reconstruction, crystal: crystals.Crystal) -> bool:
-  true = crystal.to_structure()
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    return (result.valid and len(result.structure) == len(true.get_primitive_structure())
-            and MATCHER.fit(result.structure, true))
 
 
 def _atoms(species, positions, on_boundary=None) -> segmentation.Atoms:
@@ -38,26 +24,14 @@ def _atoms(species, positions, on_boundary=None) -> segmentation.Atoms:
                    else np.asarray(on_boundary)))
 
 
-def _representative_prototypes():
-  chosen = {}
-  for crystal in prototypes():
-    formula = crystal.to_structure().composition.reduced_formula
-    if formula in REPRESENTATIVE and formula not in chosen:
-      chosen[formula] = crystal
-  # Plus two low-symmetry cells (monoclinic / triclinic: all angles away from 90 and 120).
-  low = [c for c in prototypes() if np.linalg.norm(c.lattice, axis=1).max() < 7.0
-         and np.all(np.abs(np.array(Lattice(c.lattice).angles) - 90) > 1)]
-  return list(chosen.values()) + low[:2]
-
-
 def test_repeat_oracle_recovers_prototypes_at_any_origin():
-  cells = _representative_prototypes()
+  cells = representative_prototypes()
   assert len(cells) >= 10
   grids = voxelize_crystals(cells, voxelize.REPEAT, random_offset=True, seed=1)
   assert np.all(np.abs(grids["offset"]).max(axis=1) > 0.1)
   atoms = segmentation.segment_batch(grids["species"], SPEC.box)
   failures = [c.id for c, a in zip(cells, atoms)
-              if not _matches(reconstruction.reconstruct_repeat(a, SPEC.box), c)]
+              if not matches(reconstruction.reconstruct_repeat(a, SPEC.box), c)]
   assert not failures
 
 
@@ -74,10 +48,10 @@ def test_repeat_and_unit_cell_oracles_recover_perov_5():
   cells = _perov_cells(24)
   repeat = voxelize_crystals(cells, voxelize.REPEAT)  # Cell corner at the cube origin.
   for cell, atoms in zip(cells, segmentation.segment_batch(repeat["species"], SPEC.box)):
-    assert _matches(reconstruction.reconstruct_repeat(atoms, SPEC.box), cell), cell.id
+    assert matches(reconstruction.reconstruct_repeat(atoms, SPEC.box), cell), cell.id
   unit = voxelize_crystals(cells, voxelize.UNIT_CELL)
   for cell, atoms in zip(cells, segmentation.segment_batch(unit["species"], SPEC.box)):
-    assert _matches(reconstruction.reconstruct_unit_cell(atoms, cell.lattice, SPEC.box), cell)
+    assert matches(reconstruction.reconstruct_unit_cell(atoms, cell.lattice, SPEC.box), cell)
 
 
 def test_unit_cell_uses_the_oriented_lattice_of_a_rotated_cell():
@@ -87,8 +61,8 @@ def test_unit_cell_uses_the_oriented_lattice_of_a_rotated_cell():
   for cell, atoms, rotation in zip(cells, segmentation.segment_batch(grids["species"], SPEC.box),
                                    grids["rotation"]):
     oriented = cell.lattice @ np.asarray(rotation).T
-    assert _matches(reconstruction.reconstruct_unit_cell(atoms, oriented, SPEC.box), cell)
-    assert not _matches(reconstruction.reconstruct_unit_cell(atoms, cell.lattice, SPEC.box), cell)
+    assert matches(reconstruction.reconstruct_unit_cell(atoms, oriented, SPEC.box), cell)
+    assert not matches(reconstruction.reconstruct_unit_cell(atoms, cell.lattice, SPEC.box), cell)
 
 
 def test_unit_cell_merges_periodic_duplicates_and_uses_the_cell_centre():

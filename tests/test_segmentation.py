@@ -1,31 +1,14 @@
 """Segmentation: hand-made grids, and true species grids of random and real crystals."""
 
-import gzip
-import json
-import pathlib
-
-import jax
 import numpy as np
-import pymatgen
 import pytest
 from pymatgen.core import Lattice, Structure
-from pymatgen.util.provenance import StructureNL
 from scipy import optimize
 
+from conftest import SPEC, prototypes, voxelize_crystals
 from crystal_vae import crystals, segmentation, voxelize
 
-SPEC = voxelize.GridSpec()  # 30^3 voxels in a 10 Å cube, species radius 0.5 Å.
 HALF_VOXEL = 0.5 * SPEC.voxel_size
-
-
-def voxelize_crystals(batch_crystals, representation, random_offset=False, seed=0, rotate=False):
-  """One padded batch through `voxelize_batch`; returns numpy arrays."""
-  batch = crystals.stack_crystals(batch_crystals)
-  result = voxelize.voxelize_batch(
-      batch, jax.random.key(seed), spec=SPEC, representation=representation, rotate=rotate,
-      random_offset=random_offset,
-      num_images=voxelize.num_images_for(batch["lattice"], SPEC, representation, False))
-  return {name: np.asarray(value) for name, value in result.items()}
 
 
 def unit_cell_positions(crystal):
@@ -43,20 +26,6 @@ def assert_same_atoms(found: segmentation.Atoms, species, positions):
   rows, cols = optimize.linear_sum_assignment(distance)
   np.testing.assert_array_equal(found.species[rows], np.asarray(species)[cols])
   assert distance[rows, cols].max() < HALF_VOXEL
-
-
-def prototypes(limits=crystals.CrystalLimits()):
-  path = pathlib.Path(pymatgen.__path__[0]) / "analysis/prototypes/aflow_prototypes.json.gz"
-  with gzip.open(path, "rt") as handle:
-    entries = json.load(handle)
-  found = []
-  for index, entry in enumerate(entries):
-    try:
-      found.append(crystals.crystal_from_structure(
-          StructureNL.from_dict(entry["snl"]).structure, f"aflow_{index}", limits))
-    except crystals.RejectedCrystal:
-      continue
-  return found
 
 
 def min_same_species_distance(crystal) -> float:
