@@ -32,6 +32,7 @@ Config fields read by `model_from_config` (see `default_model_config` for the pa
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -492,28 +493,18 @@ class CrystalVAE(nn.Module):
     return outputs
 
 
+# The fields of `CrystalVAE` that `config.model` sets (grid and max_z come from config.voxel and
+# config.dataset); their defaults there are the paper's and the only ones.
+_MODEL_FIELDS = tuple(field.name for field in dataclasses.fields(CrystalVAE)
+                      if field.name not in ("grid", "max_z", "parent", "name"))
+
+
 def default_model_config() -> ml_collections.ConfigDict:
-  """The paper's model sizes, to embed as `config.model`."""
-  return ml_collections.ConfigDict(dict(
-      latent_dim=300,
-      encoder_features=(16, 32, 64, 128),
-      encoder_kernels=(5, 3, 3, 3),
-      encoder_strides=(2, 1, 1, 2),
-      decoder_start=5,
-      decoder_features=(64, 32, 16),
-      decoder_kernels=(5, 5, 4),
-      decoder_paddings=("SAME", "VALID", "SAME"),
-      decoder_output="relu",
-      unet_features=(16, 32, 64, 128),
-      species_head="classes",
-      lattice_head=False,
-      lattice_hidden=(256, 128),
-      composition_head=False,
-      composition_hidden=(256, 256),
-      conditional=False,
-      conv_impl="auto",
-      dtype="float32",
-  ))
+  """The paper's model sizes (`CrystalVAE`'s defaults), to embed as `config.model`."""
+  defaults = {field.name: field.default for field in dataclasses.fields(CrystalVAE)
+              if field.name in _MODEL_FIELDS}
+  defaults["dtype"] = jnp.dtype(defaults["dtype"]).name
+  return ml_collections.ConfigDict(defaults)
 
 
 def init_variables(config: ml_collections.ConfigDict, rng: jax.Array) -> dict[str, Any]:
@@ -535,26 +526,8 @@ def init_variables(config: ml_collections.ConfigDict, rng: jax.Array) -> dict[st
 
 def model_from_config(config: ml_collections.ConfigDict) -> CrystalVAE:
   """Builds `CrystalVAE` from config.model, config.voxel.grid and config.dataset.max_z."""
-  model = config.model
-  return CrystalVAE(
-      grid=config.voxel.grid,
-      max_z=config.dataset.max_z,
-      latent_dim=model.latent_dim,
-      encoder_features=tuple(model.encoder_features),
-      encoder_kernels=tuple(model.encoder_kernels),
-      encoder_strides=tuple(model.encoder_strides),
-      decoder_start=model.decoder_start,
-      decoder_features=tuple(model.decoder_features),
-      decoder_kernels=tuple(model.decoder_kernels),
-      decoder_paddings=tuple(model.decoder_paddings),
-      decoder_output=model.decoder_output,
-      unet_features=tuple(model.unet_features),
-      species_head=model.species_head,
-      lattice_head=model.lattice_head,
-      lattice_hidden=tuple(model.lattice_hidden),
-      composition_head=model.composition_head,
-      composition_hidden=tuple(model.composition_hidden),
-      conditional=model.conditional,
-      conv_impl=model.conv_impl,
-      dtype=jnp.dtype(model.dtype),
-  )
+  values = {name: config.model[name] for name in _MODEL_FIELDS}
+  values = {name: tuple(value) if isinstance(value, (list, tuple)) else value
+            for name, value in values.items()}
+  values["dtype"] = jnp.dtype(values["dtype"])
+  return CrystalVAE(grid=config.voxel.grid, max_z=config.dataset.max_z, **values)
