@@ -10,16 +10,26 @@ import io
 import math
 import pathlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from pymatgen.core import Element
 
 if TYPE_CHECKING:
   from crystal_vae.metrics import AtomComparison
-  from crystal_vae.voxelize import GridSpec
 
 Colours = dict[int, tuple[float, float, float]]
+
+
+class Grid(Protocol):
+  """What a figure needs of a grid (`voxelize.GridSpec`): its size, box and voxel centres."""
+
+  grid: int
+  box: float
+
+  def voxel_centres(self) -> np.ndarray:
+    ...
+
 DENSITY_LABEL = "density (Z / Å³)"
 
 
@@ -44,7 +54,7 @@ def _say(axis, text: str) -> None:
             color="0.2", wrap=True, bbox=dict(facecolor="white", alpha=0.8, lw=0))
 
 
-def draw_slice(axis, density: np.ndarray, species: np.ndarray, spec: GridSpec, colours: Colours,
+def draw_slice(axis, density: np.ndarray, species: np.ndarray, spec: Grid, colours: Colours,
                index: int | None = None, vmax: float | None = None, axis_labels: bool = True):
   """Draws z-slice `index` of a density grid in Å with its non-zero species voxels overlaid in
   their `colours`, its height written in a corner (default: the slice with the most atom voxels,
@@ -100,7 +110,7 @@ def _finish(figure, image, axes, shown: set[int], colours: Colours, path: pathli
   pyplot().close(figure)
 
 
-def plot_slices(density: np.ndarray, species: np.ndarray, spec: GridSpec, path: pathlib.Path,
+def plot_slices(density: np.ndarray, species: np.ndarray, spec: Grid, path: pathlib.Path,
                 title: str, num_slices: int = 4) -> None:
   """`num_slices` z-slices of one grid: those holding the most density, at least
   grid / (2 num_slices) voxels apart."""
@@ -122,7 +132,7 @@ def plot_slices(density: np.ndarray, species: np.ndarray, spec: GridSpec, path: 
   _finish(figure, image, axes, shown, colours, path, dpi=100)
 
 
-def plot_gallery(grids: dict[str, np.ndarray], labels: Sequence[str], spec: GridSpec,
+def plot_gallery(grids: dict[str, np.ndarray], labels: Sequence[str], spec: Grid,
                  path: pathlib.Path, title: str, columns: int = 4) -> None:
   """A grid of panels: the middle z-slice of each grid, titled by its label."""
   plt = pyplot()
@@ -147,7 +157,7 @@ def plot_gallery(grids: dict[str, np.ndarray], labels: Sequence[str], spec: Grid
 
 
 def plot_path(grids_by_row: dict[str, dict[str, np.ndarray]], column_titles: Sequence[str],
-              spec: GridSpec, path: pathlib.Path, title: str) -> None:
+              spec: Grid, path: pathlib.Path, title: str) -> None:
   """Rows of middle z-slices (one row per path, one column per step), one colour scale."""
   plt = pyplot()
   rows, columns = len(grids_by_row), len(column_titles)
@@ -177,7 +187,7 @@ def _figure_image(figure) -> np.ndarray:
 
 
 def write_gif(grids_by_row: dict[str, dict[str, np.ndarray]], frame_titles: Sequence[str],
-              spec: GridSpec, path: pathlib.Path, seconds_per_frame: float) -> None:
+              spec: Grid, path: pathlib.Path, seconds_per_frame: float) -> None:
   """An animated GIF: one frame per step showing each path's middle slice side by side."""
   plt = pyplot()
   from PIL import Image  # pylint: disable=import-outside-toplevel
@@ -323,7 +333,7 @@ def save_evaluation_figures(directory: pathlib.Path, comparisons: Sequence[AtomC
 
 
 def plot_conditional(targets: np.ndarray, maxima: np.ndarray,
-                     decoded: list[dict[str, np.ndarray]], spec: GridSpec,
+                     decoded: list[dict[str, np.ndarray]], spec: Grid,
                      path: pathlib.Path) -> None:
   """Left: generated maximum vs target (mean ± std, identity dashed); right: sample 0's middle
   slice at each target on one colour scale."""
