@@ -245,7 +245,8 @@ def sample(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
                                                  if sample_distances.size else float("nan"))
   results["nearest_neighbour_median_train"] = float(np.median(train_distances))
   shown = min(settings.gallery, settings.num)
-  plots.plot_gallery({key: value[:shown] for key, value in grids.items()},
+  plots.plot_gallery({"density": grids["density"][:shown],
+                      "species": model.species_to_show(grids, rebuilt)[:shown]},
                      [_label(r) for r in rebuilt[:shown]], model.spec, out_dir / "gallery.png",
                      "random samples")
   plots.plot_nearest_neighbours(sample_distances, train_distances,
@@ -288,7 +289,9 @@ def interpolate(model: inference.TrainedModel, settings: ml_collections.ConfigDi
     results[method] = {**write_cifs(rebuilt, ids, out_dir / method / "cifs"),
                        "formulas": [_label(r) for r in rebuilt]}
   titles = [f"t = {t:.2f}" for t in np.linspace(0.0, 1.0, settings.steps)]
-  grids = {method: grids for method, (grids, _) in paths.items()}
+  grids = {method: {"density": decoded["density"],
+                    "species": model.species_to_show(decoded, rebuilt)}
+           for method, (decoded, rebuilt) in paths.items()}
   title = f"{start.id} → {end.id}"
   inputs = model.voxelize([start, end])  # the two crystals themselves, beside the path
   panel = {method: {key: np.concatenate([inputs[key][:1], path[key], inputs[key][1:]])
@@ -317,7 +320,8 @@ def traverse(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
   out_dir.mkdir(parents=True, exist_ok=True)
   titles = [f"z[{settings.dim}] = {v:+.1f}" for v in values]
   true = model.voxelize([crystal])
-  panel = {key: np.concatenate([true[key], grids[key]]) for key in ("density", "species")}
+  panel = {"density": np.concatenate([true["density"], grids["density"]]),
+           "species": np.concatenate([true["species"], model.species_to_show(grids, rebuilt)])}
   plots.plot_path({crystal.id: panel}, [f"{crystal.id} (input)", *titles], model.spec,
                   out_dir / "traverse.png",
                   f"{crystal.id}: latent {settings.dim} (encoded {means[0, settings.dim]:+.2f})")

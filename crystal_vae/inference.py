@@ -211,6 +211,18 @@ class TrainedModel:
                for a, density in zip(atoms, grids["density"])]
     return atoms
 
+  def species_to_show(self, grids: dict[str, np.ndarray],
+                      rebuilt: Sequence[reconstruction.Reconstruction]) -> np.ndarray:
+    """The species grids a figure overlays on decoded densities: the atoms of the rebuilt
+    crystals where they were read off the density (a repeat cube), else the segmentation."""
+    if not (self.fits_density and self.config.representation == "repeat"):
+      return grids["species"]
+    spec = self.spec
+    return np.stack([
+        segmentation.species_grid(r.cube_atoms, spec.grid, spec.box, spec.species_radius)
+        if r.cube_atoms is not None else np.zeros_like(species)
+        for r, species in zip(rebuilt, grids["species"])])
+
   def to_crystals(self, grids: dict[str, np.ndarray], atoms: list[segmentation.Atoms] | None = None
                   ) -> list[reconstruction.Reconstruction]:
     """Decoded (or true) grids -> crystals; invalid ones carry their reason. With a decoded

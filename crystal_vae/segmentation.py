@@ -167,6 +167,21 @@ def segment_batch(species: np.ndarray, box: float, *, density: np.ndarray | None
           for start, stop in zip(bounds[:-1], bounds[1:])]
 
 
+def species_grid(atoms: Atoms, grid: int, box: float, radius: float) -> np.ndarray:
+  """The species grid (G, G, G) of atoms as the voxelisation draws it: each voxel whose centre
+  lies within `radius` of an atom holds its Z (the nearest atom's), the others 0. Used to show
+  the atoms of a rebuilt crystal in the same picture as a segmentation."""
+  centres = (np.arange(grid) + 0.5) * box / grid
+  points = np.stack(np.meshgrid(centres, centres, centres, indexing="ij"), axis=-1)
+  result = np.zeros((grid, grid, grid), np.int32)
+  nearest = np.full((grid, grid, grid), np.inf)
+  for z, position in zip(atoms.species, atoms.positions):
+    distance = np.linalg.norm(points - position, axis=-1)
+    closer = (distance <= radius) & (distance < nearest)
+    result[closer], nearest[closer] = z, distance[closer]
+  return result
+
+
 def segment(species: np.ndarray, box: float, *, density: np.ndarray | None = None,
             min_size: int = 3) -> Atoms:
   """`segment_batch` for one species grid (G, G, G)."""

@@ -170,3 +170,14 @@ def test_density_fit_of_a_cube_without_atoms_is_a_no_op():
                              np.zeros(0, bool))
   fitted = segmentation.fit_atoms(empty, np.ones((30, 30, 30)), SPEC.box, SPEC.sigma, 100)
   assert len(fitted) == 0
+
+
+def test_species_grid_of_atoms_draws_spheres_of_the_species_radius():
+  # One atom at a voxel centre (h = 1/3 Å): itself, 6 face and 12 edge neighbours (0.33 and
+  # 0.47 Å away) lie within 0.5 Å, the 8 corner ones (0.58 Å) do not; the nearer atom wins.
+  atoms = segmentation.Atoms(species=np.array([8, 26], np.int32),
+                             positions=np.array([[(10 + 0.5) / 3] * 3, [(13 + 0.5) / 3] * 3]),
+                             voxels=np.zeros(2, np.int64), on_boundary=np.zeros(2, bool))
+  grid = segmentation.species_grid(atoms, 30, 10.0, 0.5)
+  assert np.sum(grid == 8) == 19 and np.sum(grid == 26) == 19
+  assert grid[10, 10, 10] == 8 and grid[11, 11, 10] == 8 and grid[11, 11, 11] == 0
