@@ -27,3 +27,9 @@ def test_mistakes_end_in_one_line(arguments, message, tmp_path):
   assert result.returncode == 1
   assert "Traceback" not in result.stderr, result.stderr[-2000:]
   assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-2000:]
+
+
+def test_a_config_of_another_model_is_one_of_the_one_line_errors():
+  # Raised by TrainedModel.for_mode (test_generation.py); main turns these into `error: ...`.
+  from crystal_vae import inference, main  # pylint: disable=import-outside-toplevel
+  assert issubclass(inference.ConfigMismatch, main._ONE_LINE_ERRORS)  # pylint: disable=protected-access
