@@ -178,7 +178,7 @@ def voxel_losses(outputs: Mapping[str, jax.Array], batch: Batch,
 
 
 def total_loss(terms: Mapping[str, jax.Array], config: ml_collections.ConfigDict) -> jax.Array:
-  """MSE + β·KL + SEG (+ teacher forcing, + site Z, + lattice, + composition): with the U-Net's input
+  """MSE + β·KL + SEG (+ teacher forcing, site Z, lattice, composition): with the U-Net's input
   gradient scaled by γ this is L_VAE for the encoder/decoder and L_UNet for the U-Net (paper §3);
   SEG is the species head's loss (the paper's CE for "classes")."""
   loss = (terms["mse"] + config.loss.beta * terms["kl"] + terms["seg"]

@@ -7,7 +7,8 @@ count=${1:?usage: $0 N CONFIG WORKDIR [--config.* overrides]}
 config=${2:?usage: $0 N CONFIG WORKDIR [--config.* overrides]}
 workdir=${3:?usage: $0 N CONFIG WORKDIR [--config.* overrides]}
 shift 3
-port=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+port=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0))
+print(s.getsockname()[1])")
 pids=()
 for ((id = 0; id < count; id++)); do
   python -m crystal_vae.main --jax_distributed --coordinator_address="127.0.0.1:$port" \

@@ -32,4 +32,5 @@ def test_mistakes_end_in_one_line(arguments, message, tmp_path):
 def test_a_config_of_another_model_is_one_of_the_one_line_errors():
   # Raised by TrainedModel.for_mode (test_generation.py); main turns these into `error: ...`.
   from crystal_vae import inference, main  # pylint: disable=import-outside-toplevel
-  assert issubclass(inference.ConfigMismatch, main._ONE_LINE_ERRORS)  # pylint: disable=protected-access
+  one_line_errors = main._ONE_LINE_ERRORS  # pylint: disable=protected-access
+  assert issubclass(inference.ConfigMismatch, one_line_errors)
