@@ -28,38 +28,39 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
          config: ml_collections.ConfigDict) -> None:
   """Starts writing checkpoint `step` in the background (an earlier write's failure surfaces
   here or in `wait_until_written` as `CheckpointWriteError`)."""
-  with _write_errors(manager):
+  with _write_errors(manager.directory, manager):
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                config=ocp.args.JsonSave(config.to_dict())))
 
 
 def wait_until_written(manager: ocp.CheckpointManager) -> None:
   """Waits for the checkpoint being written; raises `CheckpointWriteError` if it failed."""
-  with _write_errors(manager):
+  with _write_errors(manager.directory, manager):
     manager.wait_until_finished()
 
 
 @contextlib.contextmanager
-def _write_errors(manager: ocp.CheckpointManager):
+def _write_errors(directory: Any, manager: ocp.CheckpointManager | None = None):
+  """Any failure inside becomes one `CheckpointWriteError` line; with a manager, naming the
+  newest complete checkpoint."""
   try:
     yield
   except Exception as error:  # pylint: disable=broad-exception-caught
-    manager.reload()
-    raise CheckpointWriteError(
-        f"could not write a checkpoint in {manager.directory}: {_first_line(error)}. The newest"
-        f" complete checkpoint ({manager.latest_step()}) is intact: make room and run the same"
-        " command to resume from it") from error
+    message = f"could not write a checkpoint in {directory}: {_first_line(error)}"
+    if manager is not None:
+      manager.reload()
+      message += (f". The newest complete checkpoint ({manager.latest_step()}) is intact: make"
+                  " room and run the same command to resume from it")
+    raise CheckpointWriteError(message) from error
 
 
 def save_pytree(tree: Any, directory: str | pathlib.Path) -> None:
   """Writes a pytree of arrays (e.g. a discriminator's parameters) to `directory` with orbax,
   replacing an earlier save, and waits until it is written."""
   checkpointer = ocp.StandardCheckpointer()
-  try:
+  with _write_errors(directory):
     checkpointer.save(pathlib.Path(directory).absolute(), tree, force=True)
     checkpointer.wait_until_finished()
-  except Exception as error:  # pylint: disable=broad-exception-caught
-    raise CheckpointWriteError(f"could not write {directory}: {_first_line(error)}") from error
 
 
 def restore_pytree(directory: str | pathlib.Path, template: Any) -> Any:

@@ -75,7 +75,9 @@ class TrainedModel:
                                       ("grid", lambda c: voxelize.GridSpec.from_config(c.voxel)),
                                       ("max_z", lambda c: c.dataset.max_z))
                 if of(config) != of(saved)]
-    if not mismatch and _shapes(config) != _shapes(saved):
+    # Settings that do not change the layers (conv_impl, dtype) differ freely.
+    if (not mismatch and config.model.to_dict() != saved.model.to_dict()
+        and _shapes(config) != _shapes(saved)):
       mismatch = ["model"]
     if mismatch:
       raise ConfigMismatch(
