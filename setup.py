@@ -26,6 +26,7 @@ setuptools.setup(
         "matplotlib>=3.9",
         "imageio>=2.34",
         "smact>=4.0",
+        "matminer>=0.10",  # CDVAE's fingerprints for the generation metrics
         "tensorboardX>=2.6",
     ],
     extras_require={

@@ -29,6 +29,7 @@ from scipy import spatial
 from crystal_vae import generation
 from crystal_vae import inference
 from crystal_vae import plots
+from crystal_vae import reconstruction
 from crystal_vae import segmentation
 
 
@@ -121,7 +122,7 @@ def conditional(model: inference.TrainedModel, settings: ml_collections.ConfigDi
              "geometry": geometry_report(model, decoded, len(targets) // 2)}
   out_dir.mkdir(parents=True, exist_ok=True)
   plots.plot_conditional(targets, maxima, decoded, model.spec, out_dir / "conditional.png")
-  generation.write_json(out_dir / "summary.json", results)
+  reconstruction.write_json(out_dir / "summary.json", results)
   print(f"Conditional generation at {len(targets)} targets written to {out_dir}")
   print(f"  Pearson(target, generated max): {results['pearson_target_vs_max']:.4f} over all,"
         f" {results['pearson_target_vs_max_per_latent']:.4f} per latent")

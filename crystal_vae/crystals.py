@@ -12,6 +12,7 @@ import collections
 import csv
 import dataclasses
 import io
+import json
 import math
 import pathlib
 import warnings
@@ -175,9 +176,23 @@ def read_cif_file(path: str | pathlib.Path, limits: CrystalLimits = CrystalLimit
   return crystal_from_cif(text, path.stem, limits)
 
 
-def pad_crystal(crystal_or_record: Crystal | Mapping[str, Any],
-                max_atoms: int) -> dict[str, np.ndarray]:
-  """One crystal as `lattice`, `frac_coords`, `atomic_numbers`, `atom_mask` padded to max_atoms."""
+def property_values(crystal_or_record: Crystal | Mapping[str, Any], names: Sequence[str]
+                    ) -> np.ndarray:
+  """The named numeric properties of a crystal or stored record (its `properties` JSON) as
+  float32 (P,), NaN where the crystal has no value."""
+  if isinstance(crystal_or_record, Crystal):
+    properties = crystal_or_record.properties
+  else:
+    text = crystal_or_record["properties"]
+    properties = json.loads(text.decode() if isinstance(text, bytes) else text)
+  values = [properties.get(name) for name in names]
+  return np.array([np.nan if value is None else value for value in values], np.float32)
+
+
+def pad_crystal(crystal_or_record: Crystal | Mapping[str, Any], max_atoms: int,
+                properties: Sequence[str] = ()) -> dict[str, np.ndarray]:
+  """One crystal as `lattice`, `frac_coords`, `atomic_numbers`, `atom_mask` padded to max_atoms
+  (and, if named, its `properties`: NaN where missing)."""
   if isinstance(crystal_or_record, Crystal):
     lattice = crystal_or_record.lattice
     frac_coords = crystal_or_record.frac_coords
@@ -198,6 +213,8 @@ def pad_crystal(crystal_or_record: Crystal | Mapping[str, Any],
   }
   padded["frac_coords"][:num_atoms] = np.asarray(frac_coords).reshape(-1, 3)
   padded["atomic_numbers"][:num_atoms] = atomic_numbers
+  if properties:
+    padded["properties"] = property_values(crystal_or_record, properties)
   return padded
 
 

@@ -63,6 +63,8 @@ def get_config(representation: str, arg: str | None = None) -> ml_collections.Co
   config.loss.site_z_weight = 0.0
   config.loss.lattice_weight = 0.01  # unit_cell only: MSE (÷ box²) of the predicted oriented lattice.
   config.loss.composition_weight = 0.1  # model.composition_head: weight of its cross-entropy.
+  # model.properties: weight of the property head's squared error (each property standardised).
+  config.loss.property_weight = 1.0
 
   config.learning_rate = 1e-5
   config.lr_schedule = "constant"  # constant | warmup_cosine
@@ -98,7 +100,10 @@ def get_config(representation: str, arg: str | None = None) -> ml_collections.Co
   config.sample.seed = 0
   config.sample.temperature = 1.0  # z ~ N(0, temperature²)
   config.sample.batch_size = 16
-  config.sample.num_train_structures = 500  # training crystals for the distribution statistics
+  config.sample.num_train_structures = 500  # training crystals for the nearest-neighbour figure
+  # Reference crystals of CDVAE's coverage and Wasserstein distances (CDVAE: the test split).
+  config.sample.reference_split = "validation"
+  config.sample.num_reference = 1000  # the first ones of the split; -1 = all
   config.sample.gallery = 16  # samples shown in gallery.png
 
   config.interpolate = ml_collections.ConfigDict()  # --mode=interpolate (generation.py)
@@ -134,6 +139,20 @@ def get_config(representation: str, arg: str | None = None) -> ml_collections.Co
   config.discriminator.num_eval = 64  # crystals of eval.split scored as "real"
   config.discriminator.ood_scale = 3.0  # out-of-distribution draws z ~ N(0, ood_scale²)
   config.discriminator.seed = 0
+
+  config.optimize = ml_collections.ConfigDict()  # --mode=optimize (optimize.py)
+  config.optimize.property = ""  # a name in model.properties; "" = the first
+  config.optimize.direction = "minimize"  # minimize | maximize
+  config.optimize.start = "encoded"  # encoded (the first crystals of `split`) | prior
+  config.optimize.split = "validation"
+  config.optimize.num = 16
+  config.optimize.seed = 0  # of the prior draws
+  config.optimize.steps = 200
+  config.optimize.learning_rate = 0.01  # Adam on the latents
+  config.optimize.prior_weight = 0.01  # weight of |z|² / 2 beside the standardised property
+  config.optimize.num_saved = 5  # steps decoded, rebuilt and judged
+  config.optimize.judge = ""  # workdir of an independently trained property model
+  config.optimize.batch_size = 16
 
   if arg in (None, "", "paper"):
     return config

@@ -6,9 +6,11 @@ segment, rebuild a crystal. Writes `WORKDIR/eval/<split>[-oracle]/` with `metric
 paper's Fig. 3/4 panels as PNGs. With `config.eval.oracle`, the same post-processing runs on
 the TRUE species grids instead: the upper bound that segmentation and lattice recovery allow.
 
-In-cube atom metrics compare the atoms segmented from the decoded grids with those segmented
-from the true grids (the same cube, the same boundary cuts); with `eval.atoms_from=density` on a
-repeat cube, the images inside the cube of the fitted crystal with those of the true one.
+In-cube atom metrics compare the decoded atoms with the TRUE atoms as evaluation places them in
+the cube (`true_atoms_in_cube`: every periodic image whose centre lies inside it for a repeat
+cube, the cell's atoms for a unit cell), so what segmentation loses shows, in the oracle too.
+The decoded atoms are those segmented from the decoded grids or, with `eval.atoms_from=density`
+on a repeat cube, the images inside the cube of the fitted crystal.
 """
 
 import json
@@ -19,22 +21,59 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from crystal_vae import crystals
 from crystal_vae import datasets
 from crystal_vae import density_fit
 from crystal_vae import inference
 from crystal_vae import metrics
 from crystal_vae import plots
 from crystal_vae import reconstruction
-
-
-def _finite_or_none(results: dict) -> dict:
-  """NaN and inf (e.g. a distance with no atoms to compare) become null: strict JSON."""
-  return {key: None if isinstance(value, float) and not np.isfinite(value) else value
-          for key, value in results.items()}
+from crystal_vae import segmentation
+from crystal_vae import voxelize
 
 
 def _primitive_count(structure) -> int:
   return len(structure.get_primitive_structure())
+
+
+def true_atoms_in_cube(crystal: crystals.Crystal, box: float, representation: str
+                       ) -> segmentation.Atoms:
+  """The crystal's atoms as evaluation voxelises it (unrotated): for a repeat cube (a cell corner
+  at the origin) every periodic image with its centre inside [0, box]³, for a unit cell the
+  cell's atoms (fractional coordinates wrapped into [0, 1)) with the cell centred in the cube."""
+  if representation == "repeat":
+    return density_fit.images_in_cube(crystal.atomic_numbers, crystal.frac_coords,
+                                      crystal.lattice, box)
+  frac = crystal.frac_coords - np.floor(crystal.frac_coords)
+  positions = frac @ crystal.lattice + box / 2 - 0.5 * crystal.lattice.sum(axis=0)
+  near_face = np.any((positions < 0.5) | (positions > box - 0.5), axis=1)
+  return segmentation.Atoms(np.asarray(crystal.atomic_numbers, np.int32), positions,
+                            np.zeros(len(positions), np.int64), near_face)
+
+
+def touches_face(positions: np.ndarray, spec: voxelize.GridSpec) -> np.ndarray:
+  """Whether each atom's species sphere reaches a voxel of the cube's outer layer (where the
+  face cuts it), exactly: the nearest outer-layer voxel centre of each face lies within the
+  species radius. Segmentation marks the same atoms `on_boundary`."""
+  centres = spec.voxel_centres()
+  snapped = np.clip(np.rint(positions / spec.voxel_size - 0.5), 0, spec.grid - 1)
+  snapped = centres[snapped.astype(np.int64)]
+  touches = np.zeros(len(positions), bool)
+  for axis in range(3):
+    for face in (centres[0], centres[-1]):
+      nearest = snapped.copy()
+      nearest[:, axis] = face
+      touches |= np.linalg.norm(positions - nearest, axis=1) <= spec.species_radius
+  return touches
+
+
+def whole_atoms(atoms: segmentation.Atoms, spec: voxelize.GridSpec, segmented: bool
+                ) -> segmentation.Atoms:
+  """The atoms that no cube face cuts: for segmented atoms those not `on_boundary` (no voxel in
+  the outer layer), for atoms placed geometrically those that do not `touches_face`."""
+  keep = ~atoms.on_boundary if segmented else ~touches_face(atoms.positions, spec)
+  return segmentation.Atoms(atoms.species[keep], atoms.positions[keep], atoms.voxels[keep],
+                            atoms.on_boundary[keep])
 
 
 def out_dir_name(settings: ml_collections.ConfigDict) -> str:
@@ -58,21 +97,26 @@ def evaluate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
 
   comparisons, voxel_errors, predicted, true, ids = [], [], [], [], []
   compositions_exact = []
+  property_names = tuple(config.model.properties)
+  predicted_properties, true_properties = [], []
   for begin in range(0, count, settings.batch_size):
     batch = [datasets.record_to_crystal(source[i])
              for i in range(begin, min(begin + settings.batch_size, count))]
     grids = model.voxelize(batch, seed=config.seed)
-    true_atoms = model.atoms(grids)
+    true_atoms = [true_atoms_in_cube(c, model.spec.box, config.representation) for c in batch]
     if settings.oracle:
       decoded = dict(grids)
       if model.config.representation == "unit_cell":
         decoded["lattice"] = np.stack([c.lattice for c in batch])  # unrotated at evaluation
-      decoded_atoms = true_atoms
+      decoded_atoms = model.atoms(grids)
     else:
       mean, _ = model.encode(grids["density"], composition=grids["composition"])
       decoded = model.decode(mean, condition=model.condition(grids["density"]))
       decoded_atoms = model.atoms(decoded)
       voxel_errors.append(metrics.voxel_mse(decoded["density"], grids["density"]))
+      if property_names:
+        predicted_properties.append(model.predict_properties(mean))
+        true_properties += [crystals.property_values(crystal, property_names) for crystal in batch]
       if "composition" in decoded:  # the composition head's counts for the true number of atoms
         compositions_exact += [
             np.array_equal(reconstruction.composition_counts(fractions, crystal.num_atoms),
@@ -80,10 +124,11 @@ def evaluate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
             for fractions, crystal in zip(decoded["composition"], batch)]
     rebuilt = model.to_crystals(decoded, decoded_atoms)
     if model.fits_density and model.config.representation == "repeat":
-      # Both sides as the images of a crystal (the evaluation cube: unrotated, origin at a corner).
-      decoded_atoms = [r.cube_atoms for r in rebuilt]
-      true_atoms = [density_fit.images_in_cube(c.atomic_numbers, c.frac_coords, c.lattice,
-                                               model.spec.box) for c in batch]
+      decoded_atoms = [r.cube_atoms for r in rebuilt]  # the fitted crystal's images in the cube
+    if config.representation == "repeat":  # atoms cut by a face are compared on neither side
+      segmented = not model.fits_density
+      decoded_atoms = [whole_atoms(a, model.spec, segmented) for a in decoded_atoms]
+      true_atoms = [whole_atoms(a, model.spec, False) for a in true_atoms]
     comparisons += [metrics.compare_atoms(p, t) for p, t in zip(decoded_atoms, true_atoms)]
     predicted += rebuilt
     true += [crystal.to_structure() for crystal in batch]
@@ -103,6 +148,11 @@ def evaluate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
   results["invalid_reasons"] = reasons
   if compositions_exact:
     results["composition_exact"] = float(np.mean(compositions_exact))
+  if predicted_properties:
+    predicted_properties = np.concatenate(predicted_properties)
+    true_properties = np.stack(true_properties)
+    results["properties"] = metrics.property_metrics(
+        predicted_properties, true_properties, property_names, config.model.property_means)
   mse = np.concatenate(voxel_errors) if voxel_errors else None
   if mse is not None:
     results.update(metrics.voxel_metrics(mse))
@@ -111,8 +161,10 @@ def evaluate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
   out_dir.mkdir(parents=True, exist_ok=True)
   reconstruction.write_cifs(predicted, ids, out_dir / "cifs")
   plots.save_evaluation_figures(out_dir, comparisons, mse)
-  (out_dir / "metrics.json").write_text(json.dumps(_finite_or_none(results), indent=2,
-                                                   sort_keys=True))
+  if "properties" in results:
+    plots.plot_property_parity(predicted_properties, true_properties, property_names,
+                               results["properties"], out_dir / "properties.png")
+  reconstruction.write_json(out_dir / "metrics.json", results)
   logging.info("wrote %s: %s", out_dir, json.dumps(results, sort_keys=True))
   print(f"Evaluation of {len(ids)} {split} crystals written to {out_dir}")
   for key in ("match_rate", "match_rate_cdvae", "framework_match_rate", "rms_dist", "valid_rate",
@@ -121,4 +173,7 @@ def evaluate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
               "distance_true_to_predicted_p50", "distance_predicted_to_true_p50", "voxel_mse_mean"):
     if key in results:
       print(f"  {key}: {results[key]:.4f}")
+  for name, values in results.get("properties", {}).items():
+    print(f"  property {name}: MAE {values['mae']:.4g} (training mean:"
+          f" {values['baseline_mae']:.4g}), R² {values['r2']:.3f} over {values['count']}")
   return results

@@ -8,12 +8,12 @@ restored model (its config decides representation, grid and dataset), the mode's
   `config.sample.seed`, decoded, segmented and rebuilt into crystals. Writes `cifs/` (+
   `invalid.csv`), `gallery.png` (a density slice of each sample with its segmentation),
   `nearest_neighbours.png` (nearest-neighbour interatomic distances of the valid samples against
-  training crystals, Fig. 9A) and `summary.json`:
-  - `valid_fraction`: reconstructions that are crystals (at least one atom, sites >= 0.5 Å apart);
-  - `composition_valid_fraction`: samples that are crystals with a charge-neutral composition by
-    SMACT (CDVAE's `smact_validity`, see `metrics.smact_valid`), and the same among the valid ones;
-  - `wasserstein_density` (g/cm³) and `wasserstein_num_elements`: between the valid samples and
-    `config.sample.num_train_structures` training crystals (scipy.stats.wasserstein_distance).
+  training crystals, Fig. 9A) and `summary.json`: `valid_fraction` (reconstructions that are
+  crystals: at least one atom, sites >= 0.5 Å apart) and CDVAE's generation metrics
+  (`generation_metrics.py`: structural / compositional validity, COV-R and COV-P against the
+  first `config.sample.num_reference` crystals of `config.sample.reference_split`, Wasserstein
+  distances of density and number of elements). The reference fingerprints are kept in
+  `reference_fingerprints.npz` and reused while the reference crystals are the same.
 * `interpolate` (Fig. 8): encodes `config.interpolate.start` and `.end` (CIF paths or dataset
   ids; empty = the first / second training crystal) to their latent means and decodes
   `config.interpolate.steps` points on the line between them, linear and spherical (slerp).
@@ -29,8 +29,6 @@ linearly between the two endpoints' own.
 
 from __future__ import annotations
 
-import json
-import math
 import pathlib
 import warnings
 from collections.abc import Sequence
@@ -39,12 +37,11 @@ from absl import logging
 import ml_collections
 import numpy as np
 from pymatgen.core import Structure
-from scipy import stats
 
 from crystal_vae import crystals
 from crystal_vae import datasets
+from crystal_vae import generation_metrics
 from crystal_vae import inference
-from crystal_vae import metrics
 from crystal_vae import plots
 from crystal_vae import reconstruction
 
@@ -100,6 +97,14 @@ def training_crystals(config: ml_collections.ConfigDict, num: int, seed: int
   return [datasets.record_to_crystal(source[int(i)]) for i in np.sort(chosen)]
 
 
+def split_crystals(config: ml_collections.ConfigDict, split: str, num: int
+                   ) -> list[crystals.Crystal]:
+  """The first `num` crystals (-1: all) of a split of `config.dataset`."""
+  source = datasets.split_source(config.dataset, split)
+  count = len(source) if num < 0 else min(num, len(source))
+  return [datasets.record_to_crystal(source[index]) for index in range(count)]
+
+
 def draw_conditions(model: inference.TrainedModel, num: int, seed: int,
                     structures: Sequence[crystals.Crystal]) -> np.ndarray | None:
   """For a conditional model, `num` conditions drawn from the crystals' maximum densities."""
@@ -122,35 +127,35 @@ def nearest_neighbour_distances(structure: Structure) -> np.ndarray:
   return nearest
 
 
-def _distribution_stats(samples: Sequence[Structure], reference: Sequence[Structure]
-                        ) -> dict[str, float]:
-  """Wasserstein distances of density (g/cm³) and of the number of elements, samples vs
-  reference (NaN without samples)."""
-  if not samples:
-    return {"wasserstein_density": float("nan"), "wasserstein_num_elements": float("nan")}
-  return {
-      "wasserstein_density": float(stats.wasserstein_distance(
-          [s.density for s in samples], [s.density for s in reference])),
-      "wasserstein_num_elements": float(stats.wasserstein_distance(
-          [len(s.composition.elements) for s in samples],
-          [len(s.composition.elements) for s in reference])),
-  }
+def reference_fingerprints(structures: Sequence[Structure], ids: Sequence[str],
+                           cache: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+  """`generation_metrics.fingerprints` of the reference crystals, read from `cache` (.npz) when
+  it holds the same crystal ids, else computed and written there."""
+  if cache.exists():
+    with np.load(cache) as saved:
+      if saved["ids"].tolist() == list(ids):
+        return saved["structure"], saved["composition"]
+  logging.info("fingerprinting %d reference crystals", len(structures))
+  structure, composition = generation_metrics.fingerprints(structures)
+  cache.parent.mkdir(parents=True, exist_ok=True)
+  np.savez(cache, ids=np.asarray(ids), structure=structure, composition=composition)
+  return structure, composition
 
 
 def sample_summary(reconstructions: Sequence[reconstruction.Reconstruction],
-                   reference: Sequence[Structure]) -> dict[str, float]:
-  """Validity fractions and distribution distances of generated crystals (see module doc)."""
-  valid = [r.structure for r in reconstructions if r.valid]
-  composition_valid = [metrics.smact_valid(s.atomic_numbers) for s in valid]
+                   reference: Sequence[Structure],
+                   reference_fingerprints: tuple[np.ndarray, np.ndarray],
+                   cutoffs: tuple[float, float]) -> dict[str, float]:
+  """The fraction rebuilt into crystals and CDVAE's metrics of the generated crystals."""
   num = len(reconstructions)
+  num_valid = sum(r.valid for r in reconstructions)
   return {
       "num_samples": num,
-      "num_valid": len(valid),
-      "valid_fraction": len(valid) / num if num else float("nan"),
-      "composition_valid_fraction": sum(composition_valid) / num if num else float("nan"),
-      "composition_valid_fraction_of_valid": (float(np.mean(composition_valid)) if valid
-                                              else float("nan")),
-      **_distribution_stats(valid, reference),
+      "num_valid": num_valid,
+      "valid_fraction": num_valid / num if num else float("nan"),
+      **generation_metrics.generation_metrics([r.structure if r.valid else None
+                                               for r in reconstructions],
+                                              reference, reference_fingerprints, cutoffs),
   }
 
 
@@ -191,28 +196,13 @@ def traverse_latents(z: np.ndarray, dim: int, values: Sequence[float]) -> np.nda
   return path
 
 
-def _label(r: reconstruction.Reconstruction) -> str:
+def label(r: reconstruction.Reconstruction) -> str:
+  """A crystal's reduced formula, or its reason in parentheses."""
   return r.structure.composition.reduced_formula if r.valid else f"({r.reason})"
 
 
 # ---------------------------------------------------------------------------------------------
 # Modes.
-
-
-def _finite_or_none(value):
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  if isinstance(value, dict):
-    return {key: _finite_or_none(item) for key, item in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_finite_or_none(item) for item in value]
-  return value
-
-
-def write_json(path: pathlib.Path, results: dict) -> None:
-  """Strict JSON (NaN/inf -> null), sorted keys."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(_finite_or_none(results), indent=2, sort_keys=True))
 
 
 def generate(model: inference.TrainedModel, num: int, seed: int, temperature: float = 1.0, *,
@@ -233,29 +223,40 @@ def sample(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
                                condition=condition, batch_size=settings.batch_size)
   ids = [f"sample_{index:04d}" for index in range(settings.num)]
   counts = write_cifs(rebuilt, ids, out_dir / "cifs")
-  reference = [crystal.to_structure() for crystal in train_crystals]
+  reference_crystals = split_crystals(model.config, settings.reference_split,
+                                      settings.num_reference)
+  reference = [crystal.to_structure() for crystal in reference_crystals]
+  cutoffs = generation_metrics.coverage_cutoffs(model.config.dataset.name)
+  fingerprints = reference_fingerprints(
+      reference, [crystal.id for crystal in reference_crystals],
+      out_dir / "reference_fingerprints.npz")
   results = {"seed": settings.seed, "temperature": settings.temperature, **counts,
-             **sample_summary(rebuilt, reference), "num_train_structures": len(reference)}
+             **sample_summary(rebuilt, reference, fingerprints, cutoffs),
+             "reference": f"{settings.reference_split} ({len(reference)})",
+             "coverage_cutoffs": list(cutoffs)}
+  train_structures = [crystal.to_structure() for crystal in train_crystals]
+  results["num_train_structures"] = len(train_structures)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     sample_distances = np.concatenate(
         [nearest_neighbour_distances(r.structure) for r in rebuilt if r.valid] or [np.zeros(0)])
-    train_distances = np.concatenate([nearest_neighbour_distances(s) for s in reference])
+    train_distances = np.concatenate([nearest_neighbour_distances(s)
+                                      for s in train_structures])
   results["nearest_neighbour_median_samples"] = (float(np.median(sample_distances))
                                                  if sample_distances.size else float("nan"))
   results["nearest_neighbour_median_train"] = float(np.median(train_distances))
   shown = min(settings.gallery, settings.num)
   plots.plot_gallery({"density": grids["density"][:shown],
                       "species": model.species_to_show(grids, rebuilt)[:shown]},
-                     [_label(r) for r in rebuilt[:shown]], model.spec, out_dir / "gallery.png",
+                     [label(r) for r in rebuilt[:shown]], model.spec, out_dir / "gallery.png",
                      "random samples")
   plots.plot_nearest_neighbours(sample_distances, train_distances,
                                 out_dir / "nearest_neighbours.png")
-  write_json(out_dir / "summary.json", results)
+  reconstruction.write_json(out_dir / "summary.json", results)
   logging.info("wrote %s: %s", out_dir, results)
   print(f"{settings.num} samples written to {out_dir}")
-  for key in ("valid_fraction", "composition_valid_fraction", "wasserstein_density",
-              "wasserstein_num_elements"):
+  for key in ("valid_fraction", "cdvae_structure_valid", "cdvae_composition_valid", "cov_recall",
+              "cov_precision", "wasserstein_density", "wasserstein_num_elements"):
     print(f"  {key}: {results[key]:.4f}")
   return results
 
@@ -287,7 +288,7 @@ def interpolate(model: inference.TrainedModel, settings: ml_collections.ConfigDi
   for method, (_, rebuilt) in paths.items():
     ids = [f"step_{step:02d}" for step in range(settings.steps)]
     results[method] = {**write_cifs(rebuilt, ids, out_dir / method / "cifs"),
-                       "formulas": [_label(r) for r in rebuilt]}
+                       "formulas": [label(r) for r in rebuilt]}
   titles = [f"t = {t:.2f}" for t in np.linspace(0.0, 1.0, settings.steps)]
   grids = {method: {"density": decoded["density"],
                     "species": model.species_to_show(decoded, rebuilt)}
@@ -300,7 +301,7 @@ def interpolate(model: inference.TrainedModel, settings: ml_collections.ConfigDi
                   out_dir / "panel.png", f"{title}: decoded path between the inputs' latents")
   plots.write_gif(grids, [f"{title}, {t}" for t in titles], model.spec,
                   out_dir / "interpolation.gif", settings.seconds_per_frame)
-  write_json(out_dir / "summary.json", results)
+  reconstruction.write_json(out_dir / "summary.json", results)
   print(f"Interpolation {title} ({settings.steps} steps) written to {out_dir}")
   for method in METHODS:
     print(f"  {method}: {' | '.join(results[method]['formulas'])}")
@@ -330,7 +331,7 @@ def traverse(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
              "encoded_value": float(means[0, settings.dim]),
              "values": values.tolist(), "max_density": density.max(axis=1).tolist(),
              "mean_abs_change_from_first": np.abs(density - density[:1]).mean(axis=1).tolist(),
-             "formulas": [_label(r) for r in rebuilt]}
-  write_json(out_dir / "summary.json", results)
+             "formulas": [label(r) for r in rebuilt]}
+  reconstruction.write_json(out_dir / "summary.json", results)
   print(f"Traversal of latent {settings.dim} for {crystal.id} written to {out_dir}")
   return results

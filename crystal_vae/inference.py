@@ -181,6 +181,22 @@ class TrainedModel:
       maxima.append(density.reshape(density.shape[0], -1).max(axis=1))
     return np.concatenate(maxima)
 
+  def predict_properties(self, z: np.ndarray) -> np.ndarray:
+    """The property head's predictions (N, P), in the order of `config.model.properties`, from
+    latents (for crystals: their latent means, as in training)."""
+    return np.asarray(self._apply(self.variables, jnp.asarray(z, jnp.float32),
+                                  method="predict_properties"))
+
+  @functools.cached_property
+  def _property_gradient(self):
+    def total(z, index):
+      return jnp.sum(self._apply(self.variables, z, method="predict_properties")[:, index])
+    return jax.jit(jax.value_and_grad(total))
+
+  def property_gradient(self, z: np.ndarray, index: int) -> np.ndarray:
+    """d property[index] / dz for each latent, (N, L)."""
+    return np.asarray(self._property_gradient(jnp.asarray(z, jnp.float32), index)[1])
+
   def _decode(self, z: np.ndarray, condition: np.ndarray | None) -> dict[str, np.ndarray]:
     z = jnp.asarray(z, jnp.float32)
     if self.config.model.conditional and condition is None:

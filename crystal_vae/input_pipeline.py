@@ -8,7 +8,8 @@ A source is any sequence of records as stored by `datasets.CrystalDataset` (or o
 - `atomic_numbers` int32 (B, A), 0 where padded;
 - `atom_mask` bool (B, A);
 - `index` int32 (B,), the position of the record in its split;
-- `valid` bool (B,), False for the padding rows of a final eval batch.
+- `valid` bool (B,), False for the padding rows of a final eval batch;
+- `properties` float32 (B, P), the named numeric properties (NaN where missing), if any named.
 
 Training: every process shuffles the whole source alike and reads its own slice of each global
 batch, so the global batch of a step is the same whatever the number of processes. Evaluation:
@@ -32,8 +33,9 @@ Batch = dict[str, np.ndarray]
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 
-def _example(index: int, record: Any, max_atoms: int, valid: bool = True) -> Batch:
-  example = crystals.pad_crystal(record, max_atoms)
+def _example(index: int, record: Any, max_atoms: int, properties: Sequence[str],
+             valid: bool = True) -> Batch:
+  example = crystals.pad_crystal(record, max_atoms, properties)
   example["index"] = np.int32(index)
   example["valid"] = np.bool_(valid)
   return example
@@ -48,7 +50,7 @@ def _shard(num_records: int) -> tuple[int, int]:
 
 
 def train_batches(source: Sequence[Any], *, batch_size: int, max_atoms: int, seed: int,
-                  start_step: int = 0) -> Iterator[Batch]:
+                  start_step: int = 0, properties: Sequence[str] = ()) -> Iterator[Batch]:
   """Infinite shuffled batches of this process's `batch_size`: its slice of the global batch
   (`batch_size` x process count), which depends only on (seed, step).
 
@@ -64,7 +66,7 @@ def train_batches(source: Sequence[Any], *, batch_size: int, max_atoms: int, see
   mine = slice(process_index * batch_size, (process_index + 1) * batch_size)
 
   def read(global_indices: np.ndarray) -> Batch:
-    examples = [_example(int(index), source[int(index)], max_atoms)
+    examples = [_example(int(index), source[int(index)], max_atoms, properties)
                 for index in global_indices[mine]]
     return {key: np.stack([example[key] for example in examples]) for key in examples[0]}
 
@@ -76,7 +78,8 @@ def train_batches(source: Sequence[Any], *, batch_size: int, max_atoms: int, see
   return iter(dataset[start_step:].to_iter_dataset(_READ_OPTIONS))
 
 
-def eval_batches(source: Sequence[Any], *, batch_size: int, max_atoms: int) -> Iterator[Batch]:
+def eval_batches(source: Sequence[Any], *, batch_size: int, max_atoms: int,
+                 properties: Sequence[str] = ()) -> Iterator[Batch]:
   """One in-order pass over this process's shard.
 
   Every process yields the same number of batches; rows past the end of the shard repeat the
@@ -92,8 +95,8 @@ def eval_batches(source: Sequence[Any], *, batch_size: int, max_atoms: int) -> I
   def example(position: int) -> Batch:
     index = process_index + position * process_count
     if index < num_records:
-      return _example(index, source[index], max_atoms)
-    return _example(process_index, source[process_index], max_atoms, valid=False)
+      return _example(index, source[index], max_atoms, properties)
+    return _example(process_index, source[process_index], max_atoms, properties, valid=False)
 
   dataset = grain.MapDataset.range(num_batches * batch_size).map(example).batch(batch_size)
   return iter(dataset.to_iter_dataset(_READ_OPTIONS))

@@ -9,6 +9,7 @@ projected on one atom's Gaussian): the voxel MSE hardly sees a species one unit 
 """
 
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -102,3 +103,12 @@ def composition_exact(logits: jax.Array, atomic_numbers: jax.Array, atom_mask: j
   target = composition_fractions(atomic_numbers, atom_mask, logits.shape[-1])
   num_atoms = jnp.sum(atom_mask, axis=-1, keepdims=True)
   return jnp.all(jnp.abs(jax.nn.softmax(logits) - target) * num_atoms < 0.5, axis=-1)
+
+
+def property_mse(predicted: jax.Array, target: jax.Array, stds: Sequence[float]) -> jax.Array:
+  """Per example (B,): the mean over the properties it has a value of (target finite) of the
+  squared error divided by the property's standard deviation squared; 0 without any value."""
+  known = jnp.isfinite(target)
+  error = jnp.where(known, (predicted - jnp.where(known, target, 0.0))
+                    / jnp.asarray(stds, jnp.float32), 0.0)
+  return jnp.sum(error ** 2, axis=-1) / jnp.maximum(jnp.sum(known, axis=-1), 1)

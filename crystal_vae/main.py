@@ -1,8 +1,8 @@
 """Command line: `python -m crystal_vae.main --config=configs/repeat.py --workdir=DIR [--mode=...]`.
 
 Modes (modes.py): `train` (resumes from DIR's latest checkpoint), `evaluate` (reconstruct a
-split and measure it), `sample`, `interpolate`, `traverse`, `conditional` and `discriminator`;
-each writes under DIR/<mode>/.
+split and measure it), `sample`, `interpolate`, `traverse`, `conditional`, `discriminator` and
+`optimize`; each writes under DIR/<mode>/.
 """
 
 import ast

@@ -207,3 +207,29 @@ def match_metrics(predicted: Sequence[Structure | None],
           "framework_match_rate": frameworks / count if count else float("nan"),
           "rms_dist": float(np.mean(distances)) if distances else float("nan"),
           "valid_rate": sum(p is not None for p in predicted) / count if count else float("nan")}
+
+
+def property_metrics(predicted: np.ndarray, true: np.ndarray, names: Sequence[str],
+                     training_means: Sequence[float]) -> dict[str, dict[str, float]]:
+  """Per property (columns of `predicted` / `true`, NaN = no value): the number of values, MAE,
+  R² = 1 - SS_res / SS_tot, and the same for the trivial baseline that predicts the training
+  mean (`baseline_mae`, `baseline_r2`)."""
+  results = {}
+  for column, name in enumerate(names):
+    known = np.isfinite(true[:, column])
+    target = true[known, column].astype(np.float64)
+    guess = predicted[known, column].astype(np.float64)
+    baseline = np.full_like(target, training_means[column])
+    total = np.sum((target - target.mean()) ** 2) if target.size else 0.0
+
+    def r2(values, target=target, total=total):
+      return float(1.0 - np.sum((target - values) ** 2) / total) if total > 0 else float("nan")
+
+    results[name] = {
+        "count": int(known.sum()),
+        "mae": float(np.mean(np.abs(guess - target))) if target.size else float("nan"),
+        "r2": r2(guess),
+        "baseline_mae": float(np.mean(np.abs(baseline - target))) if target.size else float("nan"),
+        "baseline_r2": r2(baseline),
+    }
+  return results

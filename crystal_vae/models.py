@@ -24,6 +24,8 @@ Config fields read by `model_from_config` (see `default_model_config` for the pa
   config.model.unet_features   U-Net features per level, finest first (last = bottleneck).
   config.model.lattice_head    whether to build `LatticeHead`; lattice_hidden its hidden widths.
   config.model.conditional     multiply the bottleneck by the per-sample `condition` (§4.5).
+  config.model.properties      names of numeric dataset properties a `PropertyHead` predicts
+                               from the latent mean (property_hidden, property_means/stds).
   config.model.species_head    'classes' (paper) or 'mask_z' (see above).
   config.model.decoder_output  'relu' (paper) or 'softplus': the decoder's last activation.
   config.model.conv_impl       'auto', 'xla' or 'depth_sum' (see `conv3d`).
@@ -386,6 +388,24 @@ class CompositionHead(nn.Module):
     return nn.Dense(self.max_z + 1)(x)
 
 
+class PropertyHead(nn.Module):
+  """MLP latent mean (B, L) -> (B, P) numeric properties in their own units: the MLP predicts
+  each property standardised by the training split's mean and standard deviation (`means`,
+  `stds`, set by `train.with_property_scaling`), which it then undoes."""
+
+  hidden: Sequence[int]
+  means: Sequence[float]
+  stds: Sequence[float]
+
+  @nn.compact
+  def __call__(self, z: jax.Array) -> jax.Array:
+    x = z
+    for width in self.hidden:
+      x = nn.gelu(nn.Dense(width)(x))
+    standardised = nn.Dense(len(self.means))(x)
+    return jnp.asarray(self.means, jnp.float32) + jnp.asarray(self.stds, jnp.float32) * standardised
+
+
 class CrystalVAE(nn.Module):
   """β-VAE (Encoder, Decoder) + AttentionUNet segmenter (+ optional LatticeHead).
 
@@ -397,7 +417,8 @@ class CrystalVAE(nn.Module):
   `composition_head` the encoder also reads the crystal's composition (fractions per Z) and a
   head reads it back from the latent (the mean in training, z when decoding), so that the
   latent carries the elements, which the blurred decoded density cannot tell apart (its peaks
-  give Z only to a few units).
+  give Z only to a few units). With `properties` (names of numeric dataset properties) a
+  `PropertyHead` predicts them from the latent mean.
   """
 
   grid: int
@@ -417,6 +438,10 @@ class CrystalVAE(nn.Module):
   lattice_hidden: Sequence[int] = (256, 128)
   composition_head: bool = False
   composition_hidden: Sequence[int] = (256, 256)
+  properties: Sequence[str] = ()
+  property_hidden: Sequence[int] = (128, 128)
+  property_means: Sequence[float] = ()  # of the training split, set by train.py
+  property_stds: Sequence[float] = ()
   conditional: bool = False
   conv_impl: str = "auto"
   dtype: Any = jnp.float32
@@ -436,6 +461,12 @@ class CrystalVAE(nn.Module):
       self.lattice = LatticeHead(self.lattice_hidden)
     if self.composition_head:
       self.composition = CompositionHead(self.composition_hidden, self.max_z)
+    if self.properties:
+      if not len(self.properties) == len(self.property_means) == len(self.property_stds):
+        raise ValueError(f"properties {tuple(self.properties)} need one mean and standard "
+                         "deviation each (model.property_means / property_stds, set from the "
+                         "training split by train.py)")
+      self.property = PropertyHead(self.property_hidden, self.property_means, self.property_stds)
 
   def encode(
       self, density: jax.Array, *, train: bool, condition: jax.Array | None = None,
@@ -467,6 +498,12 @@ class CrystalVAE(nn.Module):
       raise ValueError("model built without a composition head (set model.composition_head)")
     return self.composition(z)
 
+  def predict_properties(self, z: jax.Array) -> jax.Array:
+    """The properties (B, P) in their own units, in the order of `properties`."""
+    if not self.properties:
+      raise ValueError("model built without a property head (set model.properties)")
+    return self.property(z)
+
   def __call__(
       self,
       density: jax.Array,
@@ -490,6 +527,8 @@ class CrystalVAE(nn.Module):
       outputs["lattice"] = self.predict_lattice(z)
     if self.composition_head:  # from the mean: the head reads the latent's noise-free part
       outputs["composition"] = self.predict_composition(mean)
+    if self.properties:
+      outputs["properties"] = self.predict_properties(mean)
     return outputs
 
 

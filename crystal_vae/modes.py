@@ -15,6 +15,7 @@ from crystal_vae import discriminator
 from crystal_vae import evaluate
 from crystal_vae import generation
 from crystal_vae import inference
+from crystal_vae import optimize
 from crystal_vae import train
 
 # mode -> (run(model, settings, out_dir), its settings section of the config, its folder)
@@ -25,6 +26,7 @@ MODES = {
     "traverse": (generation.traverse, "traverse", "traverse"),
     "conditional": (conditional.conditional, "conditional", "conditional"),
     "discriminator": (discriminator.discriminate, "discriminator", "discriminator"),
+    "optimize": (optimize.optimize, "optimize", "optimize"),
 }
 NAMES = ["train", *MODES]
 

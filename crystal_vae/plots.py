@@ -332,6 +332,57 @@ def save_evaluation_figures(directory: pathlib.Path, comparisons: Sequence[AtomC
 # Mode reports.
 
 
+def plot_property_parity(predicted: np.ndarray, true: np.ndarray, names: Sequence[str],
+                         scores: dict[str, dict[str, float]], path: pathlib.Path) -> None:
+  """Predicted against true value of each property (one panel each), with MAE and R² beside
+  those of predicting the training mean."""
+  plt = pyplot()
+  figure, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4), squeeze=False)
+  for column, (axis, name) in enumerate(zip(axes[0], names)):
+    known = np.isfinite(true[:, column])
+    x, y = true[known, column], predicted[known, column]
+    if x.size:
+      axis.scatter(x, y, s=6, alpha=0.5)
+      low, high = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
+      axis.plot([low, high], [low, high], "k--", linewidth=0.8)
+      score = scores[name]
+      axis.set_title(f"{name}: MAE {score['mae']:.3g}, R² {score['r2']:.2f}\n"
+                     f"(training mean: MAE {score['baseline_mae']:.3g})", fontsize=9)
+    else:
+      _say(axis, f"no crystal with a value of {name}")
+    axis.set_xlabel(f"true {name}")
+    axis.set_ylabel(f"predicted {name}")
+  _save(figure, path)
+
+
+def plot_optimisation(predictions: np.ndarray, saved_steps: Sequence[int], judged: np.ndarray,
+                      valid: np.ndarray, training_values: np.ndarray, name: str,
+                      path: pathlib.Path) -> None:
+  """The optimised head's prediction along each latent path (steps + 1, N), the judged values of
+  the valid crystals rebuilt at the saved steps (K, N), and the training split's 5/50/95th
+  percentiles."""
+  plt = pyplot()
+  figure, axis = plt.subplots(figsize=(6.5, 4))
+  steps = np.arange(predictions.shape[0])
+  axis.plot(steps, predictions, color="tab:blue", linewidth=0.8, alpha=0.6)
+  axis.plot([], [], color="tab:blue", label="head prediction (each start)")
+  x = np.repeat(np.asarray(saved_steps)[:, None], judged.shape[1], axis=1)
+  shown = valid & np.isfinite(judged)
+  if shown.any():
+    axis.scatter(x[shown], judged[shown], s=14, color="tab:red", zorder=3,
+                 label="judged value of a valid rebuilt crystal")
+  else:
+    _say(axis, "no valid crystal rebuilt at the saved steps")
+  if training_values.size:
+    for percent, style in ((5, ":"), (50, "--"), (95, ":")):
+      axis.axhline(np.percentile(training_values, percent), color="k", linestyle=style,
+                   linewidth=0.8, label=f"training {percent}th percentile")
+  axis.set_xlabel("optimisation step")
+  axis.set_ylabel(name)
+  axis.legend(fontsize=7, loc="best")
+  _save(figure, path)
+
+
 def plot_conditional(targets: np.ndarray, maxima: np.ndarray,
                      decoded: list[dict[str, np.ndarray]], spec: Grid,
                      path: pathlib.Path) -> None:

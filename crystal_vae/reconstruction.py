@@ -29,6 +29,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import itertools
+import json
+import math
 import pathlib
 from collections.abc import Sequence
 
@@ -377,3 +379,19 @@ def write_cifs(reconstructions: Sequence[Reconstruction], ids: Sequence[str],
     writer.writerow(["id", "reason", "detail"])
     writer.writerows(invalid)
   return len(reconstructions) - len(invalid), len(invalid)
+
+
+def _finite_or_none(value):
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {key: _finite_or_none(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite_or_none(item) for item in value]
+  return value
+
+
+def write_json(path: pathlib.Path, results: dict) -> None:
+  """Strict JSON (NaN/inf -> null), sorted keys."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(_finite_or_none(results), indent=2, sort_keys=True))

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from crystal_vae import checkpoints
+from crystal_vae import crystals
 from crystal_vae import datasets
 from crystal_vae import input_pipeline
 from crystal_vae import learning_curves
@@ -168,6 +169,9 @@ def voxel_losses(outputs: Mapping[str, jax.Array], batch: Batch,
     target = jnp.einsum("bij,bkj->bik", batch["lattice"], batch["rotation"])
     terms["lattice_mse"] = jnp.mean(((outputs["lattice"] - target) / config.voxel.box) ** 2,
                                     axis=(-2, -1))
+  if "properties" in outputs:
+    terms["property_mse"] = losses.property_mse(outputs["properties"], batch["properties"],
+                                                config.model.property_stds)
   if "composition" in outputs:
     atomic_numbers, atom_mask = batch["atomic_numbers"], batch["atom_mask"]
     terms["composition_ce"] = losses.composition_cross_entropy(
@@ -178,9 +182,9 @@ def voxel_losses(outputs: Mapping[str, jax.Array], batch: Batch,
 
 
 def total_loss(terms: Mapping[str, jax.Array], config: ml_collections.ConfigDict) -> jax.Array:
-  """MSE + β·KL + SEG (+ teacher forcing, site Z, lattice, composition): with the U-Net's input
-  gradient scaled by γ this is L_VAE for the encoder/decoder and L_UNet for the U-Net (paper §3);
-  SEG is the species head's loss (the paper's CE for "classes")."""
+  """MSE + β·KL + SEG (+ teacher forcing, site Z, lattice, composition, properties): with the
+  U-Net's input gradient scaled by γ this is L_VAE for the encoder/decoder and L_UNet for the
+  U-Net (paper §3); SEG is the species head's loss (the paper's CE for "classes")."""
   loss = (terms["mse"] + config.loss.beta * terms["kl"] + terms["seg"]
           + config.loss.site_z_weight * terms["site_z_mse"])
   if "seg_true" in terms:
@@ -189,6 +193,8 @@ def total_loss(terms: Mapping[str, jax.Array], config: ml_collections.ConfigDict
     loss = loss + config.loss.lattice_weight * terms["lattice_mse"]
   if "composition_ce" in terms:
     loss = loss + config.loss.composition_weight * terms["composition_ce"]
+  if "property_mse" in terms:
+    loss = loss + config.loss.property_weight * terms["property_mse"]
   return jnp.mean(loss)
 
 
@@ -262,6 +268,8 @@ def eval_step(state: TrainState, batch: Batch, *, config: ml_collections.ConfigD
       outputs["lattice"] = model.predict_lattice(mean)
     if config.model.composition_head:
       outputs["composition"] = model.predict_composition(mean)
+    if config.model.properties:
+      outputs["properties"] = model.predict_properties(mean)
     return outputs
 
   outputs = state.apply_fn(variables, batch["density"], method=reconstruct)
@@ -300,7 +308,7 @@ class Trainer:
     return {key: jax.make_array_from_process_local_data(self.batch_sharding, value)
             for key, value in local_batch.items() if key in ("lattice", "frac_coords",
                                                            "atomic_numbers", "atom_mask",
-                                                           "valid")}
+                                                           "valid", "properties")}
 
   def voxelized(self, local_batch: Mapping[str, np.ndarray], key: jax.Array, *,
                 train: bool) -> dict[str, jax.Array]:
@@ -321,7 +329,8 @@ class Trainer:
     local_batch_size = config.eval.batch_size // jax.process_count()
     totals: dict[str, float] = {}
     for index, local_batch in enumerate(input_pipeline.eval_batches(
-        source, batch_size=local_batch_size, max_atoms=config.dataset.max_atoms)):
+        source, batch_size=local_batch_size, max_atoms=config.dataset.max_atoms,
+        properties=config.model.properties)):
       if index == config.eval.num_batches:
         break
       key = jax.random.fold_in(jax.random.key(seed), index)
@@ -360,6 +369,29 @@ def replicated(tree: Any, sharding: jax.sharding.NamedSharding) -> Any:
   return jax.tree.map(put, tree)
 
 
+def with_property_scaling(config: ml_collections.ConfigDict, train_source: Sequence[Any]
+                          ) -> None:
+  """Sets `config.model.property_means` / `property_stds` (if not set) to the mean and standard
+  deviation of each of `config.model.properties` over the training split, missing values left
+  out; they are saved with the checkpoints, so the trained head predicts in the data's units."""
+  names = tuple(config.model.properties)
+  if not names or len(config.model.property_means) == len(names):
+    return
+  values = np.stack([crystals.property_values(train_source[index], names)
+                     for index in range(len(train_source))])
+  counts = np.sum(np.isfinite(values), axis=0)
+  if not counts.all():
+    missing = [name for name, count in zip(names, counts) if not count]
+    raise ValueError(f"no training crystal of dataset {config.dataset.name!r} has a value of "
+                     f"{missing}; its properties: "
+                     f"{sorted(datasets.record_to_crystal(train_source[0]).properties)}")
+  stds = np.nanstd(values, axis=0)
+  config.model.property_means = tuple(float(x) for x in np.nanmean(values, axis=0))
+  config.model.property_stds = tuple(float(x) if x > 0 else 1.0 for x in stds)
+  logging.info("properties %s: training mean %s, std %s (%s values)", names,
+               config.model.property_means, config.model.property_stds, counts.tolist())
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains for `config.num_train_steps`, resuming from the latest checkpoint in `workdir`."""
   workdir = pathlib.Path(workdir)
@@ -368,6 +400,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     raise ValueError(f"batch sizes ({config.batch_size}, eval {config.eval.batch_size}) must be"
                      f" divisible by the {mesh.size} devices")
   train_source = datasets.split_source(config.dataset, "train")
+  with_property_scaling(config, train_source)
   # eval.split "" or "none" turns periodic evaluation off; any other missing split is an error.
   eval_source = (None if config.eval.split in ("", "none")
                  else datasets.split_source(config.dataset, config.eval.split))
@@ -390,7 +423,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer = metric_writer.MetricWriter(workdir, start_step)
     batches = input_pipeline.train_batches(
         train_source, batch_size=config.batch_size // jax.process_count(),
-        max_atoms=config.dataset.max_atoms, seed=config.seed, start_step=start_step)
+        max_atoms=config.dataset.max_atoms, seed=config.seed, start_step=start_step,
+        properties=config.model.properties)
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     last_good = manager.latest_step()
     timer_step, timer_start = start_step, time.time()

@@ -8,11 +8,15 @@ import pytest
 from pymatgen.core import Structure
 
 from conftest import tiny_config
+from crystal_vae import crystals
 from crystal_vae import datasets
 from crystal_vae import default_config
+from crystal_vae import evaluate
 from crystal_vae import inference
+from crystal_vae import metrics
 from crystal_vae import modes
 from crystal_vae import train
+from crystal_vae import voxelize
 
 PEROV_5 = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "perov_5"
 
@@ -87,3 +91,30 @@ def test_evaluate_a_trained_checkpoint_writes_metrics_cifs_and_figures(represent
     assert len(Structure.from_file(path)) > 0
   for name in ("voxel_errors.png", "atom_counts.png", "distances.png", "species.png"):
     assert (out / name).stat().st_size > 0
+
+
+def test_touches_face_against_every_outer_voxel():
+  spec = voxelize.GridSpec(grid=12, box=4.0)
+  positions = np.random.default_rng(0).uniform(-0.5, 4.5, (400, 3))
+  centres = spec.voxel_centres()
+  grid = np.stack(np.meshgrid(centres, centres, centres, indexing="ij"), -1).reshape(-1, 3)
+  outer = grid[np.any((grid == centres[0]) | (grid == centres[-1]), axis=1)]
+  expected = [np.min(np.linalg.norm(outer - p, axis=1)) <= spec.species_radius for p in positions]
+  np.testing.assert_array_equal(evaluate.touches_face(positions, spec), expected)
+
+
+def test_the_oracle_shows_atoms_that_segmentation_merges(tfds_dir):
+  """Two O atoms 0.9 Å apart share one species component: compared with the TRUE atoms the
+  oracle's count is one short (with the old comparison, segmented true grids, it was exact)."""
+  config = default_config.get_config("unit_cell")
+  config.dataset.data_dir = tfds_dir
+  config.eval.oracle = True
+  model = inference.TrainedModel(config, variables=None)
+  crystal = crystals.Crystal(id="pair", lattice=5.0 * np.eye(3),
+                             frac_coords=np.array([[0.0, 0.0, 0.0], [0.18, 0.0, 0.0]]),
+                             atomic_numbers=np.array([8, 8]))
+  segmented = model.atoms(model.voxelize([crystal]))[0]
+  true = evaluate.true_atoms_in_cube(crystal, model.spec.box, "unit_cell")
+  np.testing.assert_allclose(true.positions, [[2.5, 2.5, 2.5], [3.4, 2.5, 2.5]])
+  comparison = metrics.compare_atoms(segmented, true)
+  assert (comparison.true_count, comparison.predicted_count) == (2, 1)

@@ -20,6 +20,7 @@ from crystal_vae import crystals
 from crystal_vae import datasets
 from crystal_vae import default_config
 from crystal_vae import generation
+from crystal_vae import generation_metrics
 from crystal_vae import inference
 from crystal_vae import metrics
 from crystal_vae import modes
@@ -93,15 +94,17 @@ def test_sample_summary_hand_case():
   salt2 = Structure(Lattice.cubic(5.0), ["Na", "Cl", "Cl"], [[0, 0, 0], [.5, .5, .5], [0, .5, .5]])
   rebuilt = [reconstruction.Reconstruction(s) for s in (salt, sodium, salt2)]
   rebuilt.append(reconstruction.Reconstruction(None, reconstruction.NO_ATOMS, ""))
-  summary = generation.sample_summary(rebuilt, [salt, salt])
+  reference = [salt, salt]
+  summary = generation.sample_summary(rebuilt, reference,
+                                      generation_metrics.fingerprints(reference), (0.2, 4.0))
   assert summary["valid_fraction"] == 3 / 4
-  assert summary["composition_valid_fraction"] == 2 / 4  # NaCl2 fails, the invalid one counts
-  assert summary["composition_valid_fraction_of_valid"] == 2 / 3
-  # Number of elements {2, 1, 2} vs {2, 2}: one third of the mass moves by 1.
-  assert summary["wasserstein_num_elements"] == pytest.approx(1 / 3)
-  densities = sorted(s.density for s in (salt, sodium, salt2))
-  expected = np.mean([abs(d - salt.density) for d in densities])
+  assert summary["cdvae_composition_valid"] == 2 / 4  # NaCl2 fails, the missing one counts
+  assert summary["cdvae_valid"] == 2 / 4
+  # CDVAE-valid samples NaCl and Na: number of elements {2, 1} vs {2, 2}.
+  assert summary["wasserstein_num_elements"] == pytest.approx(1 / 2)
+  expected = np.mean(sorted(abs(s.density - salt.density) for s in (salt, sodium)))
   assert summary["wasserstein_density"] == pytest.approx(expected)
+  assert summary["cov_recall"] == 1.0 and summary["cov_precision"] == 1 / 4
 
 
 # Latent paths against closed forms.
@@ -171,7 +174,8 @@ def test_sampling_is_reproducible_from_the_seed(model):
 def test_sample_mode_from_the_command_line(workdir, tfds_dir):
   overrides = [f"--config.dataset.data_dir={tfds_dir}", "--config.sample.num=6",
                "--config.sample.batch_size=4", "--config.sample.num_train_structures=12",
-               "--config.sample.gallery=4", "--config.sample.seed=3"]
+               "--config.sample.gallery=4", "--config.sample.seed=3",
+               "--config.sample.num_reference=5"]
   result = subprocess.run(
       [sys.executable, "-m", "crystal_vae.main", f"--workdir={workdir}", "--mode=sample",
        *overrides],
@@ -186,6 +190,12 @@ def test_sample_mode_from_the_command_line(workdir, tfds_dir):
   assert summary["valid_fraction"] == len(structures) / 6
   assert summary["seed"] == 3 and summary["num_train_structures"] == 12
   assert summary["nearest_neighbour_median_train"] > 0.5
+  assert summary["reference"] == "validation (5)"
+  assert 0 <= summary["cov_precision"] <= summary["valid_fraction"]
+  assert summary["cdvae_valid"] <= min(summary["cdvae_structure_valid"],
+                                       summary["cdvae_composition_valid"])
+  with np.load(out_dir / "reference_fingerprints.npz") as cache:
+    assert cache["structure"].shape == (5, generation_metrics.STRUCTURE_FINGERPRINT_SIZE)
   assert _is_png(out_dir / "gallery.png") and _is_png(out_dir / "nearest_neighbours.png")
 
 

@@ -1,0 +1,154 @@
+"""The property head (trained jointly, evaluated against the training-mean baseline) and
+property-guided generation (`--mode=optimize`)."""
+
+import csv
+import json
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import prototypes, tiny_config, trained_checkpoint
+from crystal_vae import crystals
+from crystal_vae import generation
+from crystal_vae import inference
+from crystal_vae import losses
+from crystal_vae import metrics
+from crystal_vae import modes
+from crystal_vae import optimize
+from crystal_vae import train
+
+
+def test_property_mse_by_hand():
+  predicted = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+  target = jnp.array([[2.0, 6.0], [np.nan, np.nan]])
+  # Example 0: ((1 - 2) / 1)² and ((2 - 6) / 2)², averaged; example 1 has no value: 0.
+  np.testing.assert_allclose(losses.property_mse(predicted, target, (1.0, 2.0)), [2.5, 0.0])
+
+
+def test_property_metrics_by_hand():
+  true = np.array([[1.0], [2.0], [3.0], [np.nan]])
+  predicted = np.array([[1.5], [2.0], [2.5], [9.0]])
+  result = metrics.property_metrics(predicted, true, ["p"], training_means=[2.5])["p"]
+  assert result["count"] == 3
+  assert result["mae"] == pytest.approx(1 / 3)
+  assert result["r2"] == pytest.approx(1 - 0.5 / 2.0)  # SS_res 0.5, SS_tot 2
+  assert result["baseline_mae"] == pytest.approx((1.5 + 0.5 + 0.5) / 3)
+  assert result["baseline_r2"] == pytest.approx(1 - (2.25 + 0.25 + 0.25) / 2.0)
+
+
+def test_success_rates_count_starts_without_a_valid_crystal_as_misses():
+  training = np.arange(100.0)  # percentiles 5, 10, 15 = 4.95, 9.9, 14.85
+  best = np.array([3.0, 9.0, 14.0, np.nan])
+  rates = optimize.success_rates(best, training, "minimize")
+  assert (rates["sr5"], rates["sr10"], rates["sr15"]) == (0.25, 0.5, 0.75)
+  rates = optimize.success_rates(np.array([99.0, 80.0]), training, "maximize")
+  assert (rates["sr5"], rates["sr15"]) == (0.5, 0.5)
+
+
+def _write_csv(path: pathlib.Path, rows) -> None:
+  with open(path, "w", newline="") as handle:
+    writer = csv.DictWriter(handle, fieldnames=["material_id", "cif", "mean_z", "sparse"])
+    writer.writeheader()
+    for index, crystal in enumerate(rows):
+      writer.writerow({"material_id": crystal.id, "cif": crystal.to_structure().to(fmt="cif"),
+                       "mean_z": float(np.mean(crystal.atomic_numbers)),
+                       "sparse": 1.0 if index % 3 == 0 else ""})
+
+
+@pytest.fixture(scope="module")
+def property_workdir(tmp_path_factory) -> pathlib.Path:
+  """A tiny model whose head predicts each crystal's mean atomic number (a function of the
+  structure the density shows), trained on 32 small prototypes."""
+  root = tmp_path_factory.mktemp("properties")
+  chosen = [c for c in prototypes() if c.num_atoms <= 8][:40]
+  (root / "csv").mkdir()
+  _write_csv(root / "csv" / "train.csv", chosen[:32])
+  _write_csv(root / "csv" / "val.csv", chosen[32:])
+  config = tiny_config(str(root / "tfds"))
+  config.dataset.name = "csv"
+  config.dataset.path = str(root / "csv")
+  config.model.properties = ("mean_z", "sparse")
+  config.learning_rate = 3e-3
+  config.num_train_steps = 80
+  config.log_every_steps = 40
+  config.checkpoint_every_steps = 80
+  config.eval_every_steps = 80
+  train.train_and_evaluate(config, str(root / "workdir"))
+  return root / "workdir"
+
+
+def test_property_scaling_is_the_training_splits(property_workdir):
+  model = inference.TrainedModel.restore(property_workdir)
+  chosen = generation.split_crystals(model.config, "train", -1)
+  mean_z = [np.mean(c.atomic_numbers) for c in chosen]
+  np.testing.assert_allclose(model.config.model.property_means, [np.mean(mean_z), 1.0],
+                             rtol=1e-6)
+  np.testing.assert_allclose(model.config.model.property_stds[0], np.std(mean_z), rtol=1e-6)
+  assert model.config.model.property_stds[1] == 1.0  # constant column: no scaling by 0
+
+
+def test_the_head_learns_a_function_of_the_structure(property_workdir):
+  model = inference.TrainedModel.restore(property_workdir)
+  chosen = generation.split_crystals(model.config, "train", -1)
+  z, _ = model.encode_crystals(chosen)
+  predicted = model.predict_properties(z)[:, 0]
+  true = np.array([np.mean(c.atomic_numbers) for c in chosen])
+  r2 = 1 - np.sum((predicted - true) ** 2) / np.sum((true - true.mean()) ** 2)
+  assert r2 > 0.3, r2  # the training mean scores 0
+
+
+def test_evaluate_reports_the_properties_beside_the_baseline(property_workdir):
+  config = inference.TrainedModel.restore(property_workdir).config
+  config.eval.num_batches = 1
+  results = modes.run("evaluate", config, property_workdir)
+  out_dir = property_workdir / "eval" / "validation"
+  saved = json.loads((out_dir / "metrics.json").read_text())
+  assert saved["properties"]["mean_z"]["count"] == 8
+  assert saved["properties"]["sparse"]["count"] == 3  # rows without a value are left out
+  assert results["properties"]["mean_z"]["baseline_mae"] > 0
+  assert (out_dir / "properties.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_latent_optimisation_moves_the_prediction_monotonically(property_workdir):
+  model = inference.TrainedModel.restore(property_workdir)
+  z = generation.random_latents(4, model.config.model.latent_dim, seed=1)
+  for direction, sign in (("maximize", 1), ("minimize", -1)):
+    _, predictions = optimize.optimise_latents(model, z, 0, direction=direction, steps=20,
+                                               learning_rate=0.01, prior_weight=0.0)
+    steps = sign * np.diff(predictions, axis=0)
+    assert (steps > -1e-5).all(), steps.min()
+    assert (sign * (predictions[-1] - predictions[0]) > 0).all()
+
+
+def test_optimize_mode_writes_crystals_figure_and_success_rates(property_workdir):
+  config = inference.TrainedModel.restore(property_workdir).config
+  config.optimize.num = 3
+  config.optimize.steps = 6
+  config.optimize.num_saved = 2
+  config.optimize.judge = str(property_workdir)
+  results = modes.run("optimize", config, property_workdir)
+  out_dir = property_workdir / "optimize"
+  assert results["saved_steps"] == [3, 6] and results["property"] == "mean_z"
+  assert 0 <= results["sr5"] <= results["sr10"] <= results["sr15"] <= 1
+  for step in (3, 6):
+    written = list((out_dir / "cifs" / f"step_{step:04d}").glob("*.cif"))
+    with open(out_dir / "cifs" / f"step_{step:04d}" / "invalid.csv") as handle:
+      assert len(written) + len(handle.readlines()) - 1 == 3
+  assert (out_dir / "trajectory.png").read_bytes()[:4] == b"\x89PNG"
+  assert json.loads((out_dir / "summary.json").read_text())["judge"] == str(property_workdir)
+
+
+def test_a_model_without_a_property_head_cannot_optimise(tmp_path_factory, tfds_dir):
+  model = inference.TrainedModel.restore(trained_checkpoint(tmp_path_factory, tfds_dir))
+  with pytest.raises(ValueError, match="no property head"):
+    optimize.property_index(model, "")
+
+
+def test_property_values_of_records_and_crystals():
+  crystal = crystals.Crystal(id="x", lattice=np.eye(3), frac_coords=np.zeros((1, 3)),
+                             atomic_numbers=np.array([1]), properties={"a": 2.0})
+  np.testing.assert_array_equal(crystals.property_values(crystal, ["a", "b"]), [2.0, np.nan])
+  record = {"properties": b'{"b": 3.5}'}
+  np.testing.assert_array_equal(crystals.property_values(record, ["a", "b"]), [np.nan, 3.5])
