@@ -222,7 +222,8 @@ class TrainedModel:
     at their density-weighted centres; for a unit cell fitting the density, with positions and
     species refined by least squares (`segmentation.fit_atoms`)."""
     atoms = segmentation.segment_batch(grids["species"], self.spec.box, density=grids["density"],
-                                       min_size=self.config.eval.min_component_size)
+                                       min_size=self.config.eval.min_component_size,
+                                       species_radius=self.spec.species_radius)
     if self.fits_density and self.config.representation == "unit_cell":
       atoms = [segmentation.fit_atoms(a, density, self.spec.box, self.spec.sigma,
                                       self.config.dataset.max_z)

@@ -16,7 +16,16 @@ are recovered per structure as follows.
    the neighbouring component of at least `min_size` voxels that it shares the most faces with,
    or dropped when it touches none. The species of each resulting atom is the majority vote over
    its voxels, so absorbed wrong-species fragments do not change it.
-3. Position: the centre of mass of the atom's voxel centres (i + 0.5) * box / grid in Å, weighted
+3. Close atoms of one species (H2 0.74 Å, N2 and azides, peroxides, C2 dimers: closer than
+   ~1.33 Å) form one component. The density cannot separate them (two Gaussians of width σ have
+   one maximum until they are 2σ = 2 Å apart), but the component's shape can: one atom's voxels
+   are a ball whose largest variance along any direction is r²/5 + voxel²/12 (0.059 Å² at the
+   defaults; at most 0.074 Å² over sub-voxel placements), two balls 0.6 Å apart already give
+   ≥ 0.11 Å². A component whose largest covariance eigenvalue exceeds 1.6 × r²/5 + voxel²/12 is
+   split in two by 2-means started at its extreme voxels along the principal axis, and each part
+   again until every part is round (chains of three, e.g. N3, split twice). Parts smaller than
+   `min_size` are not split off.
+4. Position: the centre of mass of the atom's voxel centres (i + 0.5) * box / grid in Å, weighted
    by the decoded density where given (negative densities count as 0), else uniformly.
 
 Everything runs over the whole batch at once (one sparse graph, `np.bincount` reductions).
@@ -84,8 +93,65 @@ def _absorb_fragments(labels: np.ndarray, sizes: np.ndarray, edge_a: np.ndarray,
   return target
 
 
+def _voxel_points(voxel: np.ndarray, shape: tuple[int, ...], voxel_size: float) -> np.ndarray:
+  """Cube coordinates (Å) of flat voxel indices of a (B, G, G, G) grid (the structure ignored)."""
+  _, i, j, k = np.unravel_index(voxel, shape)
+  return (np.stack([i, j, k], axis=-1) + 0.5) * voxel_size
+
+
+def _split_in_two(points: np.ndarray, iterations: int = 8) -> np.ndarray:
+  """2-means labels (0/1) of points, started at the extremes of the principal axis."""
+  centred = points - points.mean(axis=0)
+  axis = np.linalg.eigh(centred.T @ centred)[1][:, -1]
+  projection = centred @ axis
+  centres = points[[np.argmin(projection), np.argmax(projection)]]
+  for _ in range(iterations):
+    labels = np.argmin(np.linalg.norm(points[:, None] - centres[None], axis=-1), axis=1)
+    if labels.min() == labels.max():
+      break
+    centres = np.stack([points[labels == part].mean(axis=0) for part in (0, 1)])
+  return labels
+
+
+def _round_parts(points: np.ndarray, threshold: float, min_size: int) -> list[np.ndarray]:
+  """Index sets of `points` split until each part's largest variance is <= threshold."""
+  indices = np.arange(len(points))
+  if len(points) < 2 * min_size or np.linalg.eigvalsh(np.cov(points.T, bias=True))[-1] <= threshold:
+    return [indices]
+  labels = _split_in_two(points)
+  if min(np.sum(labels == 0), np.sum(labels == 1)) < min_size:
+    return [indices]
+  return [indices[labels == part][sub] for part in (0, 1)
+          for sub in _round_parts(points[labels == part], threshold, min_size)]
+
+
+def _split_elongated(atom_of_node: np.ndarray, voxel: np.ndarray, shape: tuple[int, ...],
+                     voxel_size: float, radius: float, min_size: int) -> np.ndarray:
+  """`atom_of_node` with every atom whose voxels are not a ball split (module docstring, 3);
+  new atoms take ids after the existing ones."""
+  threshold = 1.6 * radius ** 2 / 5 + voxel_size ** 2 / 12
+  points = _voxel_points(voxel, shape, voxel_size)
+  count = int(atom_of_node.max(initial=-1)) + 1
+  size = np.bincount(atom_of_node, minlength=count)
+  mean = np.stack([np.bincount(atom_of_node, points[:, d], count) for d in range(3)], -1)
+  mean /= np.maximum(size, 1)[:, None]
+  centred = points - mean[atom_of_node]
+  covariance = np.stack([np.stack([np.bincount(atom_of_node, centred[:, a] * centred[:, b], count)
+                                   for b in range(3)], -1) for a in range(3)], -2)
+  covariance /= np.maximum(size, 1)[:, None, None]
+  elongated = np.flatnonzero((np.linalg.eigvalsh(covariance)[:, -1] > threshold)
+                             & (size >= 2 * min_size))
+  result = atom_of_node.copy()
+  for atom in elongated:
+    members = np.flatnonzero(atom_of_node == atom)
+    for part in _round_parts(points[members], threshold, min_size)[1:]:
+      result[members[part]] = count
+      count += 1
+  return result
+
+
 def segment_batch(species: np.ndarray, box: float, *, density: np.ndarray | None = None,
-                  min_size: int = 3) -> list[Atoms]:
+                  min_size: int = 3, species_radius: float = 0.5) -> list[Atoms]:
   """Atoms of each species grid in a batch (B, G, G, G) (0 = empty); see the module docstring.
 
   Args:
@@ -93,6 +159,7 @@ def segment_batch(species: np.ndarray, box: float, *, density: np.ndarray | None
     box: cube side in Å.
     density: optional (B, G, G, G) decoded density used as centre-of-mass weights.
     min_size: components with fewer voxels are absorbed into a touching atom or dropped.
+    species_radius: the radius (Å) of one atom's voxels in the grid, for splitting close atoms.
   Returns:
     one `Atoms` per structure, atoms in the order of their first voxel (x-major scan).
   """
@@ -124,6 +191,8 @@ def segment_batch(species: np.ndarray, box: float, *, density: np.ndarray | None
   atom_of_node = target[labels]
   keep = atom_of_node >= 0
   nodes = np.flatnonzero(keep)
+  atom_of_node[nodes] = _split_elongated(atom_of_node[nodes], occupied[nodes], species.shape,
+                                         box / grid, species_radius, min_size)
   # Renumber surviving atoms 0..n-1 in order of their first voxel (nodes are in flat order).
   atom_ids, first_node, atom_of_node = np.unique(atom_of_node[nodes], return_index=True,
                                                  return_inverse=True)
@@ -183,11 +252,11 @@ def species_grid(atoms: Atoms, grid: int, box: float, radius: float) -> np.ndarr
 
 
 def segment(species: np.ndarray, box: float, *, density: np.ndarray | None = None,
-            min_size: int = 3) -> Atoms:
+            min_size: int = 3, species_radius: float = 0.5) -> Atoms:
   """`segment_batch` for one species grid (G, G, G)."""
   return segment_batch(np.asarray(species)[None], box,
                        density=None if density is None else np.asarray(density)[None],
-                       min_size=min_size)[0]
+                       min_size=min_size, species_radius=species_radius)[0]
 
 
 def fit_atoms(atoms: Atoms, density: np.ndarray, box: float, sigma: float, max_z: int, *,

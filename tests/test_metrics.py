@@ -72,20 +72,23 @@ def test_voxel_mse_and_percentiles():
 
 
 def test_match_metrics_counts_invalid_as_misses():
-  rocksalt = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"],
-                                       [[0, 0, 0], [0.5, 0.5, 0.5]])
-  perturbed = rocksalt.copy()
-  perturbed.translate_sites([0], [0.02, 0, 0])
-  wrong = Structure(Lattice.cubic(3.0), ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
-  relabelled = rocksalt.copy()
-  relabelled.replace_species({"Na": "K", "Cl": "Br"})
-  result = metrics.match_metrics([rocksalt, perturbed, wrong, None, relabelled], [rocksalt] * 5)
+  a = 4.12
+  caesium_chloride = Structure(Lattice.cubic(a), ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+  perturbed = caesium_chloride.copy()
+  perturbed.translate_sites([0], [0.02, 0, 0])  # Cs moved by 0.02 a along x
+  wrong = Structure.from_spacegroup("Fm-3m", Lattice.cubic(7.0), ["Cs", "Cl"],
+                                    [[0, 0, 0], [0.5, 0.5, 0.5]])  # the rock-salt structure
+  relabelled = caesium_chloride.copy()
+  relabelled.replace_species({"Cs": "Rb", "Cl": "Br"})
+  result = metrics.match_metrics([caesium_chloride, perturbed, wrong, None, relabelled],
+                                 [caesium_chloride] * 5)
   assert result["match_rate"] == pytest.approx(2 / 5)
   assert result["framework_match_rate"] == pytest.approx(3 / 5)
   assert result["valid_rate"] == pytest.approx(4 / 5)
-  expected = metrics.structure_matcher().get_rms_dist(perturbed, rocksalt)[0]
-  assert expected > 0
-  assert result["rms_dist"] == pytest.approx(expected / 2)
+  # By hand: the two sites' displacements about their mean are ±0.01 a, so the RMS is 0.01 a,
+  # normalised by the length per site (V / 2)^(1/3); averaged with the exact match's 0.
+  expected = 0.01 * a / (a ** 3 / 2) ** (1 / 3)
+  assert result["rms_dist"] == pytest.approx(expected / 2, rel=1e-6)
 
 
 def test_cdvae_match_rate_counts_only_valid_reconstructions():

@@ -76,14 +76,24 @@ def test_shapes_and_dtypes(dtype):
     assert leaf.dtype == jnp.float32
 
 
-def test_output_ranges():
-  model = models.model_from_config(small_config(lattice_head=True))
+def test_decoder_outputs_and_lattice_head_start():
+  """With the same parameters the ReLU and softplus decoders differ only in the last
+  activation: where ReLU is positive it is the pre-activation x, so softplus gives
+  log(1 + e^x); where ReLU is 0 (x <= 0) softplus lies in (0, log 2]."""
   density = random_density()
-  outputs, _ = jax.jit(lambda d: model.init_with_output(
-      key(0), d, key(1), train=False))(density)
-  assert jnp.all(outputs["recon"] >= 0) and jnp.any(outputs["recon"] > 0)
-  # The head starts near 5 Å times the identity (its Dense bias).
-  assert jnp.all(jnp.abs(jnp.linalg.det(outputs["lattice"])) > 0)
+  outputs = {}
+  for name in models.DECODER_OUTPUTS:
+    model = models.model_from_config(small_config(lattice_head=True, decoder_output=name))
+    outputs[name], _ = jax.jit(lambda d, model=model: model.init_with_output(
+        key(0), d, key(1), train=False))(density)
+  relu, softplus = outputs["relu"]["recon"], outputs["softplus"]["recon"]
+  positive = relu > 0
+  assert jnp.any(positive) and jnp.any(~positive)  # both branches are exercised
+  np.testing.assert_allclose(softplus[positive], jnp.log1p(jnp.exp(relu[positive])), rtol=1e-5)
+  assert jnp.all((softplus[~positive] > 0) & (softplus[~positive] <= jnp.log(2.0) + 1e-6))
+  # The lattice head starts at 5 Å times the identity (its Dense bias) plus a small term.
+  lattice = outputs["relu"]["lattice"]
+  np.testing.assert_allclose(lattice, np.broadcast_to(5.0 * np.eye(3), lattice.shape), atol=2.0)
 
 
 def test_paper_decoder_shape_path():

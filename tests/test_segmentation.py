@@ -50,8 +50,9 @@ def test_face_connectivity_species_split_and_batch_independence():
   # same place (structures never connect).
   touching = {(2, 2, 4): 1, (2, 2, 5): 1, (2, 3, 4): 1}
   diagonal = {(3, 3, 3): 8}
+  # 1 Å voxels: blobs of about one voxel's radius (`species_radius`) are single atoms.
   found = segmentation.segment_batch(_grid([blob | touching | diagonal, diagonal]), 8.0,
-                                     min_size=1)
+                                     species_radius=1.0, min_size=1)
   assert [len(atoms) for atoms in found] == [3, 1]
   assert sorted(found[0].species.tolist()) == [1, 8, 8]
   o_index = np.flatnonzero((found[0].species == 8) & (found[0].voxels == 4))[0]
@@ -63,11 +64,13 @@ def test_fragments_are_absorbed_or_dropped_and_species_voted():
   big = {(i, j, k): 26 for i in (2, 3) for j in (2, 3) for k in (2, 3)}  # 8 Fe voxels.
   wrong = {(2, 2, 4): 27}  # A 1-voxel Co fragment touching the Fe blob: absorbed.
   lonely = {(6, 6, 6): 8, (6, 6, 7): 8}  # A 2-voxel fragment touching nothing: dropped.
-  atoms = segmentation.segment_batch(_grid([big | wrong | lonely]), 8.0, min_size=3)[0]
+  atoms = segmentation.segment_batch(_grid([big | wrong | lonely]), 8.0, min_size=3,
+                                     species_radius=1.0)[0]
   assert atoms.species.tolist() == [26] and atoms.voxels.tolist() == [9]
   expected = np.mean([np.array(v) + 0.5 for v in (big | wrong)], axis=0)
   np.testing.assert_allclose(atoms.positions[0], expected)
-  kept = segmentation.segment_batch(_grid([big | wrong | lonely]), 8.0, min_size=1)[0]
+  kept = segmentation.segment_batch(_grid([big | wrong | lonely]), 8.0, min_size=1,
+                                    species_radius=1.0)[0]
   assert sorted(kept.species.tolist()) == [8, 26, 27]
 
 
@@ -75,7 +78,8 @@ def test_density_weights_the_centre_and_boundary_is_flagged():
   cube = {(0, 4, 4): 6, (1, 4, 4): 6}
   density = np.zeros((1, 8, 8, 8))
   density[0, 0, 4, 4], density[0, 1, 4, 4] = 1.0, 3.0
-  atoms = segmentation.segment_batch(_grid([cube]), 8.0, density=density, min_size=1)[0]
+  atoms = segmentation.segment_batch(_grid([cube]), 8.0, density=density, min_size=1,
+                                     species_radius=1.0)[0]
   np.testing.assert_allclose(atoms.positions[0], [0.5 * 0.25 + 1.5 * 0.75, 4.5, 4.5])
   assert atoms.on_boundary.tolist() == [True]
 
@@ -181,3 +185,45 @@ def test_species_grid_of_atoms_draws_spheres_of_the_species_radius():
   grid = segmentation.species_grid(atoms, 30, 10.0, 0.5)
   assert np.sum(grid == 8) == 19 and np.sum(grid == 26) == 19
   assert grid[10, 10, 10] == 8 and grid[11, 11, 10] == 8 and grid[11, 11, 11] == 0
+
+
+@pytest.mark.parametrize("distance", [0.74, 0.9, 1.1, 1.25])
+def test_close_atoms_of_one_species_are_split(distance):
+  """H2 (0.74 Å), N2-like and O-O pairs: one face-connected component of the species grid, two
+  atoms; positions within 0.15 Å (overlapping balls bias each half's centre slightly)."""
+  rng = np.random.default_rng(int(distance * 100))
+  for _ in range(5):
+    centre = rng.uniform(4.0, 6.0, 3)
+    direction = rng.normal(size=3)
+    direction /= np.linalg.norm(direction)
+    positions = np.stack([centre, centre + distance * direction])
+    crystal = crystals.Crystal(id="pair", lattice=20.0 * np.eye(3),
+                               frac_coords=positions / 20.0, atomic_numbers=np.array([7, 7]))
+    grids = voxelize_crystals([crystal], "repeat")
+    atoms = segmentation.segment(grids["species"][0], SPEC.box)
+    assert len(atoms) == 2
+    found = np.linalg.norm(atoms.positions[:, None] - positions[None], axis=-1)
+    rows, cols = optimize.linear_sum_assignment(found)
+    assert found[rows, cols].max() < 0.15
+
+
+def test_a_linear_chain_of_three_is_three_atoms():
+  positions = np.array([[3.8, 5.0, 5.0], [5.0, 5.0, 5.0], [6.2, 5.1, 5.0]])  # azide-like N3
+  crystal = crystals.Crystal(id="azide", lattice=20.0 * np.eye(3), frac_coords=positions / 20.0,
+                             atomic_numbers=np.array([7, 7, 7]))
+  atoms = segmentation.segment(voxelize_crystals([crystal], "repeat")["species"][0], SPEC.box)
+  assert_same_atoms(atoms, [7, 7, 7], positions)
+
+
+def test_single_atoms_are_never_split():
+  rng = np.random.default_rng(1)
+  positions = rng.uniform(1.0, 9.0, (40, 3))
+  keep = [0]
+  for index in range(1, len(positions)):  # atoms at least 1.5 Å apart
+    if np.linalg.norm(positions[keep] - positions[index], axis=1).min() > 1.5:
+      keep.append(index)
+  positions = positions[keep]
+  crystal = crystals.Crystal(id="gas", lattice=20.0 * np.eye(3), frac_coords=positions / 20.0,
+                             atomic_numbers=np.full(len(positions), 6))
+  atoms = segmentation.segment(voxelize_crystals([crystal], "repeat")["species"][0], SPEC.box)
+  assert_same_atoms(atoms, [6] * len(positions), positions)
