@@ -40,11 +40,12 @@ def true_atoms_in_cube(crystal: crystals.Crystal, box: float, representation: st
                        ) -> segmentation.Atoms:
   """The crystal's atoms as evaluation voxelises it (unrotated): for a repeat cube (a cell corner
   at the origin) every periodic image with its centre inside [0, box]³, for a unit cell the
-  cell's atoms (fractional coordinates wrapped into [0, 1)) with the cell centred in the cube."""
+  cell's atoms, each as its image nearest the cell centre (`voxelize.centred_frac`), with the
+  cell centred in the cube."""
   if representation == "repeat":
     return density_fit.images_in_cube(crystal.atomic_numbers, crystal.frac_coords,
                                       crystal.lattice, box)
-  frac = crystal.frac_coords - np.floor(crystal.frac_coords)
+  frac = np.asarray(voxelize.centred_frac(crystal.frac_coords, crystal.lattice))
   positions = frac @ crystal.lattice + box / 2 - 0.5 * crystal.lattice.sum(axis=0)
   near_face = np.any((positions < 0.5) | (positions > box - 0.5), axis=1)
   return segmentation.Atoms(np.asarray(crystal.atomic_numbers, np.int32), positions,

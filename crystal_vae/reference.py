@@ -1,6 +1,7 @@
 """Slow float64 numpy reference for `crystal_vae.voxelize`, written independently of it.
 
-Explicit python loops over atoms and periodic images; only the per-image work is vectorised over
+Explicit python loops over atoms and periodic images (a unit cell's atoms each as the image
+nearest the cell centre, searched over the 27 neighbouring cells); only the per-image work is vectorised over
 voxels (and the cutoff test over the candidate translations). Candidates come from a generous range
 derived from a bounding ball (not from `voxelize.images_per_axis`), and an atom or image is kept
 when its distance to the cube is within the cutoff, as in the definition. Used by the tests and
@@ -46,6 +47,16 @@ def _distance_to_cube(points: np.ndarray, box: float) -> np.ndarray:
   return np.sqrt(np.sum(outside**2, axis=-1))
 
 
+def _nearest_centre(frac: np.ndarray, lattice: np.ndarray, tie: float = 1e-3) -> np.ndarray:
+  """The image f + n, n in {-1, 0, 1}^3, nearest the cell centre; of images within `tie` Å of
+  the nearest, the unshifted one if it is among them, else the first in itertools order."""
+  images = [frac] + [frac + np.array(n) for n in itertools.product((-1, 0, 1), repeat=3)
+                     if n != (0, 0, 0)]
+  distances = [np.linalg.norm((image - 0.5) @ lattice) for image in images]
+  nearest = min(distances)
+  return next(image for image, d in zip(images, distances) if d <= nearest + tie)
+
+
 def voxelize_reference(lattice: np.ndarray, frac_coords: np.ndarray, atomic_numbers: np.ndarray,
                        rotation: np.ndarray, offset: np.ndarray, spec: voxelize.GridSpec,
                        representation: str) -> ReferenceGrids:
@@ -67,6 +78,8 @@ def voxelize_reference(lattice: np.ndarray, frac_coords: np.ndarray, atomic_numb
     raise ValueError(f"unknown representation {representation!r}")
   for frac, z in zip(frac_coords, np.asarray(atomic_numbers)):
     z = int(z)
+    if representation == voxelize.UNIT_CELL:  # the image nearest the cell centre
+      frac = _nearest_centre(frac, lattice)
     images = (frac + translations) @ lattice @ rotation.T + offset
     images = images[_distance_to_cube(images, spec.box) <= spec.cutoff]
     nearest = sq_distance_by_z.setdefault(z, np.full((spec.grid,) * 3, np.inf))

@@ -4,8 +4,10 @@ A crystal is placed in a cube [0, box]^3 by `cube = rotation @ cartesian + offse
 `cartesian = frac @ lattice` (plus integer lattice translations for periodic images). Two
 representations:
 
-* "unit_cell": the atoms of one cell (fractional coordinates wrapped into [0, 1)), the cell centre
-  `(0.5, 0.5, 0.5) @ lattice` at the cube centre, a uniformly random rotation when `rotate`.
+* "unit_cell": the atoms of one cell, each as its periodic image nearest the cell centre
+  `(0.5, 0.5, 0.5) @ lattice` (`centred_frac`: the most compact cell, which stays inside the cube
+  where the parallelepiped [0, 1)³ of a skewed cell does not), the cell centre at the cube centre,
+  a uniformly random rotation when `rotate`.
 * "repeat": the lattice tiled through the cube with every periodic image whose Gaussian reaches the
   cube (distance from the image to the cube <= cutoff_sigmas * sigma); a cell corner at the cube
   origin, or with `random_offset` shifted by `rotation @ (u @ lattice)`, u ~ U[0, 1)^3; a uniformly
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import pathlib
 import sys
@@ -147,12 +150,34 @@ def _placement(lattice: jax.Array, key: jax.Array, spec: GridSpec, representatio
   return rotation, offset
 
 
+# Integer shifts searched for each atom's image nearest the cell centre (enough for a reduced
+# cell), no shift first: of images equally near (an atom on the boundary of the most compact
+# cell, e.g. at a cubic cell's corner), the first within `_TIE` Å of the nearest is taken.
+_NEIGHBOUR_SHIFTS = np.array(sorted(itertools.product((-1, 0, 1), repeat=3),
+                                    key=lambda shift: shift != (0, 0, 0)), np.float32)
+_TIE = 1e-3
+
+
+def centred_frac(frac_coords: jax.Array, lattice: jax.Array) -> jax.Array:
+  """Fractional coordinates (A, 3) of each atom's periodic image nearest the cell centre
+  (0.5, 0.5, 0.5) @ lattice: wrapped into [0, 1), then shifted by the n in {-1, 0, 1}³ that
+  brings it closest (Cartesian distance; ties keep the wrapped image). Works on numpy and JAX
+  arrays alike."""
+  frac = frac_coords - jnp.floor(frac_coords)
+  candidates = frac[:, None, :] + _NEIGHBOUR_SHIFTS[None]  # (A, 27, 3)
+  distance = jnp.linalg.norm((candidates - 0.5) @ lattice, axis=-1)
+  nearest = distance <= distance.min(axis=1, keepdims=True) + _TIE
+  return candidates[jnp.arange(candidates.shape[0]), jnp.argmax(nearest, axis=1)]
+
+
 def _points(lattice: jax.Array, frac_coords: jax.Array, atomic_numbers: jax.Array,
             atom_mask: jax.Array, rotation: jax.Array, offset: jax.Array, spec: GridSpec,
             representation: str, num_images: tuple[int, int, int]) -> tuple[jax.Array, jax.Array]:
   """Cube coordinates (P, 3) of every atom or candidate image and their Z (P,); padding -> _FAR."""
   basis = lattice @ rotation.T  # Rows: rotated lattice vectors.
   frac = frac_coords - jnp.floor(frac_coords)
+  if representation == UNIT_CELL:
+    frac = centred_frac(frac, lattice)
   points = (frac @ basis + offset)[:, None, :]  # (A, 1, 3)
   if representation == REPEAT:
     # Column k of `inverse` is the gradient of fractional coordinate k in cube coordinates, so its

@@ -1,30 +1,152 @@
-"""Train-step throughput, FLOPs per sample (XLA cost analysis) and achieved FLOP/s.
+"""Train-step throughput, FLOPs per sample (XLA cost analysis), achieved FLOP/s and peak memory of
+the JAX step, side by side with a PyTorch CPU twin of the same model and step.
 
-    python launch/benchmark_train.py                      # paper and quick models, both conv impls
-    python launch/benchmark_train.py --models=paper --batch_size=24 --impls=xla
+    python launch/benchmark_train.py                          # paper and cpu models, JAX vs PyTorch
+    python launch/benchmark_train.py --models=quick --steps=1 # smoke test
+    python launch/benchmark_train.py --models=cpu --impls=depth_sum,xla \
+        --jax_variants=base,donate,onednn --torch_impls=ncdhw,channels_last
+    python launch/benchmark_train.py --models=quick --check_twin   # twin == JAX model, then time
 
 The step measured is `train.train_step` (forward, backward and Adam update of the β-VAE and the
-U-Net) on already-voxelised grids; voxelisation has its own benchmark.
+U-Net) on already-voxelised grids; voxelisation has its own benchmark. The PyTorch twin
+(launch/torch_twin.py) is the same architecture layer for layer (equal parameter counts are
+checked and printed; --check_twin also copies the Flax parameters in and compares the loss and
+every gradient) doing the same forward, loss terms, metrics and Adam update.
+
+Every row runs in a fresh subprocess (one per model x framework x implementation), so its peak
+RSS (`ru_maxrss`, whole process: imports, XLA compilation, the steps) is its own; the
+"steps peak" column is the RSS high-water mark of the timed steps alone (VmHWM reset after the
+warm-up step). Both frameworks are credited with the same FLOPs: XLA's cost analysis of the
+JAX step. PyTorch is optional: without it the twin is skipped.
+
+JAX variants (--jax_variants, joined with '+', e.g. donate+onednn): see `JAX_VARIANTS`.
+--xla_flags adds XLA flags to every JAX row.
 """
 
+import dataclasses
+import importlib.metadata
+import importlib.util
+import json
 import os
 import platform
+import resource
+import subprocess
+import sys
 import time
 
 from absl import app
 from absl import flags
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from crystal_vae import default_config
-from crystal_vae import train
-
-_MODELS = flags.DEFINE_list("models", ["paper", "quick"], "Config variants: paper, quick.")
-_IMPLS = flags.DEFINE_list("impls", ["depth_sum", "xla"], "model.conv_impl values to compare.")
+_MODELS = flags.DEFINE_list("models", ["paper", "cpu"], "Config variants: paper, cpu, quick.")
+_FRAMEWORKS = flags.DEFINE_list("frameworks", ["jax", "torch"], "jax and/or torch.")
+_IMPLS = flags.DEFINE_list("impls", ["depth_sum"], "JAX: model.conv_impl values to compare.")
+_JAX_VARIANTS = flags.DEFINE_list(
+    "jax_variants", ["base"], "JAX: step variants (JAX_VARIANTS keys joined with '+').")
+_TORCH_IMPLS = flags.DEFINE_list(
+    "torch_impls", ["ncdhw"], "PyTorch: ncdhw (contiguous) and/or channels_last (channels_last_3d "
+    "memory format).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Samples per step.")
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after one warm-up step.")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps after one warm-up step.")
+_ROUNDS = flags.DEFINE_integer(
+    "rounds", 1, "Repeat all rows this many times (interleaved), for a loaded machine.")
+_XLA_FLAGS = flags.DEFINE_string("xla_flags", "", "Extra XLA_FLAGS for every JAX row.")
+_CHECK_TWIN = flags.DEFINE_bool(
+    "check_twin", False, "First load the Flax parameters into the twin and compare the loss and "
+    "gradients (batch 2) per model.")
+_WORKER = flags.DEFINE_string("worker", "", "Internal: a JSON job run in this process.")
 
+TORCH_PIN = "torch==2.13.0+cpu"
+
+# Step variants tried to close the gap on CPU: donated state, matmul precision, XLA CPU flags.
+JAX_VARIANTS = {
+    "base": {},
+    "donate": {"donate": True},  # jax.jit(..., donate_argnums=0), as train.Trainer does
+    "highest": {"precision": "highest"},  # jax_default_matmul_precision
+    "bf16_matmul": {"precision": "bfloat16"},
+    "no_mt_eigen": {"xla_flags": "--xla_cpu_multi_thread_eigen=false"},
+    "fast_math": {"xla_flags": "--xla_cpu_enable_fast_math=true"},
+    "onednn": {"xla_flags": "--xla_cpu_use_onednn=true"},
+    "onednn_cc": {"xla_flags": "--xla_cpu_use_onednn=true "
+                                "--xla_cpu_experimental_onednn_custom_call=true"},
+    "xnnpack": {"xla_flags": "--xla_cpu_use_xnnpack=true"},
+    "no_thunks": {"xla_flags": "--xla_cpu_use_thunk_runtime=false"},
+}
+
+
+def _variant_options(variant: str) -> dict:
+  options = {"donate": False, "precision": None, "xla_flags": ""}
+  for name in variant.split("+"):
+    if name not in JAX_VARIANTS:
+      raise ValueError(f"JAX variant {name!r} not in {sorted(JAX_VARIANTS)}")
+    for key, value in JAX_VARIANTS[name].items():
+      options[key] = f"{options[key]} {value}".strip() if key == "xla_flags" else value
+  return options
+
+
+def _config(variant: str):
+  from crystal_vae import default_config  # pylint: disable=g-import-not-at-top
+  return default_config.get_config("repeat", None if variant == "paper" else variant)
+
+
+def spec_of(config) -> dict:
+  """What the PyTorch twin reads of a config, as plain JSON (the twin imports no JAX)."""
+  model, loss = config.model, config.loss
+  unsupported = {"lattice_head": model.lattice_head, "composition_head": model.composition_head,
+                 "properties": bool(model.properties), "conditional": model.conditional,
+                 "lr_mults": bool(config.lr_mults), "dtype": model.dtype != "float32"}
+  if any(unsupported.values()):
+    raise ValueError(f"the PyTorch twin does not model {[k for k, v in unsupported.items() if v]}")
+  return {
+      "grid": config.voxel.grid, "box": config.voxel.box, "sigma": config.voxel.sigma,
+      "max_z": config.dataset.max_z, "latent_dim": model.latent_dim,
+      "encoder_features": list(model.encoder_features),
+      "encoder_kernels": list(model.encoder_kernels),
+      "encoder_strides": list(model.encoder_strides),
+      "decoder_start": model.decoder_start, "decoder_features": list(model.decoder_features),
+      "decoder_kernels": list(model.decoder_kernels),
+      "decoder_paddings": list(model.decoder_paddings),
+      "decoder_output": model.decoder_output, "unet_features": list(model.unet_features),
+      "species_head": model.species_head,
+      "loss": {k: loss[k] for k in ("beta", "gamma", "balanced", "z_weight", "teacher_forcing",
+                                    "site_z_weight")},
+      "learning_rate": config.learning_rate, "lr_schedule": config.lr_schedule,
+      "warmup_steps": config.warmup_steps, "num_train_steps": config.num_train_steps,
+      "final_learning_rate_fraction": config.final_learning_rate_fraction,
+      "grad_clip_norm": config.grad_clip_norm,
+  }
+
+
+def _data(grid: int, max_z: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  rng = np.random.default_rng(0)
+  density = rng.gamma(0.5, 0.2, (batch_size, grid, grid, grid)).astype(np.float32)
+  species = rng.integers(0, max_z + 1, (batch_size, grid, grid, grid)).astype(np.int32)
+  return density, species
+
+
+def _reset_peak_rss() -> bool:
+  """Resets the process's RSS high-water mark (Linux clear_refs 5); False where not allowed."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def _hwm_mib() -> float:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 1024
+  return float("nan")
+
+
+def _max_rss_mib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ------------------------------------------------------------------------------------- workers
 
 def _flops(compiled) -> float:
   analysis = compiled.cost_analysis()
@@ -33,49 +155,287 @@ def _flops(compiled) -> float:
   return float(analysis.get("flops", float("nan")))
 
 
-def measure(variant: str, impl: str, batch_size: int, steps: int) -> dict[str, float]:
-  config = default_config.get_config("repeat", None if variant == "paper" else variant)
-  config.model.conv_impl = impl
-  grid = config.voxel.grid
-  rng = np.random.default_rng(0)
-  batch = {
-      "density": jnp.asarray(rng.gamma(0.5, 0.2, (batch_size, grid, grid, grid)), jnp.float32),
-      "species": jnp.asarray(rng.integers(0, config.dataset.max_z + 1,
-                                          (batch_size, grid, grid, grid)), jnp.int32),
-      "lattice": jnp.tile(jnp.eye(3) * 4.0, (batch_size, 1, 1)),
-  }
+def jax_worker(job: dict) -> dict:
+  """Times train.train_step (one warm-up step, then `steps`); steps 0 = compile for FLOPs only."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from crystal_vae import train  # pylint: disable=g-import-not-at-top
+
+  options = _variant_options(job["variant"])
+  if options["precision"]:
+    jax.config.update("jax_default_matmul_precision", options["precision"])
+  config = _config(job["model"])
+  config.model.conv_impl = job["impl"]
+  batch_size, steps = job["batch_size"], job["steps"]
+  density, species = _data(config.voxel.grid, config.dataset.max_z, batch_size)
+  batch = {"density": jnp.asarray(density), "species": jnp.asarray(species),
+           "lattice": jnp.tile(jnp.eye(3) * 4.0, (batch_size, 1, 1))}
+  start = time.perf_counter()
   state = train.create_train_state(config, jax.random.key(0))
-  step = jax.jit(lambda s, b, r: train.train_step(s, b, r, config=config))
+  jax.block_until_ready(state)
+  init_seconds = time.perf_counter() - start
+  params = sum(x.size for x in jax.tree.leaves(state.params))
+  step = jax.jit(lambda s, b, r: train.train_step(s, b, r, config=config),
+                 donate_argnums=0 if options["donate"] else ())
   start = time.perf_counter()
   compiled = step.lower(state, batch, jax.random.key(1)).compile()
   compile_seconds = time.perf_counter() - start
+  result = {"flops": _flops(compiled), "params": params, "compile_seconds": compile_seconds,
+            "init_seconds": init_seconds, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  if steps == 0:
+    return result
   state, metrics = compiled(state, batch, jax.random.key(1))
   jax.block_until_ready(metrics)
-  start = time.perf_counter()
+  reset = _reset_peak_rss()
+  times = []
   for _ in range(steps):
+    start = time.perf_counter()
     state, metrics = compiled(state, batch, jax.random.key(1))
-  jax.block_until_ready(metrics)
-  seconds = (time.perf_counter() - start) / steps
-  flops = _flops(compiled)
-  return {"samples_per_second": batch_size / seconds, "step_seconds": seconds,
-          "gflops_per_sample": flops / batch_size / 1e9,
-          "achieved_gflops_per_second": flops / seconds / 1e9,
-          "compile_seconds": compile_seconds}
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  result.update(times=times, loss=float(metrics["loss"]),
+                steps_peak_mib=_hwm_mib() if reset else float("nan"))
+  return result
+
+
+def torch_worker(job: dict) -> dict:
+  """Times the twin's step (one warm-up step, counted by torch's FlopCounterMode, then `steps`)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch_twin  # pylint: disable=g-import-not-at-top  (launch/ is sys.path[0])
+  from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=g-import-not-at-top
+
+  spec, batch_size, steps = job["spec"], job["batch_size"], job["steps"]
+  density, species = _data(spec["grid"], spec["max_z"], batch_size)
+  density, species = torch.from_numpy(density), torch.from_numpy(species)
+  start = time.perf_counter()
+  trainer = torch_twin.Trainer(spec, channels_last=job["impl"] == "channels_last")
+  init_seconds = time.perf_counter() - start
+  counter = FlopCounterMode(display=False)
+  with counter:
+    metrics = trainer.step(density, species)
+  reset = _reset_peak_rss()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    metrics = trainer.step(density, species)
+    float(metrics["loss"])
+    times.append(time.perf_counter() - start)
+  return {"params": torch_twin.num_params(trainer.model), "times": times,
+          "loss": float(metrics["loss"]), "torch_counted_flops": float(counter.get_total_flops()),
+          "threads": torch.get_num_threads(), "init_seconds": init_seconds,
+          "compile_seconds": 0.0, "steps_peak_mib": _hwm_mib() if reset else float("nan")}
+
+
+def check_worker(job: dict) -> dict:
+  """The Flax parameters copied into the twin: loss terms, outputs and gradients compared."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch_twin  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from crystal_vae import train  # pylint: disable=g-import-not-at-top
+
+  config = _config(job["model"])  # conv_impl "auto": depth_sum on CPU
+  spec = spec_of(config)
+  density, species = _data(config.voxel.grid, config.dataset.max_z, job["batch_size"])
+  batch = {"density": jnp.asarray(density), "species": jnp.asarray(species)}
+  state = train.create_train_state(config, jax.random.key(0))
+  key = jax.random.key(3)
+  eps = np.asarray(jax.random.normal(key, (density.shape[0], config.model.latent_dim)))
+
+  def loss_fn(params):  # train.train_step's loss_fn with a fixed sampling key
+    outputs, _ = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats}, batch["density"], key, train=True,
+        unet_grad_scale=config.loss.gamma, teacher_forcing=config.loss.teacher_forcing > 0,
+        mutable=["batch_stats"])
+    terms = train.voxel_losses(outputs, batch, config)
+    return train.total_loss(terms, config), (terms, outputs)
+
+  (loss, (terms, outputs)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+      state.params)
+  trainer = torch_twin.Trainer(spec)
+  torch_twin.load_flax_params(trainer.model, jax.tree.map(np.asarray, state.params))
+  t_loss, t_terms, t_outputs = trainer.loss_and_terms(
+      torch.from_numpy(density), torch.from_numpy(species), eps=torch.from_numpy(eps))
+  t_loss.backward()
+
+  def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-30))
+
+  report = {"loss_jax": float(loss), "loss_torch": float(t_loss)}
+  for name in ("mse", "kl", "seg", "seg_true"):
+    if name in terms:
+      report[f"rel_{name}"] = rel(terms[name], t_terms[name].detach().numpy())
+  report["rel_recon"] = rel(outputs["recon"], t_outputs["recon"].detach().numpy())
+  report["rel_segmented"] = rel(outputs["segmented"],
+                                t_outputs["segmented"].detach().permute(0, 2, 3, 4, 1).numpy())
+  jax_grads = {"/".join(k): v for k, v in traverse_util.flatten_dict(grads).items()}
+  torch_grads = torch_twin.flax_named_grads(trainer.model)
+  if set(jax_grads) != set(torch_grads):
+    raise ValueError(f"parameter paths differ: {set(jax_grads) ^ set(torch_grads)}")
+  errors = {k: rel(jax_grads[k], torch_grads[k].numpy()) for k in jax_grads}
+  worst = max(errors, key=errors.get)
+  report.update(grad_tensors=len(errors), worst_grad=worst, rel_worst_grad=errors[worst],
+                median_rel_grad=float(np.median(list(errors.values()))))
+  return report
+
+
+# -------------------------------------------------------------------------------------- parent
+
+@dataclasses.dataclass
+class Row:
+  model: str
+  framework: str
+  impl: str
+  result: dict | None
+  error: str = ""
+
+
+def _run_worker(job: dict, xla_flags: str = "") -> tuple[dict | None, str]:
+  env = dict(os.environ)
+  if xla_flags:
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), f"--worker={json.dumps(job)}"],
+                        env=env, capture_output=True, text=True, check=False)
+  for line in proc.stdout.splitlines():
+    if line.startswith("RESULT "):
+      result = json.loads(line[len("RESULT "):])
+      result["peak_rss_mib"] = result.get("peak_rss_mib", float("nan"))
+      return result, ""
+  tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+  return None, f"exit {proc.returncode}: {' | '.join(tail)}"
+
+
+def _jax_param_count(config) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  from crystal_vae import models  # pylint: disable=g-import-not-at-top
+  shapes = jax.eval_shape(lambda: models.init_variables(config, jax.random.key(0)))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+
+
+def _twin_param_count(spec: dict) -> int:
+  import torch_twin  # pylint: disable=g-import-not-at-top
+  return torch_twin.num_params(torch_twin.CrystalVAE(spec))
+
+
+def _fmt(value: float, digits: int) -> str:
+  return "n/a" if value is None or value != value else f"{value:.{digits}f}"
 
 
 def main(argv):
   del argv
-  print(f"devices: {jax.devices()}  cpus: {os.cpu_count()}  machine: {platform.processor() or platform.machine()}"
-        f"  jax {jax.__version__}")
-  print(f"batch {_BATCH.value}, mean over {_STEPS.value} steps after a warm-up step\n")
-  print("| model | conv_impl | samples/s | s/step | GFLOP/sample | achieved GFLOP/s | compile s |")
-  print("|---|---|---|---|---|---|---|")
-  for variant in _MODELS.value:
-    for impl in _IMPLS.value:
-      r = measure(variant, impl, _BATCH.value, _STEPS.value)
-      print(f"| {variant} | {impl} | {r['samples_per_second']:.2f} | {r['step_seconds']:.3f} |"
-            f" {r['gflops_per_sample']:.2f} | {r['achieved_gflops_per_second']:.1f} |"
-            f" {r['compile_seconds']:.1f} |", flush=True)
+  if _WORKER.value:
+    job = json.loads(_WORKER.value)
+    worker = {"jax": jax_worker, "torch": torch_worker, "check": check_worker}[job["framework"]]
+    result = worker(job)
+    result["peak_rss_mib"] = _max_rss_mib()
+    print("RESULT " + json.dumps(result), flush=True)
+    return
+
+  frameworks = list(_FRAMEWORKS.value)
+  has_torch = importlib.util.find_spec("torch") is not None
+  if "torch" in frameworks and not has_torch:
+    print(f"PyTorch not installed: skipping the PyTorch twin (pip install {TORCH_PIN})")
+    frameworks.remove("torch")
+  for variant in _JAX_VARIANTS.value:
+    _variant_options(variant)  # fail early on a typo
+  import jax  # pylint: disable=g-import-not-at-top
+  torch_version = importlib.metadata.version("torch") if has_torch else "not installed"
+  print(f"devices: {jax.devices()}  cpus: {os.cpu_count()}  machine: "
+        f"{platform.processor() or platform.machine()}  jax {jax.__version__}  torch "
+        f"{torch_version}")
+  print(f"load average at start: {os.getloadavg()[0]:.2f} (1 min)  XLA_FLAGS extra: "
+        f"{_XLA_FLAGS.value or '-'}")
+  print(f"batch {_BATCH.value}, mean over {_STEPS.value} steps after a warm-up step, "
+        f"{_ROUNDS.value} round(s); one subprocess per row\n", flush=True)
+
+  specs, notes = {}, []
+  for model in _MODELS.value:
+    config = _config(model)
+    jax_params = _jax_param_count(config)
+    line = f"{model}: parameters JAX {jax_params:,}"
+    if "torch" in frameworks:
+      specs[model] = spec_of(config)
+      twin_params = _twin_param_count(specs[model])
+      line += f", PyTorch twin {twin_params:,} ({'equal' if twin_params == jax_params else 'DIFFERENT'})"
+    print(line, flush=True)
+    if _CHECK_TWIN.value and "torch" in frameworks:
+      report, error = _run_worker({"framework": "check", "model": model, "batch_size": 2})
+      if report is None:
+        print(f"{model}: twin check failed: {error}")
+      else:
+        print(f"{model}: twin check (Flax params copied in, batch 2): loss JAX "
+              f"{report['loss_jax']:.6f} PyTorch {report['loss_torch']:.6f}; max rel. error "
+              + ", ".join(f"{k[4:]} {v:.1e}" for k, v in report.items()
+                          if k.startswith("rel_") and k != "rel_worst_grad")
+              + f"; gradients of {report['grad_tensors']} tensors: median {report['median_rel_grad']:.1e}, "
+              f"worst {report['rel_worst_grad']:.1e} ({report['worst_grad']})", flush=True)
+  print()
+
+  jobs = []
+  for model in _MODELS.value:
+    if "jax" in frameworks:
+      for impl in _IMPLS.value:
+        for variant in _JAX_VARIANTS.value:
+          label = impl if variant == "base" else f"{impl}+{variant}"
+          jobs.append((model, "jax", label, {"framework": "jax", "model": model, "impl": impl,
+                                             "variant": variant}, _variant_options(variant)))
+    if "torch" in frameworks:
+      for impl in _TORCH_IMPLS.value:
+        jobs.append((model, "torch", impl, {"framework": "torch", "model": model, "impl": impl,
+                                            "spec": specs[model]}, {}))
+
+  print("| model | framework | impl | samples/s | s/step | GFLOP/sample | achieved GFLOP/s |"
+        " peak RSS MiB | steps peak RSS MiB | compile/init s |")
+  print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+  rows, xla_flops = [], {}
+  for _ in range(_ROUNDS.value):
+    for model, framework, label, job, options in jobs:
+      job = dict(job, batch_size=_BATCH.value, steps=_STEPS.value)
+      xla_flags = f"{_XLA_FLAGS.value} {options.get('xla_flags', '')}".strip()
+      result, error = _run_worker(job, xla_flags if framework == "jax" else "")
+      row = Row(model, framework, label, result, error)
+      rows.append(row)
+      if result is None:
+        print(f"| {model} | {framework} | {label} | failed: {error} |||||||", flush=True)
+        continue
+      if framework == "jax":
+        xla_flops.setdefault(model, result["flops"])
+      elif model not in xla_flops:  # no JAX row: compile the JAX step for its FLOPs only
+        flops_job = {"framework": "jax", "model": model, "impl": _IMPLS.value[0],
+                     "variant": "base", "batch_size": _BATCH.value, "steps": 0}
+        flops_result, _ = _run_worker(flops_job, _XLA_FLAGS.value)
+        xla_flops[model] = flops_result["flops"] if flops_result else float("nan")
+      flops = xla_flops[model]
+      seconds = float(np.mean(result["times"]))
+      result["samples_per_second"] = _BATCH.value / seconds
+      print(f"| {model} | {'JAX' if framework == 'jax' else 'PyTorch'} | {label} |"
+            f" {result['samples_per_second']:.2f} | {seconds:.3f} |"
+            f" {flops / _BATCH.value / 1e9:.2f} | {flops / seconds / 1e9:.1f} |"
+            f" {result['peak_rss_mib']:.0f} | {_fmt(result['steps_peak_mib'], 0)} |"
+            f" {result['compile_seconds'] + result['init_seconds']:.1f} |", flush=True)
+      if framework == "torch":
+        notes.append(f"{model} PyTorch {label}: {result['threads']} threads, torch FlopCounter "
+                     f"(conv/matmul only) {result['torch_counted_flops'] / _BATCH.value / 1e9:.2f}"
+                     f" GFLOP/sample; per-step s {[round(t, 3) for t in result['times']]}")
+      else:
+        notes.append(f"{model} JAX {label}: per-step s {[round(t, 3) for t in result['times']]}")
+
+  print()
+  for model in _MODELS.value:
+    best = {}
+    for row in rows:
+      if row.model == model and row.result is not None:
+        sps = row.result["samples_per_second"]
+        if sps > best.get(row.framework, (0.0, ""))[0]:
+          best[row.framework] = (sps, row.impl)
+    if "jax" in best and "torch" in best:
+      (j, jl), (t, tl) = best["jax"], best["torch"]
+      print(f"{model}: JAX / PyTorch samples/s = {j:.2f} ({jl}) / {t:.2f} ({tl}) = {j / t:.2f}")
+  print(f"\nload average at end: {os.getloadavg()[0]:.2f} (1 min; {os.cpu_count()} cpus, shared)")
+  for note in notes:
+    print(note)
 
 
 if __name__ == "__main__":

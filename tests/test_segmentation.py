@@ -1,5 +1,7 @@
 """Segmentation: hand-made grids, and true species grids of random and real crystals."""
 
+import itertools
+
 import numpy as np
 import pytest
 from pymatgen.core import Lattice, Structure
@@ -12,10 +14,16 @@ HALF_VOXEL = 0.5 * SPEC.voxel_size
 
 
 def unit_cell_positions(crystal):
-  """Cube coordinates of the atoms of the unrotated unit-cell placement."""
+  """Cube coordinates of the atoms of the unrotated unit-cell placement: each atom's image
+  nearest the cell centre, the cell centre at the cube centre."""
   lattice = crystal.lattice.astype(np.float32).astype(np.float64)
   frac = crystal.frac_coords.astype(np.float32)  # As voxelize wraps them: 1 - 1e-9 -> 0.
   frac = (frac - np.floor(frac)).astype(np.float64)
+  shifts = np.array([(0, 0, 0)] + [n for n in itertools.product((-1, 0, 1), repeat=3) if any(n)])
+  candidates = frac[:, None] + shifts[None]
+  distance = np.linalg.norm((candidates - 0.5) @ lattice, axis=-1)
+  best = np.argmax(distance <= distance.min(axis=1, keepdims=True) + 1e-3, axis=1)
+  frac = candidates[np.arange(len(frac)), best]
   return frac @ lattice + SPEC.box / 2 - 0.5 * lattice.sum(axis=0)
 
 
