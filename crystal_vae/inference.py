@@ -257,7 +257,8 @@ class TrainedModel:
               for density, composition in zip(grids["density"], compositions)]
     atoms = self.atoms(grids) if atoms is None else atoms
     if self.config.representation == "repeat":
-      return [reconstruction.reconstruct_repeat(a, self.spec.box) for a in atoms]
+      return [reconstruction.reconstruct_repeat(a, self.spec.box, density=density)
+              for a, density in zip(atoms, grids["density"])]
     if "lattice" not in grids:
       raise ValueError("unit-cell grids need a lattice (the model's lattice head)")
     return [reconstruction.reconstruct_unit_cell(a, lattice, self.spec.box,

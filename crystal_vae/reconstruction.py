@@ -244,10 +244,7 @@ def _find_basis(check: _TranslationCheck, candidates: np.ndarray, min_fraction: 
     basis = _basis(vectors)
     if basis is None:
       return None, num_accepted
-    implied = [check(translation)[:2] for translation in _IMPLIED @ basis]
-    # Two misses are allowed: one wrongly decoded atom misses as a source and as a target.
-    if all(fraction is None or fraction >= veto_fraction or (1 - fraction) * count < 2.5
-           for fraction, count in implied):
+    if _lattice_holds(check, basis, veto_fraction):
       return basis, num_accepted
     in_basis = [int(np.argmin(np.minimum(np.linalg.norm(vectors - row, axis=-1),
                                          np.linalg.norm(vectors + row, axis=-1))))
@@ -256,7 +253,36 @@ def _find_basis(check: _TranslationCheck, candidates: np.ndarray, min_fraction: 
     vectors, checks = np.delete(vectors, weakest, axis=0), np.delete(checks, weakest)
 
 
-def reconstruct_repeat(atoms: Atoms, box: float, *, tolerance: float = 0.3, margin: float = 0.7,
+def _lattice_holds(check: _TranslationCheck, basis: np.ndarray, veto_fraction: float) -> bool:
+  """No checkable lattice vector n @ basis (|n_k| <= 2) fails (holds for less than
+  `veto_fraction` and misses more than two atoms: one wrongly decoded atom misses as a source
+  and as a target)."""
+  implied = [check(translation)[:2] for translation in _IMPLIED @ basis]
+  return all(fraction is None or fraction >= veto_fraction or (1 - fraction) * count < 2.5
+             for fraction, count in implied)
+
+
+def _checked_density_basis(check: _TranslationCheck, basis: np.ndarray | None,
+                           veto_fraction: float) -> np.ndarray | None:
+  """The density's basis refined on the atoms, if no atom contradicts it: each vector that
+  enough atoms can check holds for `veto_fraction` of them (refined to their mean), the others
+  (too long to be checked) are kept as they are, and the lattice holds (`_lattice_holds`)."""
+  if basis is None:
+    return None
+  vectors = []
+  for row in basis:
+    fraction, _, refined = check(row)
+    if fraction is not None and fraction < veto_fraction:
+      return None
+    vectors.append(row if fraction is None else refined)
+  basis = np.array(vectors)
+  if np.linalg.det(basis) < 0:
+    basis = basis * np.array([[1.0], [1.0], [-1.0]])
+  return basis if _lattice_holds(check, basis, veto_fraction) else None
+
+
+def reconstruct_repeat(atoms: Atoms, box: float, *, density: np.ndarray | None = None,
+                       tolerance: float = 0.3, margin: float = 0.7,
                        min_checks: int = 3, min_fraction: float = 0.95,
                        veto_fraction: float = 0.95, merge_tolerance: float = 0.5,
                        min_site_support: float = 0.5,
@@ -266,6 +292,10 @@ def reconstruct_repeat(atoms: Atoms, box: float, *, tolerance: float = 0.3, marg
   Args:
     atoms: decoded atoms in cube coordinates (any origin; unrotated or rotated alike).
     box: cube side, Å.
+    density: the cube's (decoded) density: when the atoms give no lattice (a cell side too long
+      for enough atoms to be seen twice), the lattice of the density's own translations
+      (`density_fit.lattice_from_density`, every voxel shift at once) is used, if it holds for
+      the atoms (the same checks).
     tolerance: how close (Å) a translated atom must land to an atom of its species.
     margin: translates closer than this (Å) to a cube face are not checked (they may be cut).
     min_checks: a translation needs at least this many checkable atoms.
@@ -282,11 +312,15 @@ def reconstruct_repeat(atoms: Atoms, box: float, *, tolerance: float = 0.3, marg
     return _invalid(NO_ATOMS, "the species grid has no atoms")
   interior = ~atoms.on_boundary
   positions, species = atoms.positions[interior], atoms.species[interior]
-  if positions.shape[0] < 2:
+  if positions.shape[0] < 2 and density is None:
     return _invalid(NO_LATTICE, f"{positions.shape[0]} atoms away from the cube faces")
   check = _TranslationCheck(positions, species, box, tolerance, margin, min_checks)
-  candidates = _candidate_translations(positions, species, box, tolerance, num_references)
+  candidates = (_candidate_translations(positions, species, box, tolerance, num_references)
+                if positions.shape[0] >= 2 else np.zeros((0, 3)))
   basis, num_accepted = _find_basis(check, candidates, min_fraction, veto_fraction)
+  if basis is None and density is not None:
+    basis = _checked_density_basis(check, density_fit.lattice_from_density(density, box),
+                                   veto_fraction)
   if basis is None:
     return _invalid(NO_LATTICE, f"{num_accepted} of {candidates.shape[0]} candidate translations "
                     "hold; they do not give a consistent 3-D lattice")

@@ -157,3 +157,16 @@ def test_composition_counts_and_site_assignment_by_hand():
   # Sites in order of fitted Z: 9, 9.5, 10 (anions), 29, 35 -> O, O, F, Ga, As.
   species = reconstruction.species_from_composition([29.0, 9.0, 35.0, 10.0, 9.5], ga_as_o2f)
   np.testing.assert_array_equal(species, [31, 8, 33, 9, 8])
+
+
+def test_a_lattice_too_sparse_for_the_atoms_is_read_off_the_density():
+  """One atom per 6 Å cubic cell: 8 atoms in the cube, one away from the faces, so no
+  translation between atoms can be checked; the density's own translations give the lattice."""
+  crystal = crystals.Crystal(id="sparse", lattice=6.0 * np.eye(3),
+                             frac_coords=np.array([[0.3, 0.4, 0.6]]), atomic_numbers=np.array([29]))
+  grids = voxelize_crystals([crystal], "repeat")
+  atoms = segmentation.segment(grids["species"][0], SPEC.box)
+  assert reconstruction.reconstruct_repeat(atoms, SPEC.box).reason == reconstruction.NO_LATTICE
+  rebuilt = reconstruction.reconstruct_repeat(atoms, SPEC.box, density=grids["density"][0])
+  assert rebuilt.valid and MATCHER.fit(rebuilt.structure, crystal.to_structure())
+  assert len(rebuilt.structure) == 1
