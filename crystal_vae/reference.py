@@ -1,9 +1,9 @@
 """Slow float64 numpy reference for `crystal_vae.voxelize`, written independently of it.
 
 Explicit python loops over atoms and periodic images (a unit cell's atoms each as the image
-nearest the cell centre, searched over the 27 neighbouring cells); only the per-image work is vectorised over
-voxels (and the cutoff test over the candidate translations). Candidates come from a generous range
-derived from a bounding ball (not from `voxelize.images_per_axis`), and an atom or image is kept
+nearest the cell centre, searched over the 27 neighbouring cells); only the per-image work is
+vectorised over voxels (and the cutoff test over the candidate translations). Candidates come
+from a generous range derived from a bounding ball (not from `voxelize.images_per_axis`), and an atom or image is kept
 when its distance to the cube is within the cutoff, as in the definition. Used by the tests and
 the benchmark.
 """
