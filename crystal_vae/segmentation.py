@@ -24,7 +24,8 @@ are recovered per structure as follows.
    ≥ 0.11 Å². A component whose largest covariance eigenvalue exceeds 1.6 × r²/5 + voxel²/12 is
    split in two by 2-means started at its extreme voxels along the principal axis, and each part
    again until every part is round (chains of three, e.g. N3, split twice). Parts smaller than
-   `min_size` are not split off.
+   `min_size` are not split off, nor are blobs of more than five atoms' voxels (noise of a
+   poorly decoded grid, not close atoms).
 4. Position: the centre of mass of the atom's voxel centres (i + 0.5) * box / grid in Å, weighted
    by the decoded density where given (negative densities count as 0), else uniformly.
 
@@ -139,8 +140,11 @@ def _split_elongated(atom_of_node: np.ndarray, voxel: np.ndarray, shape: tuple[i
   covariance = np.stack([np.stack([np.bincount(atom_of_node, centred[:, a] * centred[:, b], count)
                                    for b in range(3)], -1) for a in range(3)], -2)
   covariance /= np.maximum(size, 1)[:, None, None]
+  # Chains of up to ~5 atoms; a larger blob is not close atoms but a poorly decoded grid, kept
+  # whole (splitting it would make hundreds of atoms out of noise).
+  ball = 4 / 3 * np.pi * radius ** 3 / voxel_size ** 3
   elongated = np.flatnonzero((np.linalg.eigvalsh(covariance)[:, -1] > threshold)
-                             & (size >= 2 * min_size))
+                             & (size >= 2 * min_size) & (size <= 5 * ball))
   result = atom_of_node.copy()
   for atom in elongated:
     members = np.flatnonzero(atom_of_node == atom)
