@@ -190,12 +190,14 @@ class TrainedModel:
   @functools.cached_property
   def _property_gradient(self):
     def total(z, index):
-      return jnp.sum(self._apply(self.variables, z, method="predict_properties")[:, index])
-    return jax.jit(jax.value_and_grad(total))
+      predictions = self._apply(self.variables, z, method="predict_properties")
+      return jnp.sum(predictions[:, index]), predictions
+    return jax.jit(jax.value_and_grad(total, has_aux=True))
 
-  def property_gradient(self, z: np.ndarray, index: int) -> np.ndarray:
-    """d property[index] / dz for each latent, (N, L)."""
-    return np.asarray(self._property_gradient(jnp.asarray(z, jnp.float32), index)[1])
+  def property_gradient(self, z: np.ndarray, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """The predictions (N, P) at the latents and d property[index] / dz (N, L), in one pass."""
+    (_, predictions), gradient = self._property_gradient(jnp.asarray(z, jnp.float32), index)
+    return np.asarray(predictions), np.asarray(gradient)
 
   def _decode(self, z: np.ndarray, condition: np.ndarray | None) -> dict[str, np.ndarray]:
     z = jnp.asarray(z, jnp.float32)

@@ -66,13 +66,15 @@ def optimise_latents(model: inference.TrainedModel, z: np.ndarray, index: int, *
   optimiser = optax.adam(learning_rate)
   z = np.asarray(z, np.float32)
   state = optimiser.init(z)
-  path, predictions = [z], [model.predict_properties(z)[:, index]]
-  for _ in range(steps):
-    gradient = sign * model.property_gradient(z, index) / scale + prior_weight * z
-    updates, state = optimiser.update(gradient, state)
+  path, predictions = [z], []
+  for step in range(steps + 1):
+    values, gradient = model.property_gradient(z, index)
+    predictions.append(values[:, index])
+    if step == steps:
+      break
+    updates, state = optimiser.update(sign * gradient / scale + prior_weight * z, state)
     z = np.asarray(optax.apply_updates(z, updates), np.float32)
     path.append(z)
-    predictions.append(model.predict_properties(z)[:, index])
   return np.stack(path), np.stack(predictions)
 
 
