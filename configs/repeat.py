@@ -1,4 +1,4 @@
-"""The repeat representation: `--config=configs/repeat.py` (paper), `:cpu` (perov_5 on a CPU) or `:quick` (prototypes, minutes)."""
+"""The repeat representation: `--config=configs/repeat.py` (paper), `:cpu` (perov_5 on a CPU), `:gpu` (perov_5 on one GPU) or `:quick` (prototypes, minutes)."""
 
 from crystal_vae import default_config
 

@@ -1,4 +1,4 @@
-"""The unit_cell representation: `--config=configs/unit_cell.py` (paper), `:cpu` (perov_5 on a CPU) or `:quick` (prototypes, minutes)."""
+"""The unit_cell representation: `--config=configs/unit_cell.py` (paper), `:cpu` (perov_5 on a CPU), `:gpu` (perov_5 on one GPU) or `:quick` (prototypes, minutes)."""
 
 from crystal_vae import default_config
 

@@ -247,10 +247,12 @@ class TrainedModel:
   def to_crystals(self, grids: dict[str, np.ndarray], atoms: list[segmentation.Atoms] | None = None
                   ) -> list[reconstruction.Reconstruction]:
     """Decoded (or true) grids -> crystals; invalid ones carry their reason. With a decoded
-    `composition` the species follow it (`reconstruction.species_from_composition`), except in
-    the repeat representation read off segmented atoms, whose cube holds many cells."""
-    compositions = (grids["composition"] if self.config.model.composition_head
-                    else [None] * len(grids["density"]))
+    `composition` the species follow it (`reconstruction.species_from_composition`) unless
+    `eval.species_from_composition` is off, except in the repeat representation read off
+    segmented atoms, whose cube holds many cells."""
+    use_composition = (self.config.model.composition_head
+                       and self.config.eval.species_from_composition)
+    compositions = grids["composition"] if use_composition else [None] * len(grids["density"])
     if self.config.representation == "repeat" and self.fits_density:
       return [reconstruction.reconstruct_repeat_from_density(
           density_fit.DensityFit(density, self.spec.box, self.spec.sigma, self.spec.cutoff),

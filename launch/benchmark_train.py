@@ -38,7 +38,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
-_MODELS = flags.DEFINE_list("models", ["paper", "cpu"], "Config variants: paper, cpu, quick.")
+_MODELS = flags.DEFINE_list("models", ["paper", "cpu"],
+                            "Config variants: paper, cpu, gpu, quick.")
 _FRAMEWORKS = flags.DEFINE_list("frameworks", ["jax", "torch"], "jax and/or torch.")
 _IMPLS = flags.DEFINE_list("impls", ["depth_sum"], "JAX: model.conv_impl values to compare.")
 _JAX_VARIANTS = flags.DEFINE_list(
@@ -64,6 +65,7 @@ JAX_VARIANTS = {
     "donate": {"donate": True},  # jax.jit(..., donate_argnums=0), as train.Trainer does
     "highest": {"precision": "highest"},  # jax_default_matmul_precision
     "bf16_matmul": {"precision": "bfloat16"},
+    "bf16": {"dtype": "bfloat16"},  # model.dtype: activations and convolutions in bfloat16
     "no_mt_eigen": {"xla_flags": "--xla_cpu_multi_thread_eigen=false"},
     "fast_math": {"xla_flags": "--xla_cpu_enable_fast_math=true"},
     "onednn": {"xla_flags": "--xla_cpu_use_onednn=true"},
@@ -135,7 +137,7 @@ def _patch_model(patch: str) -> None:
 
 
 def _variant_options(variant: str) -> dict:
-  options = {"donate": False, "precision": None, "xla_flags": "", "patch": ""}
+  options = {"donate": False, "precision": None, "xla_flags": "", "patch": "", "dtype": ""}
   for name in variant.split("+"):
     if name not in JAX_VARIANTS:
       raise ValueError(f"JAX variant {name!r} not in {sorted(JAX_VARIANTS)}")
@@ -228,10 +230,15 @@ def jax_worker(job: dict) -> dict:
     jax.config.update("jax_default_matmul_precision", options["precision"])
   config = _config(job["model"])
   config.model.conv_impl = job["impl"]
+  if options["dtype"]:
+    config.model.dtype = options["dtype"]
   batch_size, steps = job["batch_size"], job["steps"]
   density, species = _data(config.voxel.grid, config.dataset.max_z, batch_size)
   batch = {"density": jnp.asarray(density), "species": jnp.asarray(species),
-           "lattice": jnp.tile(jnp.eye(3) * 4.0, (batch_size, 1, 1))}
+           "lattice": jnp.tile(jnp.eye(3) * 4.0, (batch_size, 1, 1)),
+           # a composition head reads the atoms: five per crystal, Z 8 and 38
+           "atomic_numbers": jnp.tile(jnp.array([[8, 8, 8, 38, 38]], jnp.int32), (batch_size, 1)),
+           "atom_mask": jnp.ones((batch_size, 5), bool)}
   start = time.perf_counter()
   state = train.create_train_state(config, jax.random.key(0))
   jax.block_until_ready(state)
@@ -257,6 +264,9 @@ def jax_worker(job: dict) -> dict:
     times.append(time.perf_counter() - start)
   result.update(times=times, loss=float(metrics["loss"]),
                 steps_peak_mib=_hwm_mib() if reset else float("nan"))
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:  # accelerators: the device's own high-water mark
+    result["device_peak_mib"] = stats["peak_bytes_in_use"] / 2**20
   return result
 
 
@@ -479,6 +489,8 @@ def main(argv):
             f" {flops / _BATCH.value / 1e9:.2f} | {flops / seconds / 1e9:.1f} |"
             f" {result['peak_rss_mib']:.0f} | {_fmt(result['steps_peak_mib'], 0)} |"
             f" {result['compile_seconds'] + result['init_seconds']:.1f} |", flush=True)
+      if "device_peak_mib" in result:
+        notes.append(f"{model} {label}: device peak memory {result['device_peak_mib']:.0f} MiB")
       if framework == "torch":
         notes.append(f"{model} PyTorch {label}: {result['threads']} threads, torch FlopCounter "
                      f"(conv/matmul only) {result['torch_counted_flops'] / _BATCH.value / 1e9:.2f}"

@@ -3,7 +3,8 @@
 import numpy as np
 from pymatgen.core import Lattice
 
-from crystal_vae import crystals, density_fit, reconstruction, voxelize
+from crystal_vae import crystals, default_config, density_fit, inference, reconstruction
+from crystal_vae import voxelize
 from conftest import SPEC, matches, representative_prototypes, voxelize_crystals
 
 
@@ -106,3 +107,25 @@ def test_a_predicted_composition_corrects_the_species_of_a_biased_density():
                                                           composition=composition)
   assert matches(result, crystal)
   assert set(result.cube_atoms.species.tolist()) == {8, 22, 38}
+
+
+def test_eval_species_from_composition_switches_the_composition_head_off():
+  """The same biased density and predicted composition through `TrainedModel.to_crystals`: with
+  `eval.species_from_composition` (default) the composition names the elements; off, the fitted
+  Z alone do (a composition head that has not learned must not overrule the density)."""
+  crystal = _perovskite()
+  biased = crystals.Crystal("biased", crystal.lattice, crystal.frac_coords,
+                            np.array([34, 22, 10, 10, 10]))
+  density = voxelize_crystals([biased], voxelize.REPEAT, random_offset=True, seed=3)["density"]
+  composition = np.zeros((1, 101))
+  composition[0, [38, 22, 8]] = [0.2, 0.2, 0.6]
+  config = default_config.get_config("repeat", "cpu")
+  config.model.composition_head = True
+  species = {}
+  for use in (True, False):
+    config.eval.species_from_composition = use
+    model = inference.TrainedModel(config, variables=None)
+    [result] = model.to_crystals({"density": density, "composition": composition})
+    species[use] = sorted(s.Z for s in result.structure.species)
+  assert species[True] == [8, 8, 8, 22, 38]
+  assert species[False] == [10, 10, 10, 22, 34]

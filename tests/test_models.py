@@ -233,3 +233,26 @@ def test_attention_gate_in_unit_interval():
   assert jnp.all((alpha >= 0) & (alpha <= 1))
   assert jnp.any(alpha < 0.5) and jnp.any(alpha > 0.5)
   np.testing.assert_allclose(gated, skip * alpha, rtol=1e-6)
+
+
+@pytest.mark.parametrize("representation", ["repeat", "unit_cell"])
+@pytest.mark.parametrize("variant", ["paper", "cpu", "gpu", "quick"])
+def test_every_config_variant_builds_a_model_that_reaches_its_grid(representation, variant):
+  """Shape-only: each shipped config's encoder, decoder and heads fit together, the decoded
+  density and species logits cover the config's grid, and the parameters of the variants meant
+  to be shipped (`cpu`, `gpu`) stay under the 25 MB a pretrained workdir may take (float32)."""
+  from crystal_vae import default_config  # pylint: disable=g-import-not-at-top
+  config = default_config.get_config(representation, variant)
+  grid = config.voxel.grid
+  density = jax.ShapeDtypeStruct((2, grid, grid, grid), jnp.float32)
+  variables = jax.eval_shape(lambda: models.init_variables(config, jax.random.key(0)))
+  model = models.model_from_config(config)
+  composition = (jnp.zeros((2, config.dataset.max_z + 1)) if config.model.composition_head
+                 else None)
+  outputs = jax.eval_shape(lambda v, d: model.apply(v, d, jax.random.key(1), train=False,
+                                                    composition=composition), variables, density)
+  assert outputs["recon"].shape == (2, grid, grid, grid)
+  assert outputs["segmented"].shape[:4] == (2, grid, grid, grid)
+  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
+  if variant in ("cpu", "gpu"):
+    assert params * 4 < 25 * 2**20, params
