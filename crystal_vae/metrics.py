@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -135,8 +136,15 @@ def _oxidation_states(symbol: str) -> tuple[list[int], float | None]:
   return list(element.oxidation_states or []), element.pauling_eneg
 
 
+# Above this many oxidation-state combinations a composition counts as invalid without the
+# search: ~10 distinct elements (e.g. a noisy prior draw whose every site has another Z) make
+# billions, which CDVAE's exhaustive loop never finishes; CDVAE's own datasets need < 100.
+MAX_OXIDATION_COMBINATIONS = 100_000
+
+
 def smact_valid(atomic_numbers: Sequence[int], use_pauling_test: bool = True,
-                include_alloys: bool = True) -> bool:
+                include_alloys: bool = True,
+                max_combinations: int = MAX_OXIDATION_COMBINATIONS) -> bool:
   """CDVAE's `smact_validity` of a composition (any multiset of atomic numbers).
 
   The counts are reduced by their gcd. A single element is valid; so (`include_alloys`, as in
@@ -144,6 +152,8 @@ def smact_valid(atomic_numbers: Sequence[int], use_pauling_test: bool = True,
   combination of the elements' SMACT oxidation states is charge neutral for the counts
   (`smact.neutral_ratios` with the counts as the only stoichiometry) and passes the Pauling
   electronegativity test (`smact.screening.pauling_test`; missing electronegativities pass).
+  A composition with more than `max_combinations` combinations of oxidation states is invalid
+  (not searched).
   """
   counter = collections.Counter(int(z) for z in atomic_numbers)
   if not counter:
@@ -157,6 +167,8 @@ def smact_valid(atomic_numbers: Sequence[int], use_pauling_test: bool = True,
   counts = np.array([counter[z] for z in numbers])
   counts = counts // np.gcd.reduce(counts)
   states, electronegativities = zip(*[_oxidation_states(symbol) for symbol in symbols])
+  if math.prod(len(options) for options in states) > max_combinations:
+    return False
   stoichs = [(int(count),) for count in counts]
   for oxidation in itertools.product(*states):
     if not smact.neutral_ratios(oxidation, stoichs=stoichs, threshold=int(counts.max())):

@@ -76,6 +76,15 @@ def test_smact_validity_hand_cases(numbers, expected):
   assert metrics.smact_valid(numbers) is expected
 
 
+def test_compositions_with_too_many_oxidation_state_combinations_are_not_searched():
+  """Fe2O3: Fe has 6 SMACT oxidation states, O has 2 (12 combinations, Fe +3 / O -2 neutral).
+  With a cap below 12 it counts as invalid without the search; at 12 it is searched."""
+  from crystal_vae.metrics import _oxidation_states  # pylint: disable=g-import-not-at-top
+  combinations = len(_oxidation_states("Fe")[0]) * len(_oxidation_states("O")[0])
+  assert metrics.smact_valid([26, 26, 8, 8, 8], max_combinations=combinations)
+  assert not metrics.smact_valid([26, 26, 8, 8, 8], max_combinations=combinations - 1)
+
+
 def test_alloys_need_include_alloys():
   assert not metrics.smact_valid([29, 30], include_alloys=False)  # no anion: never neutral
 
