@@ -1,6 +1,7 @@
 """The shipped pretrained model (`pretrained/perov5_repeat`) restores from a fresh clone and
 rebuilds a known perov_5 crystal."""
 
+import importlib.util
 import pathlib
 import warnings
 
@@ -52,3 +53,16 @@ def test_pretrained_model_rebuilds_a_known_perov_5_crystal(model):
   # within two units of Z of the true one, sorted (the shipped model gives O2 F Ga Ge: As -> Ge).
   z = np.sort([site.specie.Z for site in rebuilt])
   assert np.all(np.abs(z - [8, 8, 9, 31, 33]) <= 2), z
+
+
+def test_species_errors_pairs_fitted_and_true_z_of_a_known_crystal(model):
+  """`launch/species_errors.py` on GaAsO2F: one (fitted, true) pair per distinct site, the true
+  Z the crystal's own, the fitted Z within two units of them (as the rebuilt species above)."""
+  spec = importlib.util.spec_from_file_location(
+      "species_errors", PRETRAINED.parents[1] / "launch" / "species_errors.py")
+  species_errors = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(species_errors)
+  pairs = species_errors.fitted_and_true_z(model, [GA_AS_O2_F])
+  assert pairs.shape == (5, 2)
+  assert sorted(pairs[:, 1].astype(int).tolist()) == [8, 8, 9, 31, 33]
+  assert np.all(np.abs(pairs[:, 0] - pairs[:, 1]) <= 2.5), pairs
