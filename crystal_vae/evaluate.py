@@ -77,6 +77,32 @@ def whole_atoms(atoms: segmentation.Atoms, spec: voxelize.GridSpec, segmented: b
                             atoms.on_boundary[keep])
 
 
+def fitted_and_true_z(model: inference.TrainedModel, true_crystals: list[crystals.Crystal]
+                      ) -> np.ndarray:
+  """(fitted Z, true Z) of every distinct site a repeat model reads off its decoded densities
+  (`density_fit`, Z unrounded) that lies within the species radius of a true atom: how far the
+  density's Z is from the truth (`launch/species_errors.py`)."""
+  grids = model.voxelize(true_crystals)
+  mean, _ = model.encode(grids["density"], composition=grids["composition"])
+  decoded = model.decode(mean)
+  spec, pairs = model.spec, []
+  for crystal, density in zip(true_crystals, decoded["density"]):
+    fit = density_fit.DensityFit(density, spec.box, spec.sigma, spec.cutoff)
+    basis = density_fit.lattice_from_density(fit.density, fit.box)
+    if basis is None:
+      continue
+    z, site_frac, basis = density_fit.find_sites(fit, basis, min_z=model.config.eval.min_site_z)
+    images = density_fit.images_in_cube(np.arange(z.size), site_frac, basis, fit.box)
+    true = true_atoms_in_cube(crystal, spec.box, "repeat")
+    matched = {}
+    for position, site in zip(images.positions, images.species):
+      distances = np.linalg.norm(true.positions - position, axis=1)
+      if distances.size and distances.min() < spec.species_radius:
+        matched[int(site)] = (float(z[site]), int(true.species[np.argmin(distances)]))
+    pairs += matched.values()
+  return np.array(pairs).reshape(-1, 2)
+
+
 def out_dir_name(settings: ml_collections.ConfigDict) -> str:
   """Where under the workdir's `eval/` a split's evaluation is written."""
   return f"{settings.split}-oracle" if settings.oracle else settings.split
