@@ -257,7 +257,7 @@ class TrainedModel:
       return [reconstruction.reconstruct_repeat_from_density(
           density_fit.DensityFit(density, self.spec.box, self.spec.sigma, self.spec.cutoff),
           max_z=self.config.dataset.max_z, min_z=self.config.eval.min_site_z,
-          composition=composition)
+          composition=composition, site_z_sigma=self.config.eval.site_z_sigma)
               for density, composition in zip(grids["density"], compositions)]
     atoms = self.atoms(grids) if atoms is None else atoms
     if self.config.representation == "repeat":
@@ -266,7 +266,8 @@ class TrainedModel:
     if "lattice" not in grids:
       raise ValueError("unit-cell grids need a lattice (the model's lattice head)")
     return [reconstruction.reconstruct_unit_cell(a, lattice, self.spec.box,
-                                                 composition=composition)
+                                                 composition=composition,
+                                                 site_z_sigma=self.config.eval.site_z_sigma)
             for a, lattice, composition in zip(atoms, grids["lattice"], compositions)]
 
 

@@ -49,7 +49,8 @@ def test_pretrained_model_rebuilds_a_known_perov_5_crystal(model):
     warnings.simplefilter("ignore")
     assert framework.fit(rebuilt, true)
   # Species (the decoded composition names the elements, the density orders them): every site
-  # within two units of Z of the true one, sorted (the shipped model gives O2 F Ga Ge: As -> Ge).
+  # within two units of Z of the true one, sorted (the shipped model gives O3 Ga Ge: F -> O,
+  # As -> Ge).
   z = np.sort([site.specie.Z for site in rebuilt])
   assert np.all(np.abs(z - [8, 8, 9, 31, 33]) <= 2), z
 

@@ -152,11 +152,22 @@ def test_composition_counts_and_site_assignment_by_hand():
   fractions[0] = 0.5  # "no atom" is never an element: the rest are renormalised
   np.testing.assert_array_equal(reconstruction.composition_counts(fractions, 3)[[0, 3, 8]],
                                 [0, 1, 2])
+
+
+def test_species_from_composition_by_hand():
+  """Each site's element maximises log(fraction) - (site Z - Z)² / (2 σ²), σ = 0.75 (2σ² = 1.125):
+  Ga As O2 F (fractions 0.2, 0.2, 0.4, 0.2), sites at Z 29, 8.6, 35, 9.1, 16."""
   ga_as_o2f = np.zeros(40)
   ga_as_o2f[[31, 33, 8, 9]] = [0.2, 0.2, 0.4, 0.2]
-  # Sites in order of fitted Z: 9, 9.5, 10 (anions), 29, 35 -> O, O, F, Ga, As.
-  species = reconstruction.species_from_composition([29.0, 9.0, 35.0, 10.0, 9.5], ga_as_o2f)
-  np.testing.assert_array_equal(species, [31, 8, 33, 9, 8])
+  species = reconstruction.species_from_composition([29.0, 8.6, 35.0, 9.1, 16.0], ga_as_o2f, 0.75)
+  # 29: Ga log 0.2 - 4 / 1.125 = -5.17 beats Cu (29) at the floor, log 1e-6 = -13.8.
+  # 8.6: O  log 0.4 - 0.36 / 1.125 = -1.24 beats F log 0.2 - 0.16 / 1.125 = -1.75 (rounding: F).
+  # 35: As -5.17 beats Br (35) at -13.8.  9.1: F -1.62 beats O -0.92 - 1.21 / 1.125 = -1.99.
+  # 16: S (16) at the floor, -13.8, beats F -1.61 - 49 / 1.125 = -45: the density overrules a
+  # composition that missed the element.
+  np.testing.assert_array_equal(species, [31, 8, 33, 9, 16])
+  with pytest.raises(ValueError, match="site_z_sigma"):
+    reconstruction.species_from_composition([8.0], ga_as_o2f, 0.0)
 
 
 def test_a_lattice_too_sparse_for_the_atoms_is_read_off_the_density():
