@@ -106,6 +106,10 @@ def get_config(representation: str, arg: str | None = None) -> ml_collections.Co
   config.sample.num = 64
   config.sample.seed = 0
   config.sample.temperature = 1.0  # z ~ N(0, temperature²)
+  # standard: the VAE's N(0, I) (the paper); fitted: the Gaussian of the latent means of
+  # `prior_crystals` training crystals (for models trained at small β, generation.GaussianPrior).
+  config.sample.prior = "standard"
+  config.sample.prior_crystals = 2000
   config.sample.batch_size = 16
   config.sample.num_train_structures = 500  # training crystals for the nearest-neighbour figure
   # Reference crystals of CDVAE's coverage and Wasserstein distances (CDVAE: the test split).

@@ -5,7 +5,9 @@ restored model (its config decides representation, grid and dataset), the mode's
 (`config.<mode>`) and the folder it writes (`workdir/<mode>/`):
 
 * `sample` (paper §4.4, Fig. 9): `config.sample.num` latents z ~ N(0, 1) · temperature from
-  `config.sample.seed`, decoded, segmented and rebuilt into crystals. Writes `cifs/` (+
+  `config.sample.seed` (or, with `config.sample.prior="fitted"`, from the Gaussian of the latent
+  means of `sample.prior_crystals` training crystals, `GaussianPrior.fitted`, saved as
+  `latent_prior.npz`), decoded, segmented and rebuilt into crystals. Writes `cifs/` (+
   `invalid.csv`), `gallery.png` (a density slice of each sample with its segmentation),
   `nearest_neighbours.png` (nearest-neighbour interatomic distances of the valid samples against
   training crystals, Fig. 9A) and `summary.json`: `valid_fraction` (reconstructions that are
@@ -29,6 +31,7 @@ linearly between the two endpoints' own.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import warnings
 from collections.abc import Sequence
@@ -52,10 +55,41 @@ METHODS = ("linear", "slerp")
 # Latents, decoding, crystals.
 
 
-def random_latents(num: int, latent_dim: int, seed: int, temperature: float = 1.0) -> np.ndarray:
-  """z ~ N(0, temperature²) of shape (num, latent_dim), float32, a pure function of `seed`."""
-  rng = np.random.default_rng(seed)
-  return (temperature * rng.standard_normal((num, latent_dim))).astype(np.float32)
+PRIORS = ("standard", "fitted")
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussianPrior:
+  """A Gaussian over the latent space: z = mean + temperature · scale @ ε, ε ~ N(0, I)."""
+
+  mean: np.ndarray  # (L,)
+  scale: np.ndarray  # (L, L), lower triangular
+
+  @classmethod
+  def standard(cls, latent_dim: int) -> "GaussianPrior":
+    """The VAE's prior N(0, I)."""
+    return cls(np.zeros(latent_dim), np.eye(latent_dim))
+
+  @classmethod
+  def fitted(cls, latents: np.ndarray) -> "GaussianPrior":
+    """The Gaussian of `latents` (N, L): their mean and the Cholesky factor of their covariance
+    (plus 1e-6 of its mean variance on the diagonal, so that it factors when N <= L). A β-VAE
+    trained at small β (the shipped model: KL ~640 nats) places its crystals far from N(0, I);
+    drawing from the Gaussian of the training crystals' latent means (ex-post density
+    estimation, as for deterministic autoencoders) decodes crystals like them."""
+    latents = np.asarray(latents, np.float64)
+    covariance = np.atleast_2d(np.cov(latents, rowvar=False))
+    covariance += 1e-6 * np.mean(np.diag(covariance)) * np.eye(len(covariance))
+    return cls(latents.mean(axis=0), np.linalg.cholesky(covariance))
+
+
+def random_latents(num: int, latent_dim: int, seed: int, temperature: float = 1.0,
+                   prior: GaussianPrior | None = None) -> np.ndarray:
+  """`num` draws from `prior` (default N(0, I)) with its spread scaled by `temperature`, shape
+  (num, latent_dim), float32, a pure function of `seed`."""
+  prior = GaussianPrior.standard(latent_dim) if prior is None else prior
+  noise = np.random.default_rng(seed).standard_normal((num, latent_dim))
+  return (prior.mean + temperature * noise @ prior.scale.T).astype(np.float32)
 
 
 def write_cifs(reconstructions: Sequence[reconstruction.Reconstruction], ids: Sequence[str],
@@ -206,10 +240,12 @@ def label(r: reconstruction.Reconstruction) -> str:
 
 
 def generate(model: inference.TrainedModel, num: int, seed: int, temperature: float = 1.0, *,
-             condition: np.ndarray | None = None, batch_size: int = 16
+             prior: GaussianPrior | None = None, condition: np.ndarray | None = None,
+             batch_size: int = 16
              ) -> tuple[np.ndarray, dict[str, np.ndarray], list[reconstruction.Reconstruction]]:
-  """Random draws: latents, decoded grids and their crystals (or reasons)."""
-  z = random_latents(num, model.config.model.latent_dim, seed, temperature)
+  """Random draws from `prior` (default N(0, I)): latents, decoded grids and their crystals (or
+  reasons)."""
+  z = random_latents(num, model.config.model.latent_dim, seed, temperature, prior)
   grids = model.decode(z, condition, batch_size)
   return z, grids, model.to_crystals(grids)
 
@@ -217,10 +253,18 @@ def generate(model: inference.TrainedModel, num: int, seed: int, temperature: fl
 def sample(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
            out_dir: pathlib.Path) -> dict:
   """`--mode=sample`: random draws from the prior; see the module docstring."""
+  if settings.prior not in PRIORS:
+    raise ValueError(f"sample.prior must be one of {PRIORS}, got {settings.prior!r}")
   train_crystals = training_crystals(model.config, settings.num_train_structures, settings.seed)
   condition = draw_conditions(model, settings.num, settings.seed, train_crystals)
+  prior = GaussianPrior.standard(model.config.model.latent_dim)
+  if settings.prior == "fitted":
+    prior_crystals = training_crystals(model.config, settings.prior_crystals, settings.seed)
+    prior = GaussianPrior.fitted(model.encode_crystals(prior_crystals)[0])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(out_dir / "latent_prior.npz", mean=prior.mean, scale=prior.scale)
   _, grids, rebuilt = generate(model, settings.num, settings.seed, settings.temperature,
-                               condition=condition, batch_size=settings.batch_size)
+                               prior=prior, condition=condition, batch_size=settings.batch_size)
   ids = [f"sample_{index:04d}" for index in range(settings.num)]
   counts = write_cifs(rebuilt, ids, out_dir / "cifs")
   reference_crystals = split_crystals(model.config, settings.reference_split,
@@ -230,7 +274,9 @@ def sample(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
   fingerprints = reference_fingerprints(
       reference, [crystal.id for crystal in reference_crystals],
       out_dir / "reference_fingerprints.npz")
-  results = {"seed": settings.seed, "temperature": settings.temperature, **counts,
+  results = {"seed": settings.seed, "temperature": settings.temperature,
+             "prior": (f"fitted to {len(prior_crystals)} training latent means"
+                       if settings.prior == "fitted" else "standard N(0, I)"), **counts,
              **sample_summary(rebuilt, reference, fingerprints, cutoffs),
              "reference": f"{settings.reference_split} ({len(reference)})",
              "coverage_cutoffs": list(cutoffs)}

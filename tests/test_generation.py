@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -178,6 +179,42 @@ def test_sampling_is_reproducible_from_the_seed(model):
   np.testing.assert_array_equal(generation.random_latents(3, 8, 7, 2.0), 2 * z)
   # Batching does not change the decoded grids: padded batches of 4 vs one batch of 3.
   np.testing.assert_allclose(model.decode(z)["density"], grids["density"], rtol=1e-6, atol=1e-7)
+
+
+def test_fitted_prior_recovers_a_known_gaussian_and_draws_from_it():
+  """`GaussianPrior.fitted` on 20,000 draws of a known 3-D Gaussian gives back its mean and
+  covariance; its draws have them too (temperature 2: four times the covariance); the standard
+  prior draws what `random_latents` always drew."""
+  mean = np.array([1.0, -2.0, 0.5])
+  covariance = np.array([[2.0, 0.6, 0.0], [0.6, 1.0, -0.3], [0.0, -0.3, 0.5]])
+  latents = np.random.default_rng(0).multivariate_normal(mean, covariance, size=20_000)
+  prior = generation.GaussianPrior.fitted(latents)
+  np.testing.assert_allclose(prior.mean, mean, atol=0.03)
+  np.testing.assert_allclose(prior.scale @ prior.scale.T, covariance, atol=0.05)
+  draws = generation.random_latents(20_000, 3, seed=1, temperature=2.0, prior=prior)
+  np.testing.assert_allclose(draws.mean(axis=0), mean, atol=0.06)
+  np.testing.assert_allclose(np.cov(draws, rowvar=False), 4 * covariance, atol=0.2)
+  standard = generation.GaussianPrior.standard(3)
+  np.testing.assert_array_equal(generation.random_latents(5, 3, seed=4, prior=standard),
+                                np.random.default_rng(4).standard_normal((5, 3)).astype(np.float32))
+
+
+def test_sample_mode_with_the_fitted_prior(model, tmp_path):
+  """`sample.prior=fitted`: the draws come from the Gaussian of the training crystals' latent
+  means, saved beside the samples (mean = the mean of those crystals' encodings)."""
+  settings = ml_collections.ConfigDict(model.config.sample.to_dict())
+  settings.update(num=4, batch_size=4, num_train_structures=6, gallery=2, num_reference=3,
+                  prior="fitted", prior_crystals=12)
+  summary = generation.sample(model, settings, tmp_path)
+  saved = np.load(tmp_path / "latent_prior.npz")
+  chosen = generation.training_crystals(model.config, 12, settings.seed)
+  np.testing.assert_allclose(saved["mean"], model.encode_crystals(chosen)[0].mean(axis=0),
+                             rtol=1e-5, atol=1e-6)
+  assert summary["prior"] == "fitted to 12 training latent means"
+  assert summary["num_samples"] == 4
+  settings.prior = "uniform"
+  with pytest.raises(ValueError, match="sample.prior"):
+    generation.sample(model, settings, tmp_path)
 
 
 def test_sample_mode_from_the_command_line(workdir, tfds_dir):
