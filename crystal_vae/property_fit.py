@@ -105,7 +105,10 @@ def fit_property_head(workdir: str | pathlib.Path, out: str | pathlib.Path,
   out = pathlib.Path(out)
   if out.exists():
     raise FileExistsError(f"{out} exists; remove it first")
-  model = inference.TrainedModel.restore(workdir)
+  step = checkpoints.checkpoint_manager(workdir, read_only=True).latest_step()
+  if step is None:
+    raise ValueError(f"no checkpoint in {workdir}")
+  model = inference.TrainedModel.restore(workdir, step)
   config = ml_collections.ConfigDict(model.config.to_dict())
   if config.model.properties:
     raise ValueError(f"{workdir} already has a property head ({tuple(config.model.properties)})")
@@ -117,12 +120,10 @@ def fit_property_head(workdir: str | pathlib.Path, out: str | pathlib.Path,
   head_params, curve = fit_head(config, train_split, validation_split, steps=steps,
                                 learning_rate=learning_rate, batch_size=batch_size, seed=seed)
 
-  source = checkpoints.checkpoint_manager(workdir, read_only=True)
-  step = source.latest_step()
-  state = train.initialised_from(train.create_train_state(config, jax.random.key(seed)), workdir)
-  params = dict(state.params)
-  params["property"] = head_params
-  state = state.replace(step=step, params=params)
+  # The source's variables unchanged, the fitted head beside them, fresh Adam moments.
+  state = train.create_train_state(config, jax.random.key(seed)).replace(
+      step=step, params={**model.variables["params"], "property": head_params},
+      batch_stats=model.variables["batch_stats"])
   target = checkpoints.checkpoint_manager(out, max_to_keep=1)
   checkpoints.save(target, step, state, config)
   checkpoints.wait_until_written(target)
