@@ -45,7 +45,8 @@ def decode_at_targets(model: inference.TrainedModel, z: np.ndarray, targets: np.
                       batch_size: int = 16) -> list[dict[str, np.ndarray]]:
   """Decoded grids of the latents (N, L) at each target: one dict of (N, ...) per target."""
   if not model.config.model.conditional:
-    raise ValueError("the checkpoint's model is not conditional (config.model.conditional)")
+    raise inference.SettingsError(
+        "the checkpoint's model is not conditional (config.model.conditional)")
   return [model.decode(z, np.full(z.shape[0], target, np.float32), batch_size)
           for target in targets]
 

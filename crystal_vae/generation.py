@@ -120,7 +120,8 @@ def load_crystal(name: str, config: ml_collections.ConfigDict, default_index: in
       material_id = record["material_id"]
       if (material_id.decode() if isinstance(material_id, bytes) else str(material_id)) == name:
         return datasets.record_to_crystal(record)
-  raise ValueError(f"{name!r} is neither a CIF file nor an id in dataset {config.dataset.name!r}")
+  raise inference.SettingsError(
+      f"{name!r} is neither a CIF file nor an id in dataset {config.dataset.name!r}")
 
 
 def training_crystals(config: ml_collections.ConfigDict, num: int, seed: int
@@ -216,7 +217,7 @@ def interpolate_latents(start: np.ndarray, end: np.ndarray, steps: int, method: 
     else:
       path = (np.sin((1 - t) * omega) * start + np.sin(t * omega) * end) / np.sin(omega)
   else:
-    raise ValueError(f"interpolation method {method!r} not in {METHODS}")
+    raise inference.SettingsError(f"interpolation method {method!r} not in {METHODS}")
   path[0], path[-1] = start, end
   return path.astype(np.float32)
 
@@ -224,7 +225,7 @@ def interpolate_latents(start: np.ndarray, end: np.ndarray, steps: int, method: 
 def traverse_latents(z: np.ndarray, dim: int, values: Sequence[float]) -> np.ndarray:
   """Copies of `z` (L,) with coordinate `dim` set to each of `values`: (len(values), L)."""
   if not 0 <= dim < z.shape[-1]:
-    raise ValueError(f"latent dimension {dim} outside [0, {z.shape[-1]})")
+    raise inference.SettingsError(f"latent dimension {dim} outside [0, {z.shape[-1]})")
   path = np.repeat(np.asarray(z, np.float32)[None], len(values), axis=0)
   path[:, dim] = values
   return path
@@ -254,10 +255,10 @@ def sample(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
            out_dir: pathlib.Path) -> dict:
   """`--mode=sample`: random draws from the prior; see the module docstring."""
   if settings.prior not in PRIORS:
-    raise ValueError(f"sample.prior must be one of {PRIORS}, got {settings.prior!r}")
+    raise inference.SettingsError(f"sample.prior must be one of {PRIORS}, got {settings.prior!r}")
   train_crystals = training_crystals(model.config, settings.num_train_structures, settings.seed)
   condition = draw_conditions(model, settings.num, settings.seed, train_crystals)
-  prior = GaussianPrior.standard(model.config.model.latent_dim)
+  prior = None  # N(0, I)
   if settings.prior == "fitted":
     prior_crystals = training_crystals(model.config, settings.prior_crystals, settings.seed)
     prior = GaussianPrior.fitted(model.encode_crystals(prior_crystals)[0])

@@ -37,6 +37,10 @@ class ConfigMismatch(ValueError):
   """A `--config` that describes another model than the checkpoint it is used with."""
 
 
+class SettingsError(ValueError):
+  """A mode's settings that cannot run on this model (the command line says it in one line)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainedModel:
   """The config, variables and jitted pure functions of a trained `CrystalVAE`.

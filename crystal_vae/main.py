@@ -54,7 +54,8 @@ class _QuietLibraries(python_logging.Filter):
 # Errors in what the user gave (a missing file, folder or checkpoint; a crystal that cannot be
 # voxelised) or in writing a checkpoint (a full disk) end the run with one line, not a traceback.
 _ONE_LINE_ERRORS = (FileNotFoundError, NotADirectoryError, crystals.RejectedCrystal,
-                    checkpoints.CheckpointWriteError, inference.ConfigMismatch)
+                    checkpoints.CheckpointWriteError, inference.ConfigMismatch,
+                    inference.SettingsError)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

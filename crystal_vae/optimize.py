@@ -45,12 +45,12 @@ def property_index(model: inference.TrainedModel, name: str) -> int:
   """The position of property `name` ("" = the first) in the model's property head."""
   names = tuple(model.config.model.properties)
   if not names:
-    raise ValueError("the model has no property head: train it with"
+    raise inference.SettingsError("the model has no property head: train it with"
                      " --config.model.properties=\"('<column>',)\"")
   if not name:
     return 0
   if name not in names:
-    raise ValueError(f"the model's property head predicts {names}, not {name!r}")
+    raise inference.SettingsError(f"the model's property head predicts {names}, not {name!r}")
   return names.index(name)
 
 
@@ -60,7 +60,7 @@ def optimise_latents(model: inference.TrainedModel, z: np.ndarray, index: int, *
   """Adam on the latents: returns the path (steps + 1, N, L) and the head's prediction along
   it (steps + 1, N)."""
   if direction not in DIRECTIONS:
-    raise ValueError(f"direction {direction!r} not in {DIRECTIONS}")
+    raise inference.SettingsError(f"direction {direction!r} not in {DIRECTIONS}")
   sign = 1.0 if direction == "minimize" else -1.0
   scale = model.config.model.property_stds[index]
   optimiser = optax.adam(learning_rate)
@@ -128,7 +128,7 @@ def _starting_latents(model: inference.TrainedModel, settings: ml_collections.Co
     z = generation.random_latents(settings.num, model.config.model.latent_dim, settings.seed)
     return z, [f"prior_{index}" for index in range(settings.num)]
   if settings.start != "encoded":
-    raise ValueError(f"optimize.start {settings.start!r} not in {STARTS}")
+    raise inference.SettingsError(f"optimize.start {settings.start!r} not in {STARTS}")
   starts = generation.split_crystals(model.config, settings.split, settings.num)
   z, _ = model.encode_crystals(starts)
   return z, [crystal.id for crystal in starts]
@@ -138,7 +138,8 @@ def optimize(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
              out_dir: pathlib.Path) -> dict:
   """`--mode=optimize`: see the module docstring."""
   if model.config.model.conditional:
-    raise ValueError("optimize decodes without a condition: use an unconditional model")
+    raise inference.SettingsError(
+        "optimize decodes without a condition: use an unconditional model")
   index = property_index(model, settings.property)
   name = model.config.model.properties[index]
   judge = inference.TrainedModel.restore(settings.judge) if settings.judge else model

@@ -52,6 +52,12 @@ def encode_split(model: inference.TrainedModel, split: str, names: Sequence[str]
   return EncodedSplit(means, values)
 
 
+def _head(config: ml_collections.ConfigDict) -> models.PropertyHead:
+  """The property head of `config`'s model, as `models.CrystalVAE` builds it."""
+  model = config.model
+  return models.PropertyHead(model.property_hidden, model.property_means, model.property_stds)
+
+
 def fit_head(config: ml_collections.ConfigDict, train_split: EncodedSplit,
              validation_split: EncodedSplit, *, steps: int, learning_rate: float,
              batch_size: int, seed: int, eval_every: int = 50
@@ -60,14 +66,14 @@ def fit_head(config: ml_collections.ConfigDict, train_split: EncodedSplit,
   `property_stds`) fitted by Adam on minibatches of `train_split`, those of the lowest
   validation error over the evaluations every `eval_every` steps, and the curve of (step,
   train, validation) standardised mean squared errors."""
-  model = config.model
-  head = models.PropertyHead(model.property_hidden, model.property_means, model.property_stds)
+  head = _head(config)
   init_key, order_key = jax.random.split(jax.random.key(seed))
   params = head.init(init_key, jnp.zeros((1, train_split.means.shape[1]), jnp.float32))
   tx = optax.adam(learning_rate)
 
   def error(params, means, values):
-    return jnp.mean(losses.property_mse(head.apply(params, means), values, model.property_stds))
+    return jnp.mean(losses.property_mse(head.apply(params, means), values,
+                                        config.model.property_stds))
 
   @jax.jit
   def step_fn(params, opt_state, means, values):
@@ -131,9 +137,7 @@ def fit_property_head(workdir: str | pathlib.Path, out: str | pathlib.Path,
     if (pathlib.Path(workdir) / name).exists():
       shutil.copy(pathlib.Path(workdir) / name, out / name)
 
-  head = models.PropertyHead(config.model.property_hidden, config.model.property_means,
-                             config.model.property_stds)
-  predicted = np.asarray(head.apply({"params": head_params}, validation_split.means))
+  predicted = np.asarray(_head(config).apply({"params": head_params}, validation_split.means))
   summary = {
       "source": str(workdir), "step": step, "seed": seed, "steps": steps,
       "num_train": int(train_split.means.shape[0]),

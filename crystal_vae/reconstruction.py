@@ -355,8 +355,8 @@ def composition_counts(fractions: np.ndarray, num_atoms: int) -> np.ndarray:
   return counts
 
 
-def species_from_composition(site_z: np.ndarray, composition: np.ndarray, site_z_sigma: float
-                             ) -> np.ndarray:
+def species_from_composition(site_z: np.ndarray, composition: np.ndarray,
+                             site_z_sigma: float | None) -> np.ndarray:
   """Each site's element from the predicted composition (fractions per Z) and the Z the density
   (or the segmenter) gives it: the most probable element a posteriori, composition fraction ×
   N(site Z; element Z, `site_z_sigma`²), with every element kept at a fraction of at least

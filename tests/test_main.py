@@ -34,3 +34,18 @@ def test_a_config_of_another_model_is_one_of_the_one_line_errors():
   from crystal_vae import inference, main  # pylint: disable=import-outside-toplevel
   one_line_errors = main._ONE_LINE_ERRORS  # pylint: disable=protected-access
   assert issubclass(inference.ConfigMismatch, one_line_errors)
+
+
+def test_a_mode_setting_the_model_cannot_run_is_one_line():
+  """`inference.SettingsError` (a mode's settings that cannot run) ends in one line too; here an
+  unknown `sample.prior` on the shipped model, refused before anything is written."""
+  result = subprocess.run(
+      [sys.executable, "-m", "crystal_vae.main",
+       f"--workdir={REPO / 'pretrained' / 'perov5_repeat'}", "--mode=sample",
+       "--config.sample.prior=uniform"],
+      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      timeout=300, check=False)
+  assert result.returncode == 1
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: sample.prior must be one of ('standard', 'fitted'), got 'uniform'")
