@@ -51,7 +51,9 @@ def get_config(representation: str, arg: str | None = None) -> ml_collections.Co
   config.voxel.random_offset = representation == "repeat"
 
   config.model = models.default_model_config()
-  config.model.lattice_head = representation == "unit_cell"
+  # The unit cell's lattice; a repeat cube's when the cube does not show it (a cell side too long
+  # to appear twice in it), the periodic reading of the atoms preferred (reconstruction.py).
+  config.model.lattice_head = True
 
   config.loss = ml_collections.ConfigDict()
   config.loss.beta = 1e-4  # KL weight; KL is summed over latent dims, MSE averaged over voxels.
@@ -62,7 +64,7 @@ def get_config(representation: str, arg: str | None = None) -> ml_collections.Co
   # Weight of the squared Z error the decoded density implies at the atom voxels
   # (losses.site_z_error): the voxel MSE of a species one unit of Z off is ~2e-5 per atom.
   config.loss.site_z_weight = 0.0
-  config.loss.lattice_weight = 0.01  # unit_cell only: MSE (÷ box²) of the predicted oriented lattice.
+  config.loss.lattice_weight = 0.01  # MSE (÷ box²) of the predicted oriented lattice.
   config.loss.composition_weight = 0.1  # model.composition_head: weight of its cross-entropy.
   # model.properties: weight of the property head's squared error (each property standardised).
   config.loss.property_weight = 1.0

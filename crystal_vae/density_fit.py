@@ -316,12 +316,16 @@ def find_sites(fit: DensityFit, basis: np.ndarray, *, min_z: float, min_separati
     _, sites, _ = fit_sites(fit, basis, sites, iterations=2, refine_lattice=False)
     # Half the bar while sites are missing: a light site's Z is low until its neighbours are in.
     z, sites = _prune(fit, basis, sites, 0.5 * min_z)
+    if len(sites) == 0:
+      break
     residual = density - (site_images(fit, sites @ basis, basis) @ z).reshape(density.shape)
     if not add_peaks(residual):
       break
   if len(sites) == 0:
     return np.zeros(0), sites, basis
   _, sites = _prune(fit, basis, sites, min_z)
+  if len(sites) == 0:
+    return np.zeros(0), sites, basis
   z, sites, basis = fit_sites(fit, basis, sites, iterations=3)
   keep = z >= min_z
   return z[keep], sites[keep], basis

@@ -4,7 +4,8 @@ For every crystal of the split: voxelise it as at evaluation, encode to the late
 segment, rebuild a crystal. Writes `WORKDIR/eval/<split>[-oracle]/` with `metrics.json`,
 `cifs/<id>.cif` (+ `invalid.csv` naming each sample that gave no crystal and why) and the
 paper's Fig. 3/4 panels as PNGs. With `config.eval.oracle`, the same post-processing runs on
-the TRUE species grids instead: the upper bound that segmentation and lattice recovery allow.
+the TRUE species grids instead (and the true lattice as the lattice head's output, where the
+model has one): the upper bound that segmentation and lattice recovery allow.
 
 In-cube atom metrics compare the decoded atoms with the TRUE atoms as evaluation places them in
 the cube (`true_atoms_in_cube`: every periodic image whose centre lies inside it for a repeat
@@ -133,7 +134,7 @@ def evaluate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
     true_atoms = [true_atoms_in_cube(c, model.spec.box, config.representation) for c in batch]
     if settings.oracle:
       decoded = dict(grids)
-      if model.config.representation == "unit_cell":
+      if config.model.lattice_head or config.representation == "unit_cell":
         decoded["lattice"] = np.stack([c.lattice for c in batch])  # unrotated at evaluation
       decoded_atoms = model.atoms(grids)
     else:

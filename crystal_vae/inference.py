@@ -144,7 +144,7 @@ class TrainedModel:
 
   def decode(self, z: np.ndarray, condition: np.ndarray | None = None,
              batch_size: int | None = None) -> dict[str, np.ndarray]:
-    """Latents (N, L) -> decoded `density`, segmented `species` (argmax), `lattice` (unit cell)
+    """Latents (N, L) -> decoded `density`, segmented `species` (argmax), `lattice` (a lattice head)
     and `composition` (fractions per Z, with a composition head); with `batch_size`, in batches
     padded to that size (one compilation whatever N)."""
     if batch_size is None:
@@ -257,16 +257,17 @@ class TrainedModel:
     use_composition = (self.config.model.composition_head
                        and self.config.eval.species_from_composition)
     compositions = grids["composition"] if use_composition else [None] * len(grids["density"])
+    lattices = grids.get("lattice", [None] * len(grids["density"]))
     if self.config.representation == "repeat" and self.fits_density:
       return [reconstruction.reconstruct_repeat_from_density(
           density_fit.DensityFit(density, self.spec.box, self.spec.sigma, self.spec.cutoff),
           max_z=self.config.dataset.max_z, min_z=self.config.eval.min_site_z,
-          composition=composition, site_z_sigma=self.config.eval.site_z_sigma)
-              for density, composition in zip(grids["density"], compositions)]
+          composition=composition, site_z_sigma=self.config.eval.site_z_sigma, lattice=lattice)
+              for density, composition, lattice in zip(grids["density"], compositions, lattices)]
     atoms = self.atoms(grids) if atoms is None else atoms
     if self.config.representation == "repeat":
-      return [reconstruction.reconstruct_repeat(a, self.spec.box, density=density)
-              for a, density in zip(atoms, grids["density"])]
+      return [reconstruction.reconstruct_repeat(a, self.spec.box, density=density, lattice=lattice)
+              for a, density, lattice in zip(atoms, grids["density"], lattices)]
     if "lattice" not in grids:
       raise ValueError("unit-cell grids need a lattice (the model's lattice head)")
     return [reconstruction.reconstruct_unit_cell(a, lattice, self.spec.box,

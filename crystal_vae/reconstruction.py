@@ -15,6 +15,8 @@
   Nothing assumes where the cell origin is.
   `reconstruct_repeat_from_density` instead reads the lattice, the sites and their atomic
   numbers off the decoded density itself, by least squares (`density_fit`), with no segmentation.
+  When neither the atoms nor the density's translations give a lattice (a cell side too long for
+  the 10 Å cube to show the atoms twice), a model's lattice head gives it, checked on the atoms.
 * "unit_cell": the lattice (3 x 3, rows) comes from the model's lattice head, oriented as the
   cell lies in the cube; the cell centre sits at the cube centre, so
   cartesian = cube - box / 2 + (a + b + c) / 2. Fractional coordinates are wrapped and atoms that
@@ -227,12 +229,12 @@ _IMPLIED = np.array([n for n in itertools.product((-2, -1, 0, 1, 2), repeat=3)
 
 
 def _find_basis(check: _TranslationCheck, candidates: np.ndarray, min_fraction: float,
-                veto_fraction: float) -> tuple[np.ndarray | None, int]:
+                veto_fraction: float) -> tuple[np.ndarray | None, np.ndarray]:
   """A basis of the candidates that hold (for at least `min_fraction` of the atoms checked) whose
   lattice holds: no checkable lattice vector n @ basis (|n_k| <= 2) may fail (hold for less than
   `veto_fraction` and miss more than two atoms). A failing one reveals a basis vector that is a
   coincidence seen by few atoms: the least-checked basis vector is removed and the basis chosen
-  again. Returns (basis or None, number of candidates that hold)."""
+  again. Returns (basis or None, the candidates that hold, refined)."""
   accepted, checks = [], []
   for translation in candidates:
     fraction, count, refined = check(translation)
@@ -240,13 +242,13 @@ def _find_basis(check: _TranslationCheck, candidates: np.ndarray, min_fraction: 
       accepted.append(refined)
       checks.append(count)
   vectors, checks = np.array(accepted).reshape(-1, 3), np.array(checks, np.int64)
-  num_accepted = vectors.shape[0]
+  accepted = vectors
   while True:
     basis = _basis(vectors)
     if basis is None:
-      return None, num_accepted
+      return None, accepted
     if _lattice_holds(check, basis, veto_fraction):
-      return basis, num_accepted
+      return basis, accepted
     in_basis = [int(np.argmin(np.minimum(np.linalg.norm(vectors - row, axis=-1),
                                          np.linalg.norm(vectors + row, axis=-1))))
                 for row in basis]
@@ -263,26 +265,60 @@ def _lattice_holds(check: _TranslationCheck, basis: np.ndarray, veto_fraction: f
              for fraction, count in implied)
 
 
-def _checked_density_basis(check: _TranslationCheck, basis: np.ndarray | None,
-                           veto_fraction: float) -> np.ndarray | None:
-  """The density's basis refined on the atoms, if no atom contradicts it: each vector that
-  enough atoms can check holds for `veto_fraction` of them (refined to their mean), the others
-  (too long to be checked) are kept as they are, and the lattice holds (`_lattice_holds`)."""
-  if basis is None:
+def _checked_basis(check: _TranslationCheck, basis: np.ndarray | None, accepted: np.ndarray,
+                   veto_fraction: float, snap: float) -> np.ndarray | None:
+  """A basis from elsewhere (the density's translations, a lattice head) checked and refined on
+  the atoms, if no atom contradicts it: a vector within `snap` (Å) of a translation that holds
+  (`accepted`, either sign) becomes that translation; another that enough atoms can check must
+  hold for `veto_fraction` of them (refined to their mean); the rest (too long to be checked) are
+  kept as they are. The lattice must then hold (`_lattice_holds`)."""
+  if basis is None or not np.all(np.isfinite(basis)):
     return None
   vectors = []
-  for row in basis:
+  for row in np.asarray(basis, np.float64):
+    if accepted.shape[0]:
+      signed = np.concatenate([accepted, -accepted])
+      distances = np.linalg.norm(signed - row, axis=-1)
+      if distances.min() <= snap:
+        vectors.append(signed[np.argmin(distances)])
+        continue
     fraction, _, refined = check(row)
     if fraction is not None and fraction < veto_fraction:
       return None
     vectors.append(row if fraction is None else refined)
   basis = np.array(vectors)
-  if np.linalg.det(basis) < 0:
+  volume = np.linalg.det(basis)
+  lengths = np.linalg.norm(basis, axis=-1)
+  if abs(volume) < 0.2 * lengths.prod():  # degenerate, e.g. two rows snapped to one translation
+    return None
+  if volume < 0:
     basis = basis * np.array([[1.0], [1.0], [-1.0]])
   return basis if _lattice_holds(check, basis, veto_fraction) else None
 
 
+def _usable_lattice(lattice: np.ndarray | None, box: float) -> np.ndarray | None:
+  """A given lattice (a lattice head's output) as a right-handed basis, or None where it cannot
+  be a crystal's: not finite, a vector shorter than 1 Å or longer than 3 boxes, or flat."""
+  if lattice is None:
+    return None
+  lattice = np.asarray(lattice, np.float64)
+  if not np.all(np.isfinite(lattice)):
+    return None
+  lengths = np.linalg.norm(lattice, axis=-1)
+  volume = np.linalg.det(lattice)
+  if lengths.min() < 1.0 or lengths.max() > 3 * box or abs(volume) < 0.2 * lengths.prod():
+    return None
+  return lattice if volume > 0 else -lattice
+
+
+def _volumes_differ(basis: np.ndarray, lattice: np.ndarray, tolerance: float) -> bool:
+  given = abs(np.linalg.det(lattice))
+  return not given > 0 or abs(abs(np.linalg.det(basis)) / given - 1) > tolerance
+
+
 def reconstruct_repeat(atoms: Atoms, box: float, *, density: np.ndarray | None = None,
+                       lattice: np.ndarray | None = None, lattice_snap: float = 1.0,
+                       volume_tolerance: float = 0.2,
                        tolerance: float = 0.3, margin: float = 0.7,
                        min_checks: int = 3, min_fraction: float = 0.95,
                        veto_fraction: float = 0.95, merge_tolerance: float = 0.5,
@@ -297,6 +333,14 @@ def reconstruct_repeat(atoms: Atoms, box: float, *, density: np.ndarray | None =
       for enough atoms to be seen twice), the lattice of the density's own translations
       (`density_fit.lattice_from_density`, every voxel shift at once) is used, if it holds for
       the atoms (the same checks).
+    lattice: a lattice (3, 3), rows oriented as in the cube (a lattice head's output), used when
+      neither the atoms nor the density give one (a cell side too long for the cube to show its
+      translation), or give a cell whose volume differs from it by more than `volume_tolerance`
+      (relative: a pseudo-translation, or a translation not seen); checked on the atoms in the
+      same way.
+    lattice_snap: a `lattice` vector within this distance (Å) of a translation the atoms show
+      becomes that translation.
+    volume_tolerance: see `lattice`.
     tolerance: how close (Å) a translated atom must land to an atom of its species.
     margin: translates closer than this (Å) to a cube face are not checked (they may be cut).
     min_checks: a translation needs at least this many checkable atoms.
@@ -311,20 +355,26 @@ def reconstruct_repeat(atoms: Atoms, box: float, *, density: np.ndarray | None =
   """
   if len(atoms) == 0:
     return _invalid(NO_ATOMS, "the species grid has no atoms")
+  lattice = _usable_lattice(lattice, box)
   interior = ~atoms.on_boundary
   positions, species = atoms.positions[interior], atoms.species[interior]
-  if positions.shape[0] < 2 and density is None:
+  if positions.shape[0] < 2 and density is None and lattice is None:
     return _invalid(NO_LATTICE, f"{positions.shape[0]} atoms away from the cube faces")
   check = _TranslationCheck(positions, species, box, tolerance, margin, min_checks)
   candidates = (_candidate_translations(positions, species, box, tolerance, num_references)
                 if positions.shape[0] >= 2 else np.zeros((0, 3)))
-  basis, num_accepted = _find_basis(check, candidates, min_fraction, veto_fraction)
+  basis, accepted = _find_basis(check, candidates, min_fraction, veto_fraction)
   if basis is None and density is not None:
-    basis = _checked_density_basis(check, density_fit.lattice_from_density(density, box),
-                                   veto_fraction)
+    basis = _checked_basis(check, density_fit.lattice_from_density(density, box), accepted,
+                           veto_fraction, tolerance)
+  if lattice is not None and (basis is None or _volumes_differ(basis, lattice, volume_tolerance)):
+    # A cell of another volume than the one given: a pseudo-translation (or a missed one).
+    given = _checked_basis(check, lattice, accepted, veto_fraction, lattice_snap)
+    basis = basis if given is None else given
   if basis is None:
-    return _invalid(NO_LATTICE, f"{num_accepted} of {candidates.shape[0]} candidate translations "
-                    "hold; they do not give a consistent 3-D lattice")
+    return _invalid(NO_LATTICE, f"{accepted.shape[0]} of {candidates.shape[0]} candidate "
+                    "translations hold; they do not give a consistent 3-D lattice"
+                    + (" (nor does the lattice given)" if lattice is not None else ""))
   frac = atoms.positions @ np.linalg.inv(basis)
   weights = np.where(atoms.on_boundary, _BOUNDARY_WEIGHT, 1.0)
   site_species, site_frac, cluster = _merge_sites(basis, np.mod(frac, 1.0), atoms.species,
@@ -375,10 +425,12 @@ def species_from_composition(site_z: np.ndarray, composition: np.ndarray,
 def reconstruct_repeat_from_density(fit: density_fit.DensityFit, *, max_z: int, min_z: float,
                                     composition: np.ndarray | None = None,
                                     site_z_sigma: float | None = None,
+                                    lattice: np.ndarray | None = None,
                                     min_distance: float = 0.5, boundary: float = 0.5
                                     ) -> Reconstruction:
   """A repeat cube's crystal from its density alone (`density_fit`): the lattice from the
-  density's translations, the sites and their Z by least squares; sites with Z < `min_z` are
+  density's translations (else the `lattice` given: a lattice head's, rows oriented as in the
+  cube), the sites and their Z by least squares; sites with Z < `min_z` are
   noise. The species are the rounded Z (in [1, max_z]), or with a predicted `composition`
   (fractions per Z) `species_from_composition` (with `site_z_sigma`). `cube_atoms` holds the
   crystal's atoms inside the cube (those within `boundary` Å of a face marked `on_boundary`)."""
@@ -386,6 +438,8 @@ def reconstruct_repeat_from_density(fit: density_fit.DensityFit, *, max_z: int, 
   if not np.any(fit.density > 0.5 * fit.unit_peak):
     return _invalid(NO_ATOMS, "the density has no peak of an atom (Z >= 0.5)", none)
   basis = density_fit.lattice_from_density(fit.density, fit.box)
+  if basis is None:
+    basis = _usable_lattice(lattice, fit.box)
   if basis is None:
     return _invalid(NO_LATTICE, "the density's translations do not span a 3-D lattice", none)
   z, site_frac, basis = density_fit.find_sites(fit, basis, min_z=min_z)

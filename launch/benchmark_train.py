@@ -148,7 +148,9 @@ def _variant_options(variant: str) -> dict:
 
 def _config(variant: str):
   from crystal_vae import default_config  # pylint: disable=g-import-not-at-top
-  return default_config.get_config("repeat", None if variant == "paper" else variant)
+  config = default_config.get_config("repeat", None if variant == "paper" else variant)
+  config.model.lattice_head = False  # a small MLP on z the twin does not model
+  return config
 
 
 def spec_of(config) -> dict:

@@ -119,3 +119,24 @@ def test_the_oracle_shows_atoms_that_segmentation_merges(tfds_dir):
   np.testing.assert_allclose(true.positions, [[2.5, 2.5, 2.5], [2.65, 2.5, 2.5]])
   comparison = metrics.compare_atoms(segmented, true)
   assert (comparison.true_count, comparison.predicted_count) == (2, 1)
+
+
+@pytest.mark.parametrize("atoms_from", ["segmenter", "density"])
+def test_a_repeat_model_with_a_lattice_head_rebuilds_a_cell_the_cube_cannot_repeat(atoms_from,
+                                                                                    tfds_dir):
+  """A cell side of 9.2 Å: the cube shows no translation along it (nor does its density);
+  the lattice head's lattice (here the true one, as the oracle gives it) rebuilds the crystal,
+  from segmented atoms or from the density's least-squares sites."""
+  config = default_config.get_config("repeat")
+  config.dataset.data_dir = tfds_dir
+  config.eval.atoms_from = atoms_from
+  config.eval.min_site_z = 6.0
+  model = inference.TrainedModel(config, variables=None)
+  crystal = crystals.Crystal(id="long", lattice=np.diag([3.7, 4.2, 9.2]),
+                             frac_coords=np.array([[0.0, 0.0, 0.1], [0.5, 0.5, 0.35],
+                                                   [0.5, 0.0, 0.6], [0.0, 0.5, 0.8]]),
+                             atomic_numbers=np.array([26, 8, 8, 14]))
+  grids = model.voxelize([crystal])
+  assert model.to_crystals(grids)[0].reason == "no_lattice"
+  rebuilt = model.to_crystals({**grids, "lattice": crystal.lattice[None]})[0]
+  assert metrics.match_metrics([rebuilt.structure], [crystal.to_structure()])["match_rate"] == 1.0

@@ -75,6 +75,7 @@ def property_workdir(tmp_path_factory) -> pathlib.Path:
   config.dataset.name = "csv"
   config.dataset.path = str(root / "csv")
   config.model.properties = ("mean_z", "sparse")
+  config.model.lattice_head = False  # the property head alone reads the 8-d latent
   config.learning_rate = 3e-3
   config.num_train_steps = 80
   config.log_every_steps = 40

@@ -181,3 +181,61 @@ def test_a_lattice_too_sparse_for_the_atoms_is_read_off_the_density():
   rebuilt = reconstruction.reconstruct_repeat(atoms, SPEC.box, density=grids["density"][0])
   assert rebuilt.valid and MATCHER.fit(rebuilt.structure, crystal.to_structure())
   assert len(rebuilt.structure) == 1
+
+
+def _long_cell() -> crystals.Crystal:
+  """An orthorhombic cell with one side of 8.6 Å: along it an atom and its image are both inside
+  the 10 Å cube only within 1.4 Å of a face, so the atoms never show that translation."""
+  return crystals.Crystal(id="long", lattice=np.diag([3.6, 4.1, 8.6]),
+                          frac_coords=np.array([[0.0, 0.0, 0.1], [0.5, 0.5, 0.35],
+                                                [0.5, 0.0, 0.6], [0.0, 0.5, 0.8]]),
+                          atomic_numbers=np.array([26, 8, 8, 14]))
+
+
+def test_a_cell_side_the_cube_cannot_repeat_takes_the_lattice_given():
+  crystal = _long_cell()
+  grids = voxelize_crystals([crystal], "repeat")
+  atoms = segmentation.segment(grids["species"][0], SPEC.box)
+  assert reconstruction.reconstruct_repeat(atoms, SPEC.box).reason == reconstruction.NO_LATTICE
+  # The true lattice (the oracle's lattice head) and a head's estimate off by up to 0.4 Å: the
+  # two short vectors snap to the translations the atoms show, the long one is kept.
+  error = np.array([[0.3, -0.2, 0.1], [0.2, 0.25, -0.1], [0.1, -0.1, 0.2]])
+  for lattice in (crystal.lattice, crystal.lattice + error):
+    rebuilt = reconstruction.reconstruct_repeat(atoms, SPEC.box, lattice=lattice)
+    assert matches(rebuilt, crystal), np.round(lattice, 2).tolist()
+    a, b, c = sorted(rebuilt.structure.lattice.abc)
+    np.testing.assert_allclose([a, b], [3.6, 4.1], atol=0.05)  # read off the atoms
+    np.testing.assert_allclose(c, np.linalg.norm(lattice[2]), atol=1e-6)  # the one given
+
+
+def test_a_lattice_the_atoms_contradict_is_refused():
+  crystal = _long_cell()
+  atoms = segmentation.segment(voxelize_crystals([crystal], "repeat")["species"][0], SPEC.box)
+  # 5.0 Å along x (1.4 Å from any translation the atoms show) maps every atom onto nothing.
+  wrong = np.diag([5.0, 4.1, 8.6])
+  rebuilt = reconstruction.reconstruct_repeat(atoms, SPEC.box, lattice=wrong)
+  assert rebuilt.reason == reconstruction.NO_LATTICE and "lattice given" in rebuilt.detail
+  # A lattice the atoms show is read off them when the one given has about its volume.
+  cubic = crystals.Crystal(id="cubic", lattice=4.0 * np.eye(3), frac_coords=np.zeros((1, 3)),
+                           atomic_numbers=np.array([29]))
+  atoms = segmentation.segment(voxelize_crystals([cubic], "repeat")["species"][0], SPEC.box)
+  rebuilt = reconstruction.reconstruct_repeat(atoms, SPEC.box, lattice=np.diag([4.3, 3.8, 4.4]))
+  np.testing.assert_allclose(rebuilt.structure.lattice.abc, [4.0] * 3, atol=0.05)
+
+
+def test_a_pseudo_translation_gives_way_to_the_lattice_given():
+  """c = 9 Å with the second Cu and O 0.09 Å away from c/2 apart: the atoms in the cube show
+  c/2 as a translation (within the 0.3 Å tolerance), a cell of half the volume; the lattice given
+  (volume twice that) holds on the atoms and is taken."""
+  crystal = crystals.Crystal(id="pseudo", lattice=np.diag([4.0, 4.0, 9.0]),
+                             frac_coords=np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 0.51],
+                                                   [0.5, 0.5, 0.25], [0.5, 0.5, 0.76]]),
+                             atomic_numbers=np.array([29, 29, 8, 8]))
+  atoms = segmentation.segment(voxelize_crystals([crystal], "repeat")["species"][0], SPEC.box)
+  pseudo = reconstruction.reconstruct_repeat(atoms, SPEC.box)
+  assert pseudo.valid and len(pseudo.structure) == 2
+  np.testing.assert_allclose(sorted(pseudo.structure.lattice.abc), [4.0, 4.0, 4.59], atol=0.05)
+  rebuilt = reconstruction.reconstruct_repeat(atoms, SPEC.box, lattice=crystal.lattice)
+  assert rebuilt.valid and len(rebuilt.structure) == 4
+  np.testing.assert_allclose(sorted(rebuilt.structure.lattice.abc), [4.0, 4.0, 9.0], atol=0.05)
+  np.testing.assert_array_equal(sorted(rebuilt.structure.atomic_numbers), [8, 8, 29, 29])

@@ -171,6 +171,7 @@ def test_warmup_cosine_learning_rate_against_hand_computed_values(tfds_dir):
 def test_teacher_forcing_adds_the_weighted_loss_on_the_true_density(tfds_dir):
   config = tiny_config(tfds_dir)
   config.loss.teacher_forcing = 0.5
+  config.model.lattice_head = False  # the batch below has no lattice
   state = train.create_train_state(config, jax.random.key(0))
   grid = config.voxel.grid
   rng = np.random.default_rng(0)
