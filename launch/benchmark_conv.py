@@ -9,6 +9,8 @@ Each is run in float32 and bfloat16. Usage:
   python launch/benchmark_conv.py [--batch 8] [--repeats 7] [--impls xla,depth_sum,...]
       [--dtypes f32,bf16] [--layers enc1,dec2,...]
 Prints one row per layer: median milliseconds of jitted grad(sum(out * ct)) w.r.t. input and kernel.
+Runs with the XLA settings importing crystal_vae makes (YNNPACK for dots only, see
+crystal_vae/__init__.py); XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=... overrides them.
 """
 
 import argparse
@@ -18,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+import crystal_vae  # noqa: F401  pylint: disable=unused-import  (the model's CPU convolution setting)
 
 # (name, input spatial size, in channels, out channels, kernel, stride, padding) of the paper model
 # at grid 30 (see crystal_vae/models.py for the shape path); U-Net features (16, 32, 64, 128).

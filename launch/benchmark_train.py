@@ -73,6 +73,10 @@ JAX_VARIANTS = {
                                 "--xla_cpu_experimental_onednn_custom_call=true"},
     "no_xnnpack": {"xla_flags": "--xla_cpu_use_xnnpack=false"},  # true is the default
     "no_thunks": {"xla_flags": "--xla_cpu_use_thunk_runtime=false"},
+    # jaxlib 0.10's default, which importing crystal_vae turns off: YNNPACK convolutions too.
+    "ynn_conv": {"xla_flags": "--xla_cpu_experimental_ynn_fusion_type="
+                              "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
+                              "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"},
     # Model-code change, monkeypatched (see _conv_depth_sum_dot_kernel_grad); conv_impl depth_sum.
     "dot_kernel_grad": {"patch": "dot_kernel_grad"},
 }

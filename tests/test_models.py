@@ -1,5 +1,10 @@
 """Tests for crystal_vae.models on small grids and widths (jitted or shape-only to stay fast)."""
 
+import importlib.metadata
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -256,3 +261,33 @@ def test_every_config_variant_builds_a_model_that_reaches_its_grid(representatio
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
   if variant in ("cpu", "gpu"):
     assert params * 4 < 25 * 2**20, params
+
+
+_CONV_HLO = """
+import jax, jax.numpy as jnp, os
+from crystal_vae import models
+x, w = jnp.ones((2, 8, 16, 16, 32)), jnp.ones((3, 3, 3, 32, 32))  # YNNPACK takes these
+conv = jax.jit(lambda w: models.conv3d(x, w, (1, 1, 1), "SAME", "depth_sum"))
+print(os.environ.get("XLA_FLAGS", ""))
+print("YNN_CONVOLUTION" if "__ynn_fusion" in conv.lower(w).compile().as_text() else "XLA_CONVOLUTION")
+"""
+
+
+@pytest.mark.parametrize("user_flags, expected", [
+    ("", "XLA_CONVOLUTION"),
+    ("--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
+     "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION", "YNN_CONVOLUTION")])
+def test_cpu_convolutions_are_xlas_unless_the_user_says_otherwise(user_flags, expected):
+  """Importing crystal_vae keeps YNNPACK to dots (its CPU convolutions are the slow path here),
+  before any computation; an XLA_FLAGS value the user set for it is kept as it is."""
+  if not importlib.metadata.version("jaxlib").startswith("0.10."):
+    pytest.skip("the flag is only set for jaxlib 0.10")
+  env = dict(os.environ, XLA_FLAGS=user_flags, JAX_PLATFORMS="cpu")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  result = subprocess.run([sys.executable, "-c", _CONV_HLO], env=env, capture_output=True,
+                          text=True, timeout=300, check=True)
+  flags, hlo = result.stdout.split("\n")[:2]
+  assert hlo == expected
+  assert flags.count("xla_cpu_experimental_ynn_fusion_type") == 1
+  if user_flags:
+    assert flags == user_flags
