@@ -135,15 +135,18 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(trained_workdir, tfds
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tfds_dir, tmp_path, monkeypatch):
-  real_batches = input_pipeline.train_batches
+  real_voxelized = train.Trainer.voxelized
+  calls = []
 
-  def poisoned_batches(*args, **kwargs):
-    for count, batch in enumerate(real_batches(*args, **kwargs)):
-      if count == 2:  # step 3
-        batch = dict(batch, frac_coords=np.full_like(batch["frac_coords"], np.nan))
-      yield batch
+  def poisoned_voxelized(self, local_batch, key, **kwargs):
+    batch = real_voxelized(self, local_batch, key, **kwargs)
+    if kwargs["train"]:
+      calls.append(1)
+      if len(calls) == 3:  # step 3: a non-finite density reaches the model
+        batch = dict(batch, density=batch["density"] * np.nan)
+    return batch
 
-  monkeypatch.setattr(input_pipeline, "train_batches", poisoned_batches)
+  monkeypatch.setattr(train.Trainer, "voxelized", poisoned_voxelized)
   with pytest.raises(FloatingPointError, match="step 3"):
     train.train_and_evaluate(tiny_config(tfds_dir), str(tmp_path))
   assert checkpoints.checkpoint_manager(tmp_path, read_only=True).all_steps() == [2]
