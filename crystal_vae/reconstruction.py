@@ -16,7 +16,8 @@
   `reconstruct_repeat_from_density` instead reads the lattice, the sites and their atomic
   numbers off the decoded density itself, by least squares (`density_fit`), with no segmentation.
   When neither the atoms nor the density's translations give a lattice (a cell side too long for
-  the 10 Å cube to show the atoms twice), a model's lattice head gives it, checked on the atoms.
+  the 10 Å cube to show the atoms twice), or they give a cell of another volume (a
+  pseudo-translation), a model's lattice head gives it, checked on the atoms.
 * "unit_cell": the lattice (3 x 3, rows) comes from the model's lattice head, oriented as the
   cell lies in the cube; the cell centre sits at the cube centre, so
   cartesian = cube - box / 2 + (a + b + c) / 2. Fractional coordinates are wrapped and atoms that
@@ -312,8 +313,8 @@ def _usable_lattice(lattice: np.ndarray | None, box: float) -> np.ndarray | None
 
 
 def _volumes_differ(basis: np.ndarray, lattice: np.ndarray, tolerance: float) -> bool:
-  given = abs(np.linalg.det(lattice))
-  return not given > 0 or abs(abs(np.linalg.det(basis)) / given - 1) > tolerance
+  """Whether the cells' volumes differ by more than `tolerance`, relative to `lattice`'s."""
+  return abs(abs(np.linalg.det(basis)) / abs(np.linalg.det(lattice)) - 1) > tolerance
 
 
 def reconstruct_repeat(atoms: Atoms, box: float, *, density: np.ndarray | None = None,
