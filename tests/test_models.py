@@ -273,13 +273,13 @@ print("YNN_CONVOLUTION" if "__ynn_fusion" in conv.lower(w).compile().as_text() e
 """
 
 
-@pytest.mark.parametrize("user_flags, expected", [
-    ("", "XLA_CONVOLUTION"),
-    ("--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
-     "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION", "YNN_CONVOLUTION")])
-def test_cpu_convolutions_are_xlas_unless_the_user_says_otherwise(user_flags, expected):
+@pytest.mark.parametrize("user_flags", [
+    "", "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"])
+def test_cpu_convolutions_are_xlas_unless_the_user_says_otherwise(user_flags):
   """Importing crystal_vae keeps YNNPACK to dots (its CPU convolutions are the slow path here),
-  before any computation; an XLA_FLAGS value the user set for it is kept as it is."""
+  before any computation; an XLA_FLAGS value the user set for it is kept as it is (whether
+  YNNPACK then takes a convolution depends on the CPU: not asserted)."""
   if not importlib.metadata.version("jaxlib").startswith("0.10."):
     pytest.skip("the flag is only set for jaxlib 0.10")
   env = dict(os.environ, XLA_FLAGS=user_flags, JAX_PLATFORMS="cpu")
@@ -287,7 +287,8 @@ def test_cpu_convolutions_are_xlas_unless_the_user_says_otherwise(user_flags, ex
   result = subprocess.run([sys.executable, "-c", _CONV_HLO], env=env, capture_output=True,
                           text=True, timeout=300, check=True)
   flags, hlo = result.stdout.split("\n")[:2]
-  assert hlo == expected
   assert flags.count("xla_cpu_experimental_ynn_fusion_type") == 1
   if user_flags:
     assert flags == user_flags
+  else:
+    assert hlo == "XLA_CONVOLUTION"
