@@ -134,7 +134,7 @@ def evaluate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
     true_atoms = [true_atoms_in_cube(c, model.spec.box, config.representation) for c in batch]
     if settings.oracle:
       decoded = dict(grids)
-      if config.model.lattice_head or config.representation == "unit_cell":
+      if config.model.lattice_head:
         decoded["lattice"] = np.stack([c.lattice for c in batch])  # unrotated at evaluation
       decoded_atoms = model.atoms(grids)
     else:

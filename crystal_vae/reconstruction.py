@@ -273,10 +273,10 @@ def _checked_basis(check: _TranslationCheck, basis: np.ndarray | None, accepted:
   (`accepted`, either sign) becomes that translation; another that enough atoms can check must
   hold for `veto_fraction` of them (refined to their mean); the rest (too long to be checked) are
   kept as they are. The lattice must then hold (`_lattice_holds`)."""
-  if basis is None or not np.all(np.isfinite(basis)):
+  if basis is None:
     return None
   vectors = []
-  for row in np.asarray(basis, np.float64):
+  for row in basis:
     if accepted.shape[0]:
       signed = np.concatenate([accepted, -accepted])
       distances = np.linalg.norm(signed - row, axis=-1)
