@@ -31,6 +31,7 @@ import csv
 import dataclasses
 import gzip
 import hashlib
+import importlib.util
 import json
 import pathlib
 import sys
@@ -44,7 +45,6 @@ from jax.experimental import multihost_utils
 import numpy as np
 import ml_collections
 import tensorflow_datasets as tfds
-from pymatgen.analysis import prototypes as pymatgen_prototypes
 from pymatgen.core import Structure
 
 from crystal_vae import crystals
@@ -404,7 +404,9 @@ def _cif_dir_entries(directory: pathlib.Path) -> list[_Entry]:
 
 def _prototype_entries() -> list[_Entry]:
   """pymatgen's AFLOW prototypes; ids are AFLOW labels, repeats get `-2`, `-3`, ..."""
-  path = pathlib.Path(pymatgen_prototypes.__file__).parent / _PROTOTYPES_FILE
+  # Located without importing pymatgen.analysis.prototypes, which decodes this file on import.
+  package = importlib.util.find_spec("pymatgen.analysis.prototypes")
+  path = pathlib.Path(package.submodule_search_locations[0]) / _PROTOTYPES_FILE
   with gzip.open(path, "rt") as handle:
     prototypes = json.load(handle)
   entries, seen = [], {}

@@ -1,6 +1,6 @@
 """Learning curves: `python -m crystal_vae.learning_curves WORKDIR` draws WORKDIR/metrics.jsonl
-(training and evaluation lines) to WORKDIR/learning_curves.png; training redraws it at every
-checkpoint."""
+(training and evaluation lines) to WORKDIR/learning_curves.png; training redraws it at a checkpoint
+once a minute has passed since the last drawing, and at its last step."""
 
 import json
 import pathlib

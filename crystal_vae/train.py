@@ -282,13 +282,12 @@ def eval_step(state: TrainState, batch: Batch, *, config: ml_collections.ConfigD
 
 def num_images_for(lattice: np.ndarray, config: ml_collections.ConfigDict,
                    train: bool) -> tuple[int, int, int]:
-  """The batch's static image counts, equal on every host and rounded up to even numbers so that
-  few distinct values (and so few compilations of the voxeliser) occur."""
+  """The batch's static image counts (`voxelize.num_images_for`), equal on every host."""
   counts = np.array(voxelize.num_images_for(lattice, voxelize.GridSpec.from_config(config.voxel),
                                             config.representation, train and config.voxel.rotate))
   if jax.process_count() > 1:
     counts = multihost_utils.process_allgather(counts).reshape(-1, 3).max(axis=0)
-  return tuple(int(2 * math.ceil(count / 2)) for count in counts)
+  return tuple(int(count) for count in counts)
 
 
 class Trainer:
@@ -392,6 +391,11 @@ def with_property_scaling(config: ml_collections.ConfigDict, train_source: Seque
                config.model.property_means, config.model.property_stds, counts.tolist())
 
 
+# learning_curves.png is redrawn at a checkpoint when this long has passed since the last drawing
+# (a drawing takes 1-2 s on 2 CPU cores), and at the last step.
+_REDRAW_SECONDS = 60.0
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains for `config.num_train_steps`, resuming from the latest checkpoint in `workdir`."""
   workdir = pathlib.Path(workdir)
@@ -428,6 +432,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     last_good = manager.latest_step()
     timer_step, timer_start = start_step, time.time()
+    last_drawn = time.time()
     try:
       for step in range(start_step + 1, config.num_train_steps + 1):
         local_batch = next(batches)
@@ -461,8 +466,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           _check_finite(pending, last_good)
           checkpoints.save(manager, step, state, config)
           last_good = step
-          if jax.process_index() == 0:
+          if jax.process_index() == 0 and (is_last
+                                           or time.time() - last_drawn >= _REDRAW_SECONDS):
             learning_curves.draw(workdir)
+            last_drawn = time.time()
     finally:  # an interrupted run still finishes writing its last checkpoint
       checkpoints.wait_until_written(manager)
       writer.close()

@@ -209,6 +209,26 @@ def test_images_per_axis_of_a_cubic_cell():
                                False), [[7, 7, 7], [1, 1, 1]])
 
 
+def test_num_images_for_bounds_the_batch_with_few_shapes():
+  """The static counts cover every lattice of the batch, and many batches share few shapes
+  (each shape compiles the voxeliser once)."""
+  spec = voxelize.GridSpec()
+  # A 3 Å cube needs 7 images per axis, a 2.5 x 3 x 9 Å box 9 / 7 / 3: the batch needs 9.
+  lattices = np.stack([3.0 * np.eye(3), np.diag([2.5, 3.0, 9.0])])
+  assert voxelize.num_images_for(lattices, spec, voxelize.REPEAT, False) == (12, 12, 12)
+  assert voxelize.num_images_for(lattices[:1], spec, voxelize.REPEAT, False) == (8, 8, 8)
+  assert voxelize.num_images_for(lattices, spec, voxelize.UNIT_CELL, True) == (1, 1, 1)
+  rng = np.random.default_rng(0)
+  shapes = set()
+  for _ in range(100):
+    batch = np.stack([np.diag(rng.uniform(2.5, 9.9, 3)) for _ in range(8)])
+    counts = voxelize.num_images_for(batch, spec, voxelize.REPEAT, False)
+    assert (np.array(counts) >= voxelize.images_per_axis(batch, spec, voxelize.REPEAT,
+                                                         False)).all()
+    shapes.add(counts)
+  assert len(shapes) <= 3, shapes
+
+
 def _reaching(lattice, frac_coords, atomic_numbers, atom_mask, key, *, spec, rotate, num_images):
   """The placement and the number of atoms + images the JAX code keeps (within the cutoff)."""
   # pylint: disable=protected-access
