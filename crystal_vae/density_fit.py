@@ -280,15 +280,17 @@ def fit_sites(fit: DensityFit, basis: np.ndarray, site_frac: np.ndarray, *,
 
 def _prune(fit: DensityFit, basis: np.ndarray, site_frac: np.ndarray, min_z: float
            ) -> tuple[np.ndarray, np.ndarray]:
-  """Drops the weakest site and refits Z (linear) while some site has Z < min_z."""
+  """Drops the weakest site and refits Z (linear) while some site has Z < min_z. The normal
+  equations of the kept sites are a submatrix of all sites': formed once."""
   density = np.asarray(fit.density, np.float64).reshape(-1)
   values = site_images(fit, site_frac @ basis, basis)
+  gram, projection = values.T @ values, values.T @ density
+  kept = np.arange(len(site_frac))
   while True:
-    z = _least_squares(values, density)
+    z = np.linalg.lstsq(gram[np.ix_(kept, kept)], projection[kept], rcond=None)[0]
     if z.size == 0 or z.min() >= min_z:
-      return z, site_frac
-    weakest = int(np.argmin(z))
-    values, site_frac = np.delete(values, weakest, axis=1), np.delete(site_frac, weakest, axis=0)
+      return z, site_frac[kept]
+    kept = np.delete(kept, int(np.argmin(z)))
 
 
 def find_sites(fit: DensityFit, basis: np.ndarray, *, min_z: float, min_separation: float = 1.0,
