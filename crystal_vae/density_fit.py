@@ -194,7 +194,12 @@ def _rows_times(rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
 
 def _least_squares(matrix: np.ndarray, target: np.ndarray) -> np.ndarray:
   """argmin_x |matrix x - target|² through the (small) normal equations."""
-  return np.linalg.lstsq(matrix.T @ matrix, matrix.T @ target, rcond=None)[0]
+  return _solve_normal(matrix.T @ matrix, matrix.T @ target)
+
+
+def _solve_normal(gram: np.ndarray, projection: np.ndarray) -> np.ndarray:
+  """x with gram x = projection (least squares where gram is singular)."""
+  return np.linalg.lstsq(gram, projection, rcond=None)[0]
 
 
 def site_images(fit: DensityFit, positions: np.ndarray, lattice: np.ndarray,
@@ -287,7 +292,7 @@ def _prune(fit: DensityFit, basis: np.ndarray, site_frac: np.ndarray, min_z: flo
   gram, projection = values.T @ values, values.T @ density
   kept = np.arange(len(site_frac))
   while True:
-    z = np.linalg.lstsq(gram[np.ix_(kept, kept)], projection[kept], rcond=None)[0]
+    z = _solve_normal(gram[np.ix_(kept, kept)], projection[kept])
     if z.size == 0 or z.min() >= min_z:
       return z, site_frac[kept]
     kept = np.delete(kept, int(np.argmin(z)))

@@ -6,7 +6,7 @@ Trains `configs/repeat.py:cpu` for `--steps` steps once as is and once per varia
 a separate workdir under `--runs`; re-running resumes or skips what is done), evaluates each on
 the first `--eval_crystals` validation crystals, reading atoms both off the decoded density (the
 recipe) and with the U-Net segmenter (the paper), and prints a Markdown table (also written to
-RUNS/table.md) of the last validation log and both evaluations.
+RUNS/table.md, as in README) of the last validation log and both evaluations.
 """
 
 import json
@@ -14,7 +14,6 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -45,40 +44,31 @@ VARIANTS = {
     "no_teacher_forcing": ("U-Net trained on the decoded density only (paper)",
                            ("--config.loss.teacher_forcing=0.0",)),
 }
-_VALIDATION_KEYS = ("mse", "kl", "atom_voxel_recall", "empty_voxel_accuracy", "atom_voxel_accuracy")
-_EVAL_KEYS = ("valid_rate", "framework_match_rate", "match_rate", "species_exact",
-              "distance_predicted_to_true_p50", "distance_true_to_predicted_p50")
-_ATOMS_FROM = ("density", "segmenter")
 
 
 def _main_command(workdir: pathlib.Path, *args: str) -> list[str]:
   return [sys.executable, "-m", "crystal_vae.main", f"--workdir={workdir}", *args]
 
 
-def _run(command: list[str], log: pathlib.Path) -> float:
-  """Runs `command` with its output appended to `log`; returns the wall time in seconds."""
-  start = time.time()
+def _run(command: list[str], log: pathlib.Path) -> None:
+  """Runs `command` with its output appended to `log`."""
   with log.open("a") as out:
     out.write(f"$ {' '.join(command)}\n")
     out.flush()
     subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=True)
-  return time.time() - start
 
 
 def _train_and_evaluate(name: str, overrides: tuple[str, ...]) -> dict:
+  """Trains (or resumes, a no-op once done) and evaluates one variant, both atom readers."""
   workdir = pathlib.Path(_RUNS.value) / name
   workdir.mkdir(parents=True, exist_ok=True)
   log = workdir.parent / f"{name}.log"
-  timing_path = workdir / "ablation_seconds.json"
-  timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
-  if "train" not in timing:
-    timing["train"] = _run(_main_command(
-        workdir, "--config=configs/repeat.py:cpu", f"--config.dataset.path={_DATA.value}",
-        f"--config.num_train_steps={_STEPS.value}", *overrides), log)
-    timing_path.write_text(json.dumps(timing))
+  _run(_main_command(workdir, "--config=configs/repeat.py:cpu",
+                     f"--config.dataset.path={_DATA.value}",
+                     f"--config.num_train_steps={_STEPS.value}", *overrides), log)
   batches = -(-_EVAL_CRYSTALS.value // 32)
   results = {}
-  for atoms_from in _ATOMS_FROM:
+  for atoms_from in ("density", "segmenter"):
     kept = workdir / f"eval_{atoms_from}.json"
     if not kept.exists():
       _run(_main_command(workdir, "--mode=evaluate", f"--config.eval.atoms_from={atoms_from}",
@@ -88,21 +78,24 @@ def _train_and_evaluate(name: str, overrides: tuple[str, ...]) -> dict:
     results[atoms_from] = json.loads(kept.read_text())
   validation = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   results["validation"] = [row for row in validation if row["split"] == "validation"][-1]
-  results["minutes"] = timing["train"] / 60
   return results
 
 
-def _table(rows: dict[str, dict]) -> str:
-  header = (["variant (undone)", "train min"] + [f"val. {k}" for k in _VALIDATION_KEYS]
-            + [f"{k} ({a})" for a in _ATOMS_FROM for k in _EVAL_KEYS])
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for name, result in rows.items():
-    cells = [f"{name}: {VARIANTS[name][0]}", f"{result['minutes']:.0f}"]
-    cells += [f"{result['validation'][k]:.3g}" for k in _VALIDATION_KEYS]
-    cells += [f"{result[a][k]:.3g}" if result[a].get(k) is not None else "—"
-              for a in _ATOMS_FROM for k in _EVAL_KEYS]
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+_HEADER = ("| undone | val. voxel MSE | KL | atom voxels found (mask) | empty voxels right | species"
+           " right (atom voxels) | density path: species exact | density path: nearest-atom p50"
+           " decoded → true / true → decoded | segmenter path: species exact |\n"
+           "|---|---|---|---|---|---|---|---|---|")
+
+
+def _row(name: str, result: dict) -> str:
+  validation, density = result["validation"], result["density"]
+  distances = (f"{density['distance_predicted_to_true_p50']:.2f} / "
+               f"{density['distance_true_to_predicted_p50']:.2f} Å"
+               if density.get("distance_predicted_to_true_p50") is not None else "—")
+  return (f"| {VARIANTS[name][0]} | {validation['mse']:.3f} | {validation['kl']:.0f} |"
+          f" {validation['atom_voxel_recall']:.1%} | {validation['empty_voxel_accuracy']:.1%} |"
+          f" {validation['atom_voxel_accuracy']:.1%} | {density['species_exact']:.1%} |"
+          f" {distances} | {result['segmenter']['species_exact']:.1%} |")
 
 
 def main(argv):
@@ -111,12 +104,11 @@ def main(argv):
   unknown = sorted(set(names) - set(VARIANTS))
   if unknown:
     raise app.UsageError(f"unknown variants {unknown}; known: {list(VARIANTS)}")
-  rows = {}
+  rows = [_HEADER]
   for name in names:
-    rows[name] = _train_and_evaluate(name, VARIANTS[name][1])
-    table = _table(rows)
-    (pathlib.Path(_RUNS.value) / "table.md").write_text(table + "\n")
-  print(table)
+    rows.append(_row(name, _train_and_evaluate(name, VARIANTS[name][1])))
+    (pathlib.Path(_RUNS.value) / "table.md").write_text("\n".join(rows) + "\n")
+  print("\n".join(rows))
 
 
 if __name__ == "__main__":
