@@ -97,12 +97,12 @@ def get_config(representation: str, arg: str | None = None) -> ml_collections.Co
   config.eval.atoms_from = "segmenter"
   # atoms_from=density, repeat: sites fitted with Z below this are noise of the decoded density.
   config.eval.min_site_z = 0.5
-  # model.composition_head: each site's element is the most probable given the decoded
-  # composition and the site's Z; False = the species the density (or the segmenter) gives alone.
+  # model.composition_head: the cell's elements are the most probable given the decoded
+  # composition and the sites' Z; False = the species the density (or the segmenter) gives alone.
   config.eval.species_from_composition = True
   # The spread (units of Z) of the density's site Z around the true one in that choice: smaller
   # trusts the density more, larger the composition (reconstruction.species_from_composition).
-  config.eval.site_z_sigma = 0.75
+  config.eval.site_z_sigma = 1.5
 
   config.sample = ml_collections.ConfigDict()  # --mode=sample (generation.py)
   config.sample.num = 64

@@ -166,15 +166,23 @@ class TrainedModel:
   def encode_crystals(self, structures: Sequence[crystals.Crystal], batch_size: int = 16
                       ) -> tuple[np.ndarray, np.ndarray | None]:
     """Latent means of crystals voxelised as at evaluation, and their conditions (or None)."""
-    means, conditions = [], []
+    means, _, conditions = self.encode_posteriors(structures, batch_size)
+    return means, conditions
+
+  def encode_posteriors(self, structures: Sequence[crystals.Crystal], batch_size: int = 16
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Latent means and log-variances (N, L) of crystals voxelised as at evaluation, and their
+    conditions (or None)."""
+    means, logvars, conditions = [], [], []
     for begin in range(0, len(structures), batch_size):
       grids = self.voxelize(structures[begin:begin + batch_size])
       condition = self.condition(grids["density"])
-      means.append(self.encode(grids["density"], condition, grids["composition"])[0])
+      mean, logvar = self.encode(grids["density"], condition, grids["composition"])
+      means.append(mean)
+      logvars.append(logvar)
       conditions.append(None if condition is None else np.asarray(condition))
-    if conditions[0] is None:
-      return np.concatenate(means), None
-    return np.concatenate(means), np.concatenate(conditions)
+    conditions = None if conditions[0] is None else np.concatenate(conditions)
+    return np.concatenate(means), np.concatenate(logvars), conditions
 
   def maximum_densities(self, structures: Sequence[crystals.Crystal], batch_size: int = 16
                         ) -> np.ndarray:

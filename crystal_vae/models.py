@@ -379,12 +379,13 @@ class CompositionHead(nn.Module):
 
   hidden: Sequence[int]
   max_z: int
+  dropout_rate: float = 0.0  # of the hidden layers with `train` (a head fitted on its own)
 
   @nn.compact
-  def __call__(self, z: jax.Array) -> jax.Array:
+  def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
     x = z
     for width in self.hidden:
-      x = nn.gelu(nn.Dense(width)(x))
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.gelu(nn.Dense(width)(x)))
     return nn.Dense(self.max_z + 1)(x)
 
 
@@ -396,12 +397,13 @@ class PropertyHead(nn.Module):
   hidden: Sequence[int]
   means: Sequence[float]
   stds: Sequence[float]
+  dropout_rate: float = 0.0  # of the hidden layers with `train` (a head fitted on its own)
 
   @nn.compact
-  def __call__(self, z: jax.Array) -> jax.Array:
+  def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
     x = z
     for width in self.hidden:
-      x = nn.gelu(nn.Dense(width)(x))
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.gelu(nn.Dense(width)(x)))
     standardised = nn.Dense(len(self.means))(x)
     return jnp.asarray(self.means, jnp.float32) + jnp.asarray(self.stds, jnp.float32) * standardised
 

@@ -106,7 +106,7 @@ def _merge_sites(lattice: np.ndarray, frac: np.ndarray, species: np.ndarray,
   return np.array(site_species, np.int32), site_frac, cluster
 
 
-def _structure(lattice: np.ndarray, species: np.ndarray, frac: np.ndarray,
+def structure_from_sites(lattice: np.ndarray, species: np.ndarray, frac: np.ndarray,
                min_distance: float) -> Reconstruction:
   """Checks interatomic distances and returns the structure in its right-handed Niggli cell,
   standard orientation."""
@@ -149,7 +149,7 @@ def reconstruct_unit_cell(atoms: Atoms, lattice: np.ndarray, box: float, *,
                                        merge_tolerance)
   if composition is not None:
     species = species_from_composition(species, composition, site_z_sigma)
-  return _structure(lattice, species, site_frac, min_distance)
+  return structure_from_sites(lattice, species, site_frac, min_distance)
 
 
 def _inside(points: np.ndarray, box: float, margin: float) -> np.ndarray:
@@ -297,7 +297,7 @@ def _checked_basis(check: _TranslationCheck, basis: np.ndarray | None, accepted:
   return basis if _lattice_holds(check, basis, veto_fraction) else None
 
 
-def _usable_lattice(lattice: np.ndarray | None, box: float) -> np.ndarray | None:
+def usable_lattice(lattice: np.ndarray | None, box: float) -> np.ndarray | None:
   """A given lattice (a lattice head's output) as a right-handed basis, or None where it cannot
   be a crystal's: not finite, a vector shorter than 1 Å or longer than 3 boxes, or flat."""
   if lattice is None:
@@ -356,7 +356,7 @@ def reconstruct_repeat(atoms: Atoms, box: float, *, density: np.ndarray | None =
   """
   if len(atoms) == 0:
     return _invalid(NO_ATOMS, "the species grid has no atoms")
-  lattice = _usable_lattice(lattice, box)
+  lattice = usable_lattice(lattice, box)
   interior = ~atoms.on_boundary
   positions, species = atoms.positions[interior], atoms.species[interior]
   if positions.shape[0] < 2 and density is None and lattice is None:
@@ -391,7 +391,7 @@ def reconstruct_repeat(atoms: Atoms, box: float, *, density: np.ndarray | None =
   keep = (expected == 0) | (found >= min_site_support * expected)
   if not keep.any():
     return _invalid(NO_ATOMS, "no site is supported by its periodic copies")
-  return _structure(basis, site_species[keep], site_frac[keep], min_distance)
+  return structure_from_sites(basis, site_species[keep], site_frac[keep], min_distance)
 
 
 def composition_counts(fractions: np.ndarray, num_atoms: int) -> np.ndarray:
@@ -408,19 +408,55 @@ def composition_counts(fractions: np.ndarray, num_atoms: int) -> np.ndarray:
 
 def species_from_composition(site_z: np.ndarray, composition: np.ndarray,
                              site_z_sigma: float | None) -> np.ndarray:
-  """Each site's element from the predicted composition (fractions per Z) and the Z the density
-  (or the segmenter) gives it: the most probable element a posteriori, composition fraction ×
-  N(site Z; element Z, `site_z_sigma`²), with every element kept at a fraction of at least
-  1e-6 (one the head missed still wins where the density's Z is clearly its own). On the
-  shipped perov_5 model this beat giving the composition's rounded counts to the sites in order
-  of their Z (README, "Species from the composition and the density")."""
-  site_z = np.asarray(site_z, np.float64)[:, None]
+  """The sites' elements, chosen for the whole cell at once from the predicted composition
+  (fractions f per Z) and the Z the density (or the segmenter) gives each site: the elements
+  that maximise
+
+      -Σ_sites (z_i - Z_i)² / (2 σ²)  -  Σ_elements c_Z log(c_Z / (n f_Z))
+
+  (the sites' Gaussian likelihood, σ = `site_z_sigma`, and n times the KL divergence of the
+  cell's composition c / n from the predicted one), with f floored at 1e-6 so that an element
+  the head missed still wins where the density is clearly its own. For given counts the best
+  assignment gives the elements to the sites in order of Z, so a dynamic programme over the
+  elements (in order of Z: those within 6σ of a site's Z, and those with f > 1e-3) and the
+  sites (in order of their Z) finds the optimum. On the shipped perov_5 model this rebuilt 45%
+  of 256 validation crystals right against 25% for the best element of each site alone and 39%
+  for the composition's rounded counts given in order of Z (README, "Species from the
+  composition and the density")."""
+  site_z = np.asarray(site_z, np.float64)
   if site_z_sigma is None or not site_z_sigma > 0:
     raise ValueError(f"site_z_sigma must be > 0, got {site_z_sigma}")
+  order = np.argsort(site_z, kind="stable")
+  z = site_z[order]
+  n = z.size
+  fractions = np.maximum(np.asarray(composition, np.float64)[1:], 1e-6)
   elements = np.arange(1, len(composition))
-  log_prior = np.log(np.maximum(np.asarray(composition, np.float64)[1:], 1e-6))
-  log_posterior = log_prior - (site_z - elements) ** 2 / (2 * site_z_sigma ** 2)
-  return elements[np.argmax(log_posterior, axis=1)].astype(np.int32)
+  near = np.abs(elements[:, None] - z[None, :]).min(axis=1, initial=np.inf) <= 6 * site_z_sigma
+  candidates = elements[near | (fractions > 1e-3)]
+  counts = np.arange(n + 1)
+  # best[k]: the best score of the first k sites (in order of Z) given the elements so far;
+  # taken[j, k]: how many sites element j takes when the first k are given.
+  best = np.full(n + 1, -np.inf)
+  best[0] = 0.0
+  taken = np.zeros((len(candidates), n + 1), np.int64)
+  for j, element in enumerate(candidates):
+    squared = np.concatenate([[0.0], np.cumsum((z - element) ** 2)])
+    log_ratio = np.log(np.maximum(counts, 1) / (n * fractions[element - 1]))
+    prior = counts * log_ratio  # c log(c / (n f)), 0 for c = 0
+    updated = best.copy()
+    for k in range(1, n + 1):
+      c = counts[1:k + 1]  # element j takes the sites k - c .. k - 1
+      scores = best[k - c] - (squared[k] - squared[k - c]) / (2 * site_z_sigma ** 2) - prior[c]
+      if scores.max() > updated[k]:
+        updated[k], taken[j, k] = scores.max(), c[np.argmax(scores)]
+    best = updated
+  species = np.empty(n, np.int32)
+  k = n
+  for j in range(len(candidates) - 1, -1, -1):
+    if taken[j, k] and k:
+      species[order[k - taken[j, k]:k]] = candidates[j]
+      k -= taken[j, k]
+  return species
 
 
 def reconstruct_repeat_from_density(fit: density_fit.DensityFit, *, max_z: int, min_z: float,
@@ -440,7 +476,7 @@ def reconstruct_repeat_from_density(fit: density_fit.DensityFit, *, max_z: int, 
     return _invalid(NO_ATOMS, "the density has no peak of an atom (Z >= 0.5)", none)
   basis = density_fit.lattice_from_density(fit.density, fit.box)
   if basis is None:
-    basis = _usable_lattice(lattice, fit.box)
+    basis = usable_lattice(lattice, fit.box)
   if basis is None:
     return _invalid(NO_LATTICE, "the density's translations do not span a 3-D lattice", none)
   z, site_frac, basis = density_fit.find_sites(fit, basis, min_z=min_z)
@@ -448,7 +484,7 @@ def reconstruct_repeat_from_density(fit: density_fit.DensityFit, *, max_z: int, 
     return _invalid(NO_ATOMS, f"no site of the density has Z >= {min_z}", none)
   species = (np.clip(np.rint(z), 1, max_z).astype(np.int32) if composition is None
              else species_from_composition(z, composition, site_z_sigma))
-  result = _structure(basis, species, site_frac, min_distance)
+  result = structure_from_sites(basis, species, site_frac, min_distance)
   atoms = density_fit.images_in_cube(species, site_frac, basis, fit.box, boundary)
   return dataclasses.replace(result, cube_atoms=atoms)
 

@@ -106,7 +106,7 @@ def test_a_predicted_composition_corrects_the_species_of_a_biased_density():
   composition[[38, 22, 8]] = [0.2, 0.2, 0.6]
   result = reconstruction.reconstruct_repeat_from_density(_fit(density), max_z=100, min_z=6,
                                                           composition=composition,
-                                                          site_z_sigma=0.75)
+                                                          site_z_sigma=1.5)
   assert matches(result, crystal)
   assert set(result.cube_atoms.species.tolist()) == {8, 22, 38}
 

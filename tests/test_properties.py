@@ -13,15 +13,14 @@ import pytest
 
 from conftest import prototypes, tiny_config, trained_checkpoint
 from crystal_vae import crystals
-from crystal_vae import default_config
 from crystal_vae import generation
+from crystal_vae import head_fit
 from crystal_vae import inference
 from crystal_vae import losses
 from crystal_vae import metrics
 from crystal_vae import models
 from crystal_vae import modes
 from crystal_vae import optimize
-from crystal_vae import property_fit
 from crystal_vae import train
 
 
@@ -161,26 +160,28 @@ def test_property_values_of_records_and_crystals():
 
 
 def test_fit_head_learns_a_smooth_function_of_the_latent_and_masks_missing_values():
-  """`property_fit.fit_head` on synthetic latents: a smooth function of z is learnt (held-out
-  R² > 0.9, the mean scores 0); rows without a value (NaN) do not reach the fit."""
+  """`head_fit.fit_head` of a property head on synthetic latents: a smooth function of z is
+  learnt (held-out R² > 0.9, the mean scores 0); rows without a value (NaN) do not reach the
+  fit."""
   rng = np.random.default_rng(0)
   means = rng.normal(size=(600, 4)).astype(np.float32)
   values = (2.0 * means[:, :1] + np.sin(2.0 * means[:, 1:2]) + 5.0).astype(np.float32)
   values[::7] = np.nan  # missing
-  config = default_config.get_config("repeat", "quick")
-  config.model.properties = ("p",)
   known = np.isfinite(values[:500, 0])
-  config.model.property_means = (float(values[:500][known].mean()),)
-  config.model.property_stds = (float(values[:500][known].std()),)
-  train_split = property_fit.EncodedSplit(means[:500], values[:500])
-  validation_split = property_fit.EncodedSplit(means[500:], values[500:])
-  params, curve = property_fit.fit_head(config, train_split, validation_split, steps=600,
-                                        learning_rate=3e-3, batch_size=128, seed=0)
+  scale = (float(values[:500][known].mean()),), (float(values[:500][known].std()),)
+  logvars = np.full_like(means, -20.0)  # no posterior spread
+  train_split = head_fit.EncodedSplit(means[:500], logvars[:500], values[:500])
+  validation_split = head_fit.EncodedSplit(means[500:], logvars[500:], values[500:])
+  head = models.PropertyHead((128, 128), *scale)
+
+  def loss(predicted, target):
+    return losses.property_mse(predicted, target, scale[1])
+
+  params, curve = head_fit.fit_head(head, loss, train_split, validation_split, steps=600,
+                                    learning_rate=3e-3, batch_size=128, seed=0)
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params))
-  head = models.PropertyHead(config.model.property_hidden, config.model.property_means,
-                             config.model.property_stds)
   predicted = np.asarray(head.apply({"params": params}, means[500:]))
-  result = metrics.property_metrics(predicted, values[500:], ["p"], config.model.property_means)
+  result = metrics.property_metrics(predicted, values[500:], ["p"], scale[0])
   assert result["p"]["r2"] > 0.9, result
   assert result["p"]["count"] == np.isfinite(values[500:, 0]).sum()
   assert curve[-1]["train"] < curve[0]["train"]
@@ -199,9 +200,9 @@ def headless_workdir(property_workdir) -> pathlib.Path:
   return workdir
 
 
-def test_fit_property_head_adds_a_head_to_a_frozen_model(headless_workdir):
+def test_fit_property_head_adds_or_replaces_a_head_of_a_frozen_model(headless_workdir):
   out = headless_workdir.parent / "headless_mean_z"
-  summary = property_fit.fit_property_head(headless_workdir, out, ["mean_z"], steps=300,
+  summary = head_fit.fit_property_head(headless_workdir, out, ["mean_z"], steps=300,
                                            learning_rate=3e-3, batch_size=16)
   source = inference.TrainedModel.restore(headless_workdir)
   fitted = inference.TrainedModel.restore(out)
@@ -228,6 +229,10 @@ def test_fit_property_head_adds_a_head_to_a_frozen_model(headless_workdir):
   predicted = fitted.predict_properties(fitted.encode_crystals(chosen)[0])[:, 0]
   assert np.mean(np.abs(predicted - mean_z)) < np.mean(np.abs(mean_z - mean_z.mean()))
   with pytest.raises(FileExistsError):
-    property_fit.fit_property_head(headless_workdir, out, ["mean_z"])
-  with pytest.raises(ValueError, match="already has a property head"):
-    property_fit.fit_property_head(out, out.parent / "again", ["mean_z"])
+    head_fit.fit_property_head(headless_workdir, out, ["mean_z"])
+  # A head fitted again replaces the one there (here with the two properties).
+  head_fit.fit_property_head(out, out.parent / "again", ["mean_z", "sparse"], steps=10)
+  again = inference.TrainedModel.restore(out.parent / "again")
+  assert tuple(again.config.model.properties) == ("mean_z", "sparse")
+  z = np.zeros((1, again.config.model.latent_dim), np.float32)
+  assert again.predict_properties(z).shape == (1, 2)

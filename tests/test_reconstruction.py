@@ -2,6 +2,7 @@
 
 import csv
 import gzip
+import itertools
 import pathlib
 import sys
 
@@ -155,19 +156,48 @@ def test_composition_counts_and_site_assignment_by_hand():
 
 
 def test_species_from_composition_by_hand():
-  """Each site's element maximises log(fraction) - (site Z - Z)² / (2 σ²), σ = 0.75 (2σ² = 1.125):
-  Ga As O2 F (fractions 0.2, 0.2, 0.4, 0.2), sites at Z 29, 8.6, 35, 9.1, 16."""
+  """Ga As O2 F (fractions 0.2, 0.2, 0.4, 0.2), sites at Z 32.4, 8.3, 32.6, 8.6, 9.2, σ = 1.5
+  (2σ² = 4.5). Each site alone would take its nearest element of the composition: As, As. For the
+  cell: Ga As (sorted: 32.4 -> Ga, 32.6 -> As) costs (1.4² + 0.4²) / 4.5 = 0.471 with the
+  composition exact (KL 0); As2 costs (0.6² + 0.4²) / 4.5 = 0.116 plus 2 log(2 / (5 · 0.2)) =
+  1.386 for the composition: Ga As wins. The light sites in order of Z take O, O, F."""
   ga_as_o2f = np.zeros(40)
   ga_as_o2f[[31, 33, 8, 9]] = [0.2, 0.2, 0.4, 0.2]
-  species = reconstruction.species_from_composition([29.0, 8.6, 35.0, 9.1, 16.0], ga_as_o2f, 0.75)
-  # 29: Ga log 0.2 - 4 / 1.125 = -5.17 beats Cu (29) at the floor, log 1e-6 = -13.8.
-  # 8.6: O  log 0.4 - 0.36 / 1.125 = -1.24 beats F log 0.2 - 0.16 / 1.125 = -1.75 (rounding: F).
-  # 35: As -5.17 beats Br (35) at -13.8.  9.1: F -1.62 beats O -0.92 - 1.21 / 1.125 = -1.99.
-  # 16: S (16) at the floor, -13.8, beats F -1.61 - 49 / 1.125 = -45: the density overrules a
-  # composition that missed the element.
-  np.testing.assert_array_equal(species, [31, 8, 33, 9, 16])
+  species = reconstruction.species_from_composition([32.4, 8.3, 32.6, 8.6, 9.2], ga_as_o2f, 1.5)
+  np.testing.assert_array_equal(species, [31, 8, 33, 8, 9])
+  # A site far from every element of the composition takes the density's own: at Z 17, F costs
+  # 8² / 4.5 = 14.2, Cl log(1 / (5 · 1e-6)) = 12.2 for the composition and 0 for Z: Cl; the
+  # other light sites then take O and F (O F: 1 · log(1 / 2) = -0.69 for the composition,
+  # 0.16 / 4.5 for 8.6 as F; O2: 0, 0.36 / 4.5). At 16, F costs 7² / 4.5 = 10.9 < 12.2: F.
+  for z, expected in ((17.0, [31, 8, 33, 9, 17]), (16.0, [31, 8, 33, 8, 9])):
+    species = reconstruction.species_from_composition([32.4, 8.3, 32.6, 8.6, z], ga_as_o2f, 1.5)
+    np.testing.assert_array_equal(species, expected)
   with pytest.raises(ValueError, match="site_z_sigma"):
     reconstruction.species_from_composition([8.0], ga_as_o2f, 0.0)
+
+
+def test_species_from_composition_is_the_best_assignment_of_all():
+  """Against brute force over every multiset of elements 1..10 and every order (n ≤ 4 sites):
+  the chosen species score as high as the best, with the score written out independently."""
+  rng = np.random.default_rng(0)
+
+  def score(species, site_z, fractions, sigma):
+    counts = np.bincount(species, minlength=fractions.size)[1:]
+    f = np.maximum(fractions[1:], 1e-6)
+    prior = np.sum(np.where(counts > 0, counts * np.log(np.maximum(counts, 1)
+                                                        / (len(species) * f)), 0.0))
+    return -np.sum((np.asarray(site_z) - species) ** 2) / (2 * sigma ** 2) - prior
+
+  for _ in range(40):
+    n = int(rng.integers(1, 5))
+    fractions = np.zeros(11)
+    fractions[rng.choice(np.arange(1, 11), size=3, replace=False)] = rng.dirichlet(np.ones(3))
+    site_z = rng.uniform(0.5, 10.5, size=n)
+    sigma = float(rng.choice([0.5, 1.5, 3.0]))
+    chosen = reconstruction.species_from_composition(site_z, fractions, sigma)
+    best = max(score(np.array(option), site_z, fractions, sigma)
+               for option in itertools.product(range(1, 11), repeat=n))
+    assert score(chosen, site_z, fractions, sigma) == pytest.approx(best, abs=1e-9)
 
 
 def test_a_lattice_too_sparse_for_the_atoms_is_read_off_the_density():
