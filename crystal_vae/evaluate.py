@@ -147,8 +147,8 @@ def evaluate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
         true_properties += [crystals.property_values(crystal, property_names) for crystal in batch]
       if "composition" in decoded:  # the composition head's counts for the true number of atoms
         compositions_exact += [
-            np.array_equal(reconstruction.composition_counts(fractions, crystal.num_atoms),
-                           np.bincount(crystal.atomic_numbers, minlength=fractions.size))
+            reconstruction.composition_is_exact(
+                fractions, np.bincount(crystal.atomic_numbers, minlength=fractions.size))
             for fractions, crystal in zip(decoded["composition"], batch)]
     rebuilt = model.to_crystals(decoded, decoded_atoms)
     if model.fits_density and model.config.representation == "repeat":

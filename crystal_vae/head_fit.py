@@ -76,11 +76,10 @@ def composition_loss(logits: jax.Array, counts: jax.Array) -> jax.Array:
 
 def composition_exact(logits: np.ndarray, counts: np.ndarray) -> float:
   """The fraction of crystals whose composition the head gets exactly: its fractions rounded to
-  the crystal's atom count (`reconstruction.composition_counts`) are the true counts."""
+  the crystal's atom count are the true counts (`reconstruction.composition_is_exact`)."""
   fractions = np.asarray(jax.nn.softmax(jnp.asarray(logits)))
-  return float(np.mean([
-      np.array_equal(reconstruction.composition_counts(predicted, int(true.sum())), true)
-      for predicted, true in zip(fractions, counts)]))
+  return float(np.mean([reconstruction.composition_is_exact(predicted, true)
+                        for predicted, true in zip(fractions, counts)]))
 
 
 def fit_head(head: nn.Module, loss: HeadLoss, train_split: EncodedSplit,

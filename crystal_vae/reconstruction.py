@@ -406,6 +406,13 @@ def composition_counts(fractions: np.ndarray, num_atoms: int) -> np.ndarray:
   return counts
 
 
+def composition_is_exact(fractions: np.ndarray, counts: np.ndarray) -> bool:
+  """Whether predicted `fractions` per Z, rounded to the crystal's atom count
+  (`composition_counts`), are its true `counts` per Z."""
+  counts = np.asarray(counts)
+  return bool(np.array_equal(composition_counts(fractions, int(counts.sum())), counts))
+
+
 def species_from_composition(site_z: np.ndarray, composition: np.ndarray,
                              site_z_sigma: float | None) -> np.ndarray:
   """The sites' elements, chosen for the whole cell at once from the predicted composition
