@@ -14,7 +14,8 @@ validation loss (the head reads the latent MEANS of the validation crystals):
                head (its encoder reads the composition into the latent). The joint head reads
                only the training crystals' means and overfits them; drawing the training inputs
                from the posterior (z ~ N(mean, exp(logvar))) and dropping out hidden units
-               generalises far better (README, "Species from the composition and the density").
+               generalises far better (README, "Species from the composition and the density");
+               an ensemble of such heads, each fitted alone with its own seed, better still.
 The result is a workdir like a jointly trained one, so every mode uses it unchanged.
 """
 
@@ -202,15 +203,17 @@ def fit_property_head(workdir: str | pathlib.Path, out: str | pathlib.Path,
 
 def fit_composition_head(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
                          hidden: Sequence[int] = (512, 512), dropout_rate: float = 0.3,
-                         posterior_noise: float = 1.0, steps: int = 12000,
+                         posterior_noise: float = 1.0, members: int = 8, steps: int = 12000,
                          learning_rate: float = 1e-3, batch_size: int = 256, seed: int = 0,
                          limit: int = 0) -> dict:
   """Writes `out`, a workdir holding `workdir`'s latest checkpoint (same step, fresh Adam
-  moments) whose composition head is replaced by one of `hidden` widths fitted on its frozen
-  latent space (`dropout_rate`, `posterior_noise`: see the module's docstring); `limit` > 0
-  takes only the first crystals of each split. Returns the fit's summary (also written to
+  moments) whose composition head is replaced by an ensemble of `members` MLPs of `hidden`
+  widths, each fitted alone on the frozen latent space (seeds `seed`, `seed` + 1, ...;
+  `dropout_rate`, `posterior_noise`: see the module's docstring); `limit` > 0 takes only the
+  first crystals of each split. Returns the fit's summary (also written to
   `out/composition_fit.json`): the fraction of validation crystals whose composition the head
-  gets exactly (its fractions rounded to their atom count), before and after, and the curve."""
+  gets exactly (its fractions rounded to their atom count), before, per member and for the
+  ensemble, and each member's curve."""
   out = pathlib.Path(out)
   model, step = _restore_source(workdir, out)
   config = ml_collections.ConfigDict(model.config.to_dict())
@@ -224,24 +227,37 @@ def fit_composition_head(workdir: str | pathlib.Path, out: str | pathlib.Path, *
 
   train_split = encode_split(model, "train", counts, limit)
   validation_split = encode_split(model, "validation", counts, limit)
-  head = models.CompositionHead(tuple(hidden), max_z, dropout_rate)
-  source_head = models.CompositionHead(tuple(config.model.composition_hidden), max_z)
+  source_head = models.CompositionHead(tuple(config.model.composition_hidden), max_z,
+                                       members=config.model.get("composition_members", 1))
   source_logits = source_head.apply({"params": model.variables["params"]["composition"]},
                                     validation_split.means)
-  head_params, curve = fit_head(head, composition_loss, train_split, validation_split,
-                                steps=steps, learning_rate=learning_rate,
-                                batch_size=batch_size, seed=seed,
-                                posterior_noise=posterior_noise)
+  member = models.CompositionHead(tuple(hidden), max_z, dropout_rate)
+  fitted, curves, member_exact = [], [], []
+  for index in range(members):
+    params, curve = fit_head(member, composition_loss, train_split, validation_split,
+                             steps=steps, learning_rate=learning_rate, batch_size=batch_size,
+                             seed=seed + index, posterior_noise=posterior_noise)
+    fitted.append(params)
+    curves.append(curve)
+    member_exact.append(composition_exact(member.apply({"params": params},
+                                                       validation_split.means),
+                                          validation_split.targets))
+  head_params = (fitted[0] if members == 1 else
+                 {"members": jax.tree.map(lambda *stacked: np.stack(stacked), *fitted)})
+  head = models.CompositionHead(tuple(hidden), max_z, members=members)
   config.model.composition_hidden = tuple(hidden)
+  config.model.composition_members = members
   logits = head.apply({"params": head_params}, validation_split.means)
   summary = {
       "source": str(workdir), "step": step, "seed": seed, "steps": steps,
       "hidden": list(hidden), "dropout_rate": dropout_rate, "posterior_noise": posterior_noise,
+      "members": members,
       "num_train": int(train_split.means.shape[0]),
       "num_validation": int(validation_split.means.shape[0]),
       "composition_exact_before": composition_exact(source_logits, validation_split.targets),
+      "composition_exact_members": member_exact,
       "composition_exact": composition_exact(logits, validation_split.targets),
-      "curve": curve,
+      "curves": curves,
   }
   _write_workdir(workdir, out, model, step, config, "composition", head_params, summary, seed)
   return summary

@@ -372,21 +372,53 @@ class LatticeHead(nn.Module):
     return nn.Dense(9, bias_init=lambda *_: bias)(x).reshape(-1, 3, 3)
 
 
+def _mlp(z: jax.Array, hidden: Sequence[int], outputs: int, dropout_rate: float,
+         deterministic: bool) -> jax.Array:
+  """GELU MLP with dropout on the hidden layers; its Dense layers belong to the calling module."""
+  x = z
+  for width in hidden:
+    x = nn.Dropout(dropout_rate, deterministic=deterministic)(nn.gelu(nn.Dense(width)(x)))
+  return nn.Dense(outputs)(x)
+
+
+class _CompositionMember(nn.Module):
+  """One member of a `CompositionHead` ensemble."""
+
+  hidden: Sequence[int]
+  outputs: int
+  dropout_rate: float
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, z: jax.Array) -> jax.Array:
+    return _mlp(z, self.hidden, self.outputs, self.dropout_rate, self.deterministic)
+
+
 class CompositionHead(nn.Module):
   """MLP latent (B, L) -> (B, max_z + 1) logits of the cell's composition: softmax = the fraction
   of the cell's atoms that are each element (index Z; 0 is never a target). The decoded density
-  says where atoms are and roughly how heavy (its peaks blur); this head says which elements."""
+  says where atoms are and roughly how heavy (its peaks blur); this head says which elements.
+
+  With `members` > 1, an ensemble of that many MLPs (parameters stacked on a leading axis under
+  `members/`) whose logits are the log of their softmaxes' mean: fitted one by one on the frozen
+  latent (`head_fit.fit_composition_head`), 4 members got 67.2% of perov_5's validation
+  compositions exact against 58.5-60.6% for each alone (README)."""
 
   hidden: Sequence[int]
   max_z: int
   dropout_rate: float = 0.0  # of the hidden layers with `train` (a head fitted on its own)
+  members: int = 1
 
   @nn.compact
   def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
-    x = z
-    for width in self.hidden:
-      x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.gelu(nn.Dense(width)(x)))
-    return nn.Dense(self.max_z + 1)(x)
+    if self.members == 1:
+      return _mlp(z, self.hidden, self.max_z + 1, self.dropout_rate, not train)
+    ensemble = nn.vmap(_CompositionMember, variable_axes={"params": 0},
+                       split_rngs={"params": True, "dropout": True}, in_axes=None,
+                       axis_size=self.members)
+    logits = ensemble(tuple(self.hidden), self.max_z + 1, self.dropout_rate, not train,
+                      name="members")(z)  # (members, B, max_z + 1)
+    return jax.nn.logsumexp(jax.nn.log_softmax(logits), axis=0) - jnp.log(self.members)
 
 
 class PropertyHead(nn.Module):
@@ -401,10 +433,7 @@ class PropertyHead(nn.Module):
 
   @nn.compact
   def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
-    x = z
-    for width in self.hidden:
-      x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.gelu(nn.Dense(width)(x)))
-    standardised = nn.Dense(len(self.means))(x)
+    standardised = _mlp(z, self.hidden, len(self.means), self.dropout_rate, not train)
     return jnp.asarray(self.means, jnp.float32) + jnp.asarray(self.stds, jnp.float32) * standardised
 
 
@@ -440,6 +469,7 @@ class CrystalVAE(nn.Module):
   lattice_hidden: Sequence[int] = (256, 128)
   composition_head: bool = False
   composition_hidden: Sequence[int] = (256, 256)
+  composition_members: int = 1
   properties: Sequence[str] = ()
   property_hidden: Sequence[int] = (128, 128)
   property_means: Sequence[float] = ()  # of the training split, set by train.py
@@ -462,7 +492,8 @@ class CrystalVAE(nn.Module):
     if self.lattice_head:
       self.lattice = LatticeHead(self.lattice_hidden)
     if self.composition_head:
-      self.composition = CompositionHead(self.composition_hidden, self.max_z)
+      self.composition = CompositionHead(self.composition_hidden, self.max_z,
+                                         members=self.composition_members)
     if self.properties:
       if not len(self.properties) == len(self.property_means) == len(self.property_stds):
         raise ValueError(f"properties {tuple(self.properties)} need one mean and standard "

@@ -24,6 +24,8 @@ _DROPOUT = flags.DEFINE_float("dropout_rate", 0.3, "--head=composition: dropout 
 _NOISE = flags.DEFINE_float("posterior_noise", 1.0,
                             "--head=composition: training inputs drawn from the posterior, its "
                             "spread times this (0: the means).")
+_MEMBERS = flags.DEFINE_integer("members", 8, "--head=composition: MLPs in the ensemble, each "
+                               "fitted alone (seeds seed, seed + 1, ...).")
 _STEPS = flags.DEFINE_integer("steps", None, "Adam steps (default: 3000 property, 12000 "
                               "composition).")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Adam's learning rate.")
@@ -46,7 +48,7 @@ def main(argv):
     else:
       summary = head_fit.fit_composition_head(
           _WORKDIR.value, _OUT.value, hidden=[int(width) for width in _HIDDEN.value],
-          dropout_rate=_DROPOUT.value, posterior_noise=_NOISE.value,
+          dropout_rate=_DROPOUT.value, posterior_noise=_NOISE.value, members=_MEMBERS.value,
           steps=_STEPS.value or 12000, **common)
   except (FileExistsError, ValueError) as error:
     raise app.UsageError(str(error)) from None
@@ -56,8 +58,10 @@ def main(argv):
       print(f"  {name}: validation MAE {values['mae']:.4g} (training mean: "
             f"{values['baseline_mae']:.4g}), R² {values['r2']:.3f} over {values['count']}")
   else:
-    print(f"  validation compositions exact: {summary['composition_exact']:.1%} (the source's "
-          f"head: {summary['composition_exact_before']:.1%}) over {summary['num_validation']}")
+    members = ", ".join(f"{exact:.1%}" for exact in summary["composition_exact_members"])
+    print(f"  validation compositions exact: {summary['composition_exact']:.1%} (members alone: "
+          f"{members}; the source's head: {summary['composition_exact_before']:.1%}) over "
+          f"{summary['num_validation']}")
 
 
 if __name__ == "__main__":

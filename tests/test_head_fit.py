@@ -4,6 +4,7 @@ fit is tested in test_properties.py)."""
 import csv
 
 from flax import traverse_util
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -58,6 +59,35 @@ def test_fit_head_reads_compositions_back_from_posterior_draws():
   assert curve[-1]["validation"] < entropy + 0.05, (curve[-1], entropy)
 
 
+def test_composition_ensemble_is_the_mean_of_its_members_fractions():
+  """An ensemble head's softmax is the mean of its members' softmaxes, each member the MLP a
+  single head with that member's parameters computes (a numpy reference of the GELU MLP)."""
+  head = models.CompositionHead((16, 8), 6, members=3)
+  z = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+  params = head.init(jax.random.key(0), jnp.asarray(z))["params"]
+  fractions = np.exp(np.asarray(head.apply({"params": params}, z), np.float64))
+
+  def gelu(x):  # flax's default: the tanh approximation
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+  members = []
+  for index in range(3):
+    layers = params["members"]
+    x = z.astype(np.float64)
+    for name in ("Dense_0", "Dense_1"):
+      x = gelu(x @ np.asarray(layers[name]["kernel"][index]) + np.asarray(layers[name]["bias"][index]))
+    logits = x @ np.asarray(layers["Dense_2"]["kernel"][index]) + np.asarray(
+        layers["Dense_2"]["bias"][index])
+    members.append(np.exp(logits - logits.max(axis=1, keepdims=True)))
+    members[-1] /= members[-1].sum(axis=1, keepdims=True)
+  np.testing.assert_allclose(fractions, np.mean(members, axis=0), rtol=1e-4, atol=1e-6)
+  # The members differ (each its own initialisation), so the mean is not any one of them.
+  assert not np.allclose(members[0], members[1], atol=1e-3)
+  # One member is a plain MLP, with the layout of a jointly trained head's parameters.
+  single = models.CompositionHead((16, 8), 6).init(jax.random.key(0), jnp.asarray(z))["params"]
+  assert set(single) == {"Dense_0", "Dense_1", "Dense_2"}
+
+
 @pytest.fixture(scope="module")
 def composition_workdir(tmp_path_factory):
   """A tiny model with a composition head, trained 4 steps on 16 small prototypes that form
@@ -83,11 +113,14 @@ def composition_workdir(tmp_path_factory):
 def test_fit_composition_head_replaces_the_head_of_a_frozen_model(composition_workdir):
   out = composition_workdir.parent / "fitted"
   summary = head_fit.fit_composition_head(composition_workdir, out, hidden=(64,), steps=300,
-                                          learning_rate=1e-2, batch_size=16,
+                                          learning_rate=1e-2, batch_size=16, members=2,
                                           posterior_noise=0.0, dropout_rate=0.0)
   source = inference.TrainedModel.restore(composition_workdir)
   fitted = inference.TrainedModel.restore(out)
   assert tuple(fitted.config.model.composition_hidden) == (64,)
+  assert fitted.config.model.composition_members == 2
+  assert fitted.variables["params"]["composition"]["members"]["Dense_0"]["kernel"].shape[0] == 2
+  assert len(summary["composition_exact_members"]) == 2
   # Everything but the head is the source's, unchanged.
   before = traverse_util.flatten_dict(source.variables["params"])
   after = traverse_util.flatten_dict(fitted.variables["params"])
