@@ -228,7 +228,7 @@ def fit_composition_head(workdir: str | pathlib.Path, out: str | pathlib.Path, *
   train_split = encode_split(model, "train", counts, limit)
   validation_split = encode_split(model, "validation", counts, limit)
   source_head = models.CompositionHead(tuple(config.model.composition_hidden), max_z,
-                                       members=config.model.get("composition_members", 1))
+                                       members=config.model.composition_members)
   source_logits = source_head.apply({"params": model.variables["params"]["composition"]},
                                     validation_split.means)
   member = models.CompositionHead(tuple(hidden), max_z, dropout_rate)

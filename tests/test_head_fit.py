@@ -75,7 +75,8 @@ def test_composition_ensemble_is_the_mean_of_its_members_fractions():
     layers = params["members"]
     x = z.astype(np.float64)
     for name in ("Dense_0", "Dense_1"):
-      x = gelu(x @ np.asarray(layers[name]["kernel"][index]) + np.asarray(layers[name]["bias"][index]))
+      x = gelu(x @ np.asarray(layers[name]["kernel"][index])
+               + np.asarray(layers[name]["bias"][index]))
     logits = x @ np.asarray(layers["Dense_2"]["kernel"][index]) + np.asarray(
         layers["Dense_2"]["bias"][index])
     members.append(np.exp(logits - logits.max(axis=1, keepdims=True)))
