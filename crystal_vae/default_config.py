@@ -103,6 +103,10 @@ def get_config(representation: str, arg: str | None = None) -> ml_collections.Co
   # The spread (units of Z) of the density's site Z around the true one in that choice: smaller
   # trusts the density more, larger the composition (reconstruction.species_from_composition).
   config.eval.site_z_sigma = 1.5
+  # Adam steps on each crystal's latent, from the encoder's mean, lowering the voxel MSE of its
+  # decoded density against the true one before the crystal is rebuilt (0: the mean itself).
+  config.eval.refine_steps = 0
+  config.eval.refine_learning_rate = 0.01
 
   config.sample = ml_collections.ConfigDict()  # --mode=sample (generation.py)
   config.sample.num = 64

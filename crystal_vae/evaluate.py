@@ -1,6 +1,7 @@
 """`--mode=evaluate`: reconstruct a split with a trained model and measure it (paper + CDVAE).
 
-For every crystal of the split: voxelise it as at evaluation, encode to the latent mean, decode,
+For every crystal of the split: voxelise it as at evaluation, encode to the latent mean (with
+`eval.refine_steps`, refined towards the true density: `TrainedModel.reconstruct`), decode,
 segment, rebuild a crystal. Writes `WORKDIR/eval/<split>[-oracle]/` with `metrics.json`,
 `cifs/<id>.cif` (+ `invalid.csv` naming each sample that gave no crystal and why) and the
 paper's Fig. 3/4 panels as PNGs. With `config.eval.oracle`, the same post-processing runs on
@@ -84,8 +85,7 @@ def fitted_and_true_z(model: inference.TrainedModel, true_crystals: list[crystal
   (`density_fit`, Z unrounded) that lies within the species radius of a true atom: how far the
   density's Z is from the truth (`launch/species_errors.py`)."""
   grids = model.voxelize(true_crystals)
-  mean, _ = model.encode(grids["density"], composition=grids["composition"])
-  decoded = model.decode(mean)
+  _, decoded = model.reconstruct(grids)
   spec, pairs = model.spec, []
   for crystal, density in zip(true_crystals, decoded["density"]):
     fit = density_fit.DensityFit(density, spec.box, spec.sigma, spec.cutoff)
@@ -138,8 +138,7 @@ def evaluate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
         decoded["lattice"] = np.stack([c.lattice for c in batch])  # unrotated at evaluation
       decoded_atoms = model.atoms(grids)
     else:
-      mean, _ = model.encode(grids["density"], composition=grids["composition"])
-      decoded = model.decode(mean, condition=model.condition(grids["density"]))
+      mean, decoded = model.reconstruct(grids)
       decoded_atoms = model.atoms(decoded)
       voxel_errors.append(metrics.voxel_mse(decoded["density"], grids["density"]))
       if property_names:
@@ -165,6 +164,7 @@ def evaluate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
 
   structures = [r.structure if r.valid else None for r in predicted]
   results = {"split": split, "oracle": bool(settings.oracle), "num_samples": len(ids),
+             "refine_steps": 0 if settings.oracle else int(settings.refine_steps),
              **metrics.atom_metrics(comparisons), **metrics.match_metrics(structures, true)}
   cell_counts_exact = [s is not None and _primitive_count(s) == _primitive_count(t)
                        for s, t in zip(structures, true)]

@@ -8,6 +8,8 @@ decides the representation, grid, model and dataset.
     mean, logvar = model.encode(grids["density"], composition=grids["composition"])
     decoded = model.decode(mean)                      # density, species (+ lattice, composition)
     reconstructions = model.to_crystals(decoded)      # pymatgen Structures or reasons
+    mean, decoded = model.reconstruct(grids)          # the same, the latent refined if the
+                                                      # config says so (`eval.refine_steps`)
 """
 
 import collections
@@ -22,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from crystal_vae import checkpoints
 from crystal_vae import crystals
@@ -162,6 +165,52 @@ class TrainedModel:
       for key, value in decoded.items():
         parts[key].append(value[:count])
     return {key: np.concatenate(value) for key, value in parts.items()}
+
+  def refine(self, z: np.ndarray, density: np.ndarray, condition: np.ndarray | None = None, *,
+             steps: int, learning_rate: float) -> np.ndarray:
+    """Latents (N, L) after `steps` Adam steps that lower the voxel MSE between their decoded
+    density and `density` (N, G, G, G), each crystal's independently: from the encoder's mean,
+    a closer reconstruction of a given crystal than the mean's."""
+    if steps <= 0:
+      return np.asarray(z)
+    refined = self._refine(jnp.asarray(z, jnp.float32), jnp.asarray(density, jnp.float32),
+                           None if condition is None else jnp.asarray(condition, jnp.float32),
+                           jnp.float32(learning_rate), steps)
+    return np.asarray(refined)
+
+  @functools.cached_property
+  def _refine(self):
+    def mse(z, density, condition):
+      decoded = self._apply(self.variables, z, train=False, condition=condition, method="decode")
+      # Summed over the batch: each latent's gradient is its own crystal's MSE gradient.
+      return jnp.sum(jnp.mean((decoded - density) ** 2, axis=(1, 2, 3)))
+
+    def refine(z, density, condition, learning_rate, steps):
+      optimizer = optax.adam(learning_rate)
+
+      def step(carry, _):
+        z, opt_state = carry
+        updates, opt_state = optimizer.update(jax.grad(mse)(z, density, condition), opt_state)
+        return (optax.apply_updates(z, updates), opt_state), None
+
+      (z, _), _ = jax.lax.scan(step, (z, optimizer.init(z)), length=steps)
+      return z
+    return jax.jit(refine, static_argnames="steps")
+
+  def reconstruct(self, grids: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """True grids (`voxelize`) -> the latent means and the decoded grids, as evaluation
+    reconstructs a crystal: the mean decoded, or with `eval.refine_steps` the latent refined
+    towards the true density first (`refine`); the composition is always the mean's (the head
+    was fitted on means)."""
+    condition = self.condition(grids["density"])
+    mean, _ = self.encode(grids["density"], condition, grids["composition"])
+    settings = self.config.eval
+    z = self.refine(mean, grids["density"], condition, steps=settings.refine_steps,
+                    learning_rate=settings.refine_learning_rate)
+    decoded = self.decode(z, condition)
+    if settings.refine_steps > 0 and "composition" in decoded:
+      decoded["composition"] = self.decode(mean, condition)["composition"]
+    return mean, decoded
 
   def encode_crystals(self, structures: Sequence[crystals.Crystal], batch_size: int = 16
                       ) -> tuple[np.ndarray, np.ndarray | None]:

@@ -4,6 +4,7 @@ rebuilds a known perov_5 crystal."""
 import pathlib
 import warnings
 
+import ml_collections
 import numpy as np
 import pytest
 from pymatgen.analysis.structure_matcher import FrameworkComparator, StructureMatcher
@@ -75,3 +76,45 @@ def test_pretrained_property_head_predicts_the_heat_of_formation_of_a_known_crys
   [[predicted]] = model.predict_properties(means)
   true, training_mean = 0.86, model.config.model.property_means[0]
   assert abs(predicted - true) < abs(training_mean - true) / 2, predicted
+
+
+def test_the_first_refinement_step_moves_each_coordinate_by_the_rate_down_the_mse(model):
+  """Adam's first step on a latent is the learning rate times the sign of the gradient: every
+  coordinate moves by 0.01, downhill for the voxel MSE as central differences of the decoded
+  density against the true one give it."""
+  grids = model.voxelize([GA_AS_O2_F])
+  mean, _ = model.encode(grids["density"], composition=grids["composition"])
+  moved = model.refine(mean, grids["density"], steps=1, learning_rate=0.01) - mean
+  np.testing.assert_allclose(np.abs(moved), 0.01, atol=2e-4)  # |g| / (|g| + 1e-8) of Adam
+
+  def mse(z):
+    return metrics.voxel_mse(model.decode(z)["density"], grids["density"])[0]
+
+  checked = 0
+  for index in range(0, mean.shape[1], max(1, mean.shape[1] // 8)):
+    step = np.zeros_like(mean)
+    step[0, index] = 0.05
+    slope = (mse(mean + step) - mse(mean - step)) / 0.1
+    if abs(slope) > 1e-4:
+      assert np.sign(moved[0, index]) == -np.sign(slope), (index, slope)
+      checked += 1
+  assert checked >= 3
+
+
+def test_a_refined_reconstruction_is_closer_and_keeps_the_mean_composition(model):
+  config = ml_collections.ConfigDict(model.config.to_dict())
+  config.eval.refine_steps = 10
+  refining = inference.TrainedModel(config, model.variables)
+  grids = model.voxelize([GA_AS_O2_F])
+  mean, decoded = model.reconstruct(grids)
+  refined_mean, refined = refining.reconstruct(grids)
+  np.testing.assert_array_equal(refined_mean, mean)
+  plain = model.decode(mean)
+  np.testing.assert_array_equal(decoded["density"], plain["density"])
+  before = metrics.voxel_mse(plain["density"], grids["density"])[0]
+  after = metrics.voxel_mse(refined["density"], grids["density"])[0]
+  assert after < 0.8 * before, (before, after)
+  np.testing.assert_array_equal(refined["composition"], plain["composition"])
+  [result] = refining.to_crystals(refined)
+  assert result.valid, result.detail
+  assert sorted(site.specie.Z for site in result.structure) == [8, 8, 9, 31, 33]
