@@ -197,7 +197,8 @@ class TrainedModel:
       return z
     return jax.jit(refine, static_argnames="steps")
 
-  def reconstruct(self, grids: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+  def reconstruct(self, grids: dict[str, np.ndarray]
+                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """True grids (`voxelize`) -> the latent means and the decoded grids, as evaluation
     reconstructs a crystal: the mean decoded, or with `eval.refine_steps` the latent refined
     towards the true density first (`refine`); the composition is always the mean's (the head
