@@ -210,7 +210,7 @@ class TrainedModel:
                     learning_rate=settings.refine_learning_rate)
     decoded = self.decode(z, condition)
     if settings.refine_steps > 0 and "composition" in decoded:
-      decoded["composition"] = self.decode(mean, condition)["composition"]
+      decoded["composition"] = self._composition(mean)
     return mean, decoded
 
   def encode_crystals(self, structures: Sequence[crystals.Crystal], batch_size: int = 16
@@ -272,9 +272,13 @@ class TrainedModel:
     if self.config.model.lattice_head:
       decoded["lattice"] = np.asarray(self._apply(self.variables, z, method="predict_lattice"))
     if self.config.model.composition_head:
-      logits = self._apply(self.variables, z, method="predict_composition")
-      decoded["composition"] = np.asarray(jax.nn.softmax(logits))
+      decoded["composition"] = self._composition(z)
     return decoded
+
+  def _composition(self, z: jax.Array) -> np.ndarray:
+    """The composition head's fractions per Z, (N, max_z + 1)."""
+    logits = self._apply(self.variables, z, method="predict_composition")
+    return np.asarray(jax.nn.softmax(logits))
 
   @property
   def fits_density(self) -> bool:
