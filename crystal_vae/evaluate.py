@@ -139,7 +139,9 @@ def evaluate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
       decoded_atoms = model.atoms(grids)
     else:
       mean, decoded = model.reconstruct(grids)
-      decoded_atoms = model.atoms(decoded)
+      # A repeat cube read off the density is not segmented (`to_crystals` fits it).
+      reads_density = model.fits_density and config.representation == "repeat"
+      decoded_atoms = None if reads_density else model.atoms(decoded)
       voxel_errors.append(metrics.voxel_mse(decoded["density"], grids["density"]))
       if property_names:
         predicted_properties.append(model.predict_properties(mean))

@@ -93,6 +93,11 @@ class TrainedModel:
           "to use the checkpoint's own, with --config.<mode>.* overrides")
     resolved = ml_collections.ConfigDict(saved.to_dict())
     resolved.eval = config.eval
+    if not saved.model.segmenter and not (saved.representation == "repeat"
+                                          and config.eval.atoms_from == "density"):
+      raise SettingsError(
+          f"the model in {workdir} has no segmenter (model.segmenter=False): it reads the atoms of"
+          " a repeat cube off the decoded density only (--config.eval.atoms_from=density)")
     if dataset_given and config.dataset.to_dict() != saved.dataset.to_dict():
       logging.info("dataset from the command line: %s (%s); the model was trained on %s (%s)",
                    config.dataset.name, config.dataset.path or "embedded", saved.dataset.name,
@@ -147,8 +152,8 @@ class TrainedModel:
 
   def decode(self, z: np.ndarray, condition: np.ndarray | None = None,
              batch_size: int | None = None) -> dict[str, np.ndarray]:
-    """Latents (N, L) -> decoded `density`, segmented `species` (argmax), `lattice` (a lattice head)
-    and `composition` (fractions per Z, with a composition head); with `batch_size`, in batches
+    """Latents (N, L) -> decoded `density`, segmented `species` (all 0 without a segmenter),
+    `lattice` (a lattice head) and `composition` (fractions per Z, with a composition head); with `batch_size`, in batches
     padded to that size (one compilation whatever N)."""
     if batch_size is None:
       return self._decode(z, condition)
@@ -267,8 +272,11 @@ class TrainedModel:
       raise ValueError("a conditional model needs a condition (target maximum density)")
     condition = None if condition is None else jnp.asarray(condition, jnp.float32)
     density = self._apply(self.variables, z, train=False, condition=condition, method="decode")
-    species = self._apply(self.variables, density, method="segment_species")
-    decoded = {"density": np.asarray(density), "species": np.asarray(species)}
+    if self.config.model.segmenter:
+      species = np.asarray(self._apply(self.variables, density, method="segment_species"))
+    else:  # nothing segmented: the atoms are read off the density (`species_to_show`)
+      species = np.zeros(density.shape, np.int32)
+    decoded = {"density": np.asarray(density), "species": species}
     if self.config.model.lattice_head:
       decoded["lattice"] = np.asarray(self._apply(self.variables, z, method="predict_lattice"))
     if self.config.model.composition_head:

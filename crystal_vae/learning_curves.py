@@ -13,11 +13,13 @@ PANELS = (
     ("Reconstruction", "voxel MSE", ("mse",), True),
     ("Segmentation loss", "species-head loss", ("seg", "seg_true"), True),
     ("KL divergence", "KL (nats, summed over the latent)", ("kl",), True),
-    ("Atom voxels (species within 0.5 Å)", "fraction", ("atom_voxel_recall",
-                                                      "atom_voxel_accuracy"), False),
+    ("Species", "fraction", ("atom_voxel_recall", "atom_voxel_accuracy", "site_z_right",
+                             "composition_exact"), False),
 )
-LABELS = {"seg_true": "seg (true density)", "atom_voxel_recall": "found as atoms",
-          "atom_voxel_accuracy": "species right"}
+LABELS = {"seg_true": "seg (true density)", "atom_voxel_recall": "atom voxels found",
+          "atom_voxel_accuracy": "atom voxels, species right",
+          "site_z_right": "atom voxels, density's Z within 0.5",
+          "composition_exact": "composition exact (head)"}
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:

@@ -26,6 +26,8 @@ Config fields read by `model_from_config` (see `default_model_config` for the pa
   config.model.conditional     multiply the bottleneck by the per-sample `condition` (§4.5).
   config.model.properties      names of numeric dataset properties a `PropertyHead` predicts
                                from the latent mean (property_hidden, property_means/stds).
+  config.model.segmenter       whether to build the U-Net (paper); without it atoms are read off
+                               the decoded density only (`eval.atoms_from=density`, repeat).
   config.model.species_head    'classes' (paper) or 'mask_z' (see above).
   config.model.decoder_output  'relu' (paper) or 'softplus': the decoder's last activation.
   config.model.conv_impl       'auto', 'xla' or 'depth_sum' (see `conv3d`).
@@ -450,7 +452,8 @@ class CrystalVAE(nn.Module):
   head reads it back from the latent (the mean in training, z when decoding), so that the
   latent carries the elements, which the blurred decoded density cannot tell apart (its peaks
   give Z only to a few units). With `properties` (names of numeric dataset properties) a
-  `PropertyHead` predicts them from the latent mean.
+  `PropertyHead` predicts them from the latent mean. Without `segmenter` there is no U-Net:
+  the outputs hold no `segmented`, and atoms are read off the decoded density alone.
   """
 
   grid: int
@@ -465,6 +468,7 @@ class CrystalVAE(nn.Module):
   decoder_paddings: Sequence[str] = ("SAME", "VALID", "SAME")
   decoder_output: str = "relu"
   unet_features: Sequence[int] = (16, 32, 64, 128)
+  segmenter: bool = True
   species_head: str = "classes"
   lattice_head: bool = False
   lattice_hidden: Sequence[int] = (256, 128)
@@ -487,9 +491,10 @@ class CrystalVAE(nn.Module):
         self.grid, self.decoder_start, self.encoder_features[-1], self.decoder_features,
         self.decoder_kernels, self.decoder_paddings, self.decoder_output, self.conditional,
         self.conv_impl, self.dtype)
-    self.unet = AttentionUNet(self.unet_features,
-                              segmenter_channels(self.species_head, self.max_z),
-                              self.conv_impl, self.dtype)
+    if self.segmenter:
+      self.unet = AttentionUNet(self.unet_features,
+                                segmenter_channels(self.species_head, self.max_z),
+                                self.conv_impl, self.dtype)
     if self.lattice_head:
       self.lattice = LatticeHead(self.lattice_hidden)
     if self.composition_head:
@@ -515,6 +520,9 @@ class CrystalVAE(nn.Module):
 
   def segment(self, density: jax.Array, *, train: bool) -> jax.Array:
     """Segmentation outputs of the species head (see the module docstring)."""
+    if not self.segmenter:
+      raise ValueError("model built without a segmenter (model.segmenter=False): its atoms are"
+                       " read off the decoded density (eval.atoms_from=density)")
     return self.unet(density, train=train)
 
   def segment_species(self, density: jax.Array) -> jax.Array:
@@ -553,10 +561,11 @@ class CrystalVAE(nn.Module):
                                composition=composition)
     z = mean + jnp.exp(logvar / 2) * jax.random.normal(key, mean.shape, mean.dtype)
     recon = self.decode(z, train=train, condition=condition)
-    segmented = self.segment(scale_gradient(recon, unet_grad_scale), train=train)
-    outputs = dict(mean=mean, logvar=logvar, z=z, recon=recon, segmented=segmented)
-    if teacher_forcing:  # the U-Net also segments the true density (its gradient: U-Net only)
-      outputs["segmented_true"] = self.segment(density, train=train)
+    outputs = dict(mean=mean, logvar=logvar, z=z, recon=recon)
+    if self.segmenter:
+      outputs["segmented"] = self.segment(scale_gradient(recon, unet_grad_scale), train=train)
+      if teacher_forcing:  # the U-Net also segments the true density (its gradient: U-Net only)
+        outputs["segmented_true"] = self.segment(density, train=train)
     if self.lattice_head:
       outputs["lattice"] = self.predict_lattice(z)
     if self.composition_head:  # from the mean: the head reads the latent's noise-free part

@@ -130,9 +130,11 @@ def _split_elongated(atom_of_node: np.ndarray, voxel: np.ndarray, shape: tuple[i
                      voxel_size: float, radius: float, min_size: int) -> np.ndarray:
   """`atom_of_node` with every atom whose voxels are not a ball split (module docstring, 3);
   new atoms take ids after the existing ones."""
+  count = int(atom_of_node.max(initial=-1)) + 1
+  if count == 0:  # nothing segmented
+    return atom_of_node
   threshold = 1.6 * radius ** 2 / 5 + voxel_size ** 2 / 12
   points = _voxel_points(voxel, shape, voxel_size)
-  count = int(atom_of_node.max(initial=-1)) + 1
   size = np.bincount(atom_of_node, minlength=count)
   mean = np.stack([np.bincount(atom_of_node, points[:, d], count) for d in range(3)], -1)
   mean /= np.maximum(size, 1)[:, None]

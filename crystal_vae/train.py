@@ -144,24 +144,27 @@ def voxel_losses(outputs: Mapping[str, jax.Array], batch: Batch,
   mean, logvar = outputs["mean"], outputs["logvar"]
   kl = 0.5 * jnp.sum(jnp.exp(logvar) + mean ** 2 - 1.0 - logvar, axis=-1)
   model, loss = config.model, config.loss
-  species_loss = functools.partial(losses.species_loss, species=species,
-                                   species_head=model.species_head, balanced=loss.balanced,
-                                   z_weight=loss.z_weight)
-  predicted = models.species_grid(outputs["segmented"], model.species_head, config.dataset.max_z)
-  correct = predicted == species
-  atom_voxels = species > 0
-  terms = {
-      "mse": mse, "kl": kl, "seg": species_loss(outputs["segmented"]),
-      "voxel_accuracy": jnp.mean(correct, axis=voxel_axes),
-      "atom_voxel_correct": jnp.sum(correct & atom_voxels, axis=voxel_axes),
-      "atom_voxel_found": jnp.sum((predicted > 0) & atom_voxels, axis=voxel_axes),
-      "atom_voxels": jnp.sum(atom_voxels, axis=voxel_axes),
-      "empty_voxel_accuracy": jnp.sum((predicted == 0) & ~atom_voxels, axis=voxel_axes)
-                              / jnp.maximum(jnp.sum(~atom_voxels, axis=voxel_axes), 1),
-  }
+  terms = {"mse": mse, "kl": kl}
   z_error = losses.site_z_error(outputs["recon"], density, box=config.voxel.box,
                                 sigma=config.voxel.sigma)
   terms["site_z_mse"], terms["site_z_right"] = losses.site_z_loss(z_error, species)
+  if "segmented" in outputs:  # model.segmenter
+    species_loss = functools.partial(losses.species_loss, species=species,
+                                     species_head=model.species_head, balanced=loss.balanced,
+                                     z_weight=loss.z_weight)
+    predicted = models.species_grid(outputs["segmented"], model.species_head,
+                                    config.dataset.max_z)
+    correct = predicted == species
+    atom_voxels = species > 0
+    terms.update({
+        "seg": species_loss(outputs["segmented"]),
+        "voxel_accuracy": jnp.mean(correct, axis=voxel_axes),
+        "atom_voxel_correct": jnp.sum(correct & atom_voxels, axis=voxel_axes),
+        "atom_voxel_found": jnp.sum((predicted > 0) & atom_voxels, axis=voxel_axes),
+        "atom_voxels": jnp.sum(atom_voxels, axis=voxel_axes),
+        "empty_voxel_accuracy": jnp.sum((predicted == 0) & ~atom_voxels, axis=voxel_axes)
+                                / jnp.maximum(jnp.sum(~atom_voxels, axis=voxel_axes), 1),
+    })
   if "segmented_true" in outputs:
     terms["seg_true"] = species_loss(outputs["segmented_true"])
   if "lattice" in outputs:
@@ -184,9 +187,12 @@ def voxel_losses(outputs: Mapping[str, jax.Array], batch: Batch,
 def total_loss(terms: Mapping[str, jax.Array], config: ml_collections.ConfigDict) -> jax.Array:
   """MSE + β·KL + SEG (+ teacher forcing, site Z, lattice, composition, properties): with the
   U-Net's input gradient scaled by γ this is L_VAE for the encoder/decoder and L_UNet for the
-  U-Net (paper §3); SEG is the species head's loss (the paper's CE for "classes")."""
-  loss = (terms["mse"] + config.loss.beta * terms["kl"] + terms["seg"]
+  U-Net (paper §3); SEG is the species head's loss (the paper's CE for "classes"), absent
+  without a segmenter."""
+  loss = (terms["mse"] + config.loss.beta * terms["kl"]
           + config.loss.site_z_weight * terms["site_z_mse"])
+  if "seg" in terms:
+    loss = loss + terms["seg"]
   if "seg_true" in terms:
     loss = loss + config.loss.teacher_forcing * terms["seg_true"]
   if "lattice_mse" in terms:
@@ -206,11 +212,28 @@ def summarise(terms: Mapping[str, jax.Array], config: ml_collections.ConfigDict
               ) -> dict[str, jax.Array]:
   """Batch means of the per-example terms plus the paper's two losses."""
   metrics = {key: jnp.mean(value) for key, value in terms.items() if key not in _ATOM_COUNTS}
-  atom_voxels = jnp.maximum(jnp.sum(terms["atom_voxels"]), 1)
-  metrics["atom_voxel_accuracy"] = jnp.sum(terms["atom_voxel_correct"]) / atom_voxels
-  metrics["atom_voxel_recall"] = jnp.sum(terms["atom_voxel_found"]) / atom_voxels
-  metrics["loss_vae"] = metrics["mse"] + config.loss.beta * metrics["kl"] + config.loss.gamma * metrics["seg"]
-  metrics["loss_unet"] = metrics["seg"]
+  return with_paper_losses(
+      {**metrics, **atom_voxel_rates({key: jnp.sum(terms[key]) for key in _ATOM_COUNTS
+                                      if key in terms})}, config)
+
+
+def atom_voxel_rates(counts: Mapping[str, Any]) -> dict[str, Any]:
+  """The fractions of atom voxels the segmenter marks as atoms and gives the right species, from
+  summed `_ATOM_COUNTS` (none without a segmenter)."""
+  if "atom_voxels" not in counts:
+    return {}
+  atom_voxels = jnp.maximum(counts["atom_voxels"], 1)
+  return {"atom_voxel_accuracy": counts["atom_voxel_correct"] / atom_voxels,
+          "atom_voxel_recall": counts["atom_voxel_found"] / atom_voxels}
+
+
+def with_paper_losses(metrics: dict[str, Any], config: ml_collections.ConfigDict
+                      ) -> dict[str, Any]:
+  """Adds the paper's L_VAE = MSE + β·KL + γ·CE and L_UNet = CE (the CE where there is one)."""
+  metrics["loss_vae"] = metrics["mse"] + config.loss.beta * metrics["kl"]
+  if "seg" in metrics:
+    metrics["loss_vae"] = metrics["loss_vae"] + config.loss.gamma * metrics["seg"]
+    metrics["loss_unet"] = metrics["seg"]
   return metrics
 
 
@@ -262,8 +285,9 @@ def eval_step(state: TrainState, batch: Batch, *, config: ml_collections.ConfigD
     mean, logvar = model.encode(density, train=False, condition=condition,
                                 composition=composition_of(batch, config))
     recon = model.decode(mean, train=False, condition=condition)
-    outputs = {"mean": mean, "logvar": logvar, "recon": recon,
-               "segmented": model.segment(recon, train=False)}
+    outputs = {"mean": mean, "logvar": logvar, "recon": recon}
+    if config.model.segmenter:
+      outputs["segmented"] = model.segment(recon, train=False)
     if config.model.lattice_head:
       outputs["lattice"] = model.predict_lattice(mean)
     if config.model.composition_head:
@@ -338,11 +362,8 @@ class Trainer:
         totals[name] = totals.get(name, 0.0) + float(value)
     count = max(totals.pop("count", 0.0), 1.0)
     metrics = {name: value / count for name, value in totals.items() if name not in _ATOM_COUNTS}
-    atom_voxels = max(totals["atom_voxels"], 1.0)
-    metrics["atom_voxel_accuracy"] = totals["atom_voxel_correct"] / atom_voxels
-    metrics["atom_voxel_recall"] = totals["atom_voxel_found"] / atom_voxels
-    metrics["loss_vae"] = metrics["mse"] + config.loss.beta * metrics["kl"] + config.loss.gamma * metrics["seg"]
-    return metrics
+    rates = {name: float(value) for name, value in atom_voxel_rates(totals).items()}
+    return with_paper_losses({**metrics, **rates}, config)
 
 
 def _check_finite(pending: list[tuple[int, dict[str, jax.Array]]], last_good: int | None) -> None:
@@ -449,10 +470,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           timer_step, timer_start = step, time.time()
           eta = (config.num_train_steps - step) / max(steps_per_second, 1e-9)
           writer.write(step, "train", {**means, "steps_per_second": steps_per_second})
-          logging.info("step %d/%d  loss %.5f  mse %.5f  kl %.2f  seg %.4f  atom voxels: found"
-                       " %.3f, species right %.3f  %.2f steps/s  ETA %s", step,
-                       config.num_train_steps, means["loss"], means["mse"], means["kl"],
-                       means["seg"], means["atom_voxel_recall"], means["atom_voxel_accuracy"],
+          segmented = (f"  seg {means['seg']:.4f}  atom voxels: found"
+                       f" {means['atom_voxel_recall']:.3f}, species right"
+                       f" {means['atom_voxel_accuracy']:.3f}" if "seg" in means else "")
+          logging.info("step %d/%d  loss %.5f  mse %.5f  kl %.2f%s  site Z within 0.5 %.3f"
+                       "  %.2f steps/s  ETA %s", step, config.num_train_steps, means["loss"],
+                       means["mse"], means["kl"], segmented, means["site_z_right"],
                        steps_per_second, _format_seconds(eta))
           if "composition_ce" in means:
             logging.info("  composition: cross-entropy %.4f, exact %.3f", means["composition_ce"],

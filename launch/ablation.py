@@ -2,8 +2,9 @@
 
     python launch/ablation.py --runs=runs/ablation --steps=400
 
-Trains `configs/repeat.py:cpu` for `--steps` steps once as is and once per variant below (each
-a separate workdir under `--runs`; re-running resumes or skips what is done), evaluates each on
+Trains the CPU recipe with the U-Net (`configs/repeat.py:cpu` as it was until the tenth session,
+`SEGMENTER_RECIPE`) for `--steps` steps once as is and once per variant below (each a separate
+workdir under `--runs`; re-running resumes or skips what is done), evaluates each on
 the first `--eval_crystals` validation crystals, reading atoms both off the decoded density (the
 recipe) and with the U-Net segmenter (the paper), and prints a Markdown table (also written to
 RUNS/table.md, as in README) of the last validation log and both evaluations.
@@ -24,11 +25,19 @@ _DATA = flags.DEFINE_string("data", "../shared/data/perov_5", "The perov_5 CSV f
 _EVAL_CRYSTALS = flags.DEFINE_integer("eval_crystals", 64, "Validation crystals evaluated.")
 _ONLY = flags.DEFINE_list("only", [], "Run only these variants (default: all, in order).")
 
+# configs/repeat.py:cpu back to the sixth session's recipe, whose changes the variants undo: the
+# U-Net (mask + Z head, balanced loss, teacher forcing), a 64-d latent, no composition head.
+SEGMENTER_RECIPE = (
+    "--config.model.segmenter=True", "--config.loss.teacher_forcing=1.0",
+    "--config.model.unet_features=(4,8,16)", "--config.model.latent_dim=64",
+    "--config.model.encoder_features=(8,16,32,32)", "--config.model.encoder_strides=(2,1,1,2)",
+    "--config.model.composition_head=False", "--config.loss.composition_weight=0.1",
+    "--config.lr_mults=()", "--config.loss.beta=1e-4")
 _PAPER_SEGMENTATION = ("--config.model.species_head=classes", "--config.loss.balanced=False",
                        "--config.loss.teacher_forcing=0.0")
-# name -> (what is undone, overrides of configs/repeat.py:cpu)
+# name -> (what is undone, overrides of the recipe)
 VARIANTS = {
-    "recipe": ("nothing (`configs/repeat.py:cpu`)", ()),
+    "recipe": ("nothing (the recipe: `configs/repeat.py:cpu` with the U-Net)", ()),
     "paper_segmentation": ("the three species changes together (paper's U-Net loss and head)",
                            _PAPER_SEGMENTATION),
     "paper": ("all of them, and the paper's Adam 1e-5", (
@@ -65,7 +74,8 @@ def _train_and_evaluate(name: str, overrides: tuple[str, ...]) -> dict:
   log = workdir.parent / f"{name}.log"
   _run(_main_command(workdir, "--config=configs/repeat.py:cpu",
                      f"--config.dataset.path={_DATA.value}",
-                     f"--config.num_train_steps={_STEPS.value}", *overrides), log)
+                     f"--config.num_train_steps={_STEPS.value}", *SEGMENTER_RECIPE, *overrides),
+       log)
   batches = -(-_EVAL_CRYSTALS.value // 32)
   results = {}
   for atoms_from in ("density", "segmenter"):

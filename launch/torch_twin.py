@@ -218,8 +218,9 @@ class CrystalVAE(nn.Module):
     self.spec = spec
     self.encoder = Encoder(spec)
     self.decoder = Decoder(spec)
-    outputs = spec["max_z"] + 1 if spec["species_head"] == "classes" else 2
-    self.unet = AttentionUNet(spec["unet_features"], outputs)
+    if spec["segmenter"]:
+      outputs = spec["max_z"] + 1 if spec["species_head"] == "classes" else 2
+      self.unet = AttentionUNet(spec["unet_features"], outputs)
     self.memory_format = torch.contiguous_format
 
   def forward(self, density, *, unet_grad_scale=1.0, teacher_forcing=False, eps=None):
@@ -228,10 +229,12 @@ class CrystalVAE(nn.Module):
       eps = torch.randn_like(mean)
     z = mean + torch.exp(logvar / 2) * eps
     recon = self.decoder(z, self.memory_format)
-    segmented = self.unet(_ScaleGradient.apply(recon, unet_grad_scale), self.memory_format)
-    outputs = dict(mean=mean, logvar=logvar, z=z, recon=recon, segmented=segmented)
-    if teacher_forcing:
-      outputs["segmented_true"] = self.unet(density, self.memory_format)
+    outputs = dict(mean=mean, logvar=logvar, z=z, recon=recon)
+    if self.spec["segmenter"]:
+      outputs["segmented"] = self.unet(_ScaleGradient.apply(recon, unet_grad_scale),
+                                       self.memory_format)
+      if teacher_forcing:
+        outputs["segmented_true"] = self.unet(density, self.memory_format)
     return outputs
 
 
@@ -289,7 +292,8 @@ def voxel_losses(outputs, density, species, spec, site_kernel):
   terms["kl"] = 0.5 * (torch.exp(logvar) + mean ** 2 - 1.0 - logvar).sum(-1)
   seg = lambda o: species_loss(o, species, species_head=spec["species_head"],
                                balanced=loss["balanced"], z_weight=loss["z_weight"])
-  terms["seg"] = seg(outputs["segmented"])
+  if "segmented" in outputs:
+    terms["seg"] = seg(outputs["segmented"])
   if "segmented_true" in outputs:
     terms["seg_true"] = seg(outputs["segmented_true"])
   z_error = torch.einsum("bxyz,xi,yj,zk->bijk", outputs["recon"] - density, site_kernel,
@@ -298,6 +302,8 @@ def voxel_losses(outputs, density, species, spec, site_kernel):
   terms["site_z_mse"] = _per_example(z_error ** 2, atoms)
   with torch.no_grad():
     terms["site_z_right"] = _per_example((z_error.abs() < 0.5).float(), atoms)
+    if "segmented" not in outputs:
+      return terms
     predicted = species_grid(outputs["segmented"], spec["species_head"], spec["max_z"])
     correct = predicted == species
     terms["voxel_accuracy"] = correct.float().mean(axes)
@@ -311,8 +317,9 @@ def voxel_losses(outputs, density, species, spec, site_kernel):
 
 def total_loss(terms, spec):
   loss = spec["loss"]
-  value = (terms["mse"] + loss["beta"] * terms["kl"] + terms["seg"]
-           + loss["site_z_weight"] * terms["site_z_mse"])
+  value = terms["mse"] + loss["beta"] * terms["kl"] + loss["site_z_weight"] * terms["site_z_mse"]
+  if "seg" in terms:
+    value = value + terms["seg"]
   if "seg_true" in terms:
     value = value + loss["teacher_forcing"] * terms["seg_true"]
   return value.mean()
@@ -376,9 +383,10 @@ class Trainer:
     with torch.no_grad():
       metrics = {k: v.float().mean() for k, v in terms.items()
                  if k not in ("atom_voxel_correct", "atom_voxel_found", "atom_voxels")}
-      atom_voxels = terms["atom_voxels"].sum().clamp_min(1)
-      metrics["atom_voxel_accuracy"] = terms["atom_voxel_correct"].sum() / atom_voxels
-      metrics["atom_voxel_recall"] = terms["atom_voxel_found"].sum() / atom_voxels
+      if "atom_voxels" in terms:
+        atom_voxels = terms["atom_voxels"].sum().clamp_min(1)
+        metrics["atom_voxel_accuracy"] = terms["atom_voxel_correct"].sum() / atom_voxels
+        metrics["atom_voxel_recall"] = terms["atom_voxel_found"].sum() / atom_voxels
       metrics["loss"] = loss.detach()
       metrics["grad_norm"] = grad_norm
     return metrics

@@ -235,3 +235,10 @@ def test_single_atoms_are_never_split():
                              atomic_numbers=np.full(len(positions), 6))
   atoms = segmentation.segment(voxelize_crystals([crystal], "repeat")["species"][0], SPEC.box)
   assert_same_atoms(atoms, [6] * len(positions), positions)
+
+
+def test_an_empty_species_grid_gives_no_atoms():
+  """A grid where nothing is segmented (e.g. a model without a segmenter) has no atoms."""
+  [atoms] = segmentation.segment_batch(np.zeros((1, 6, 6, 6), np.int32), 10.0,
+                                       density=np.ones((1, 6, 6, 6), np.float32))
+  assert len(atoms.species) == 0 and atoms.positions.shape == (0, 3)

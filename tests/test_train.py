@@ -18,6 +18,7 @@ from conftest import tiny_config
 from crystal_vae import checkpoints
 from crystal_vae import datasets
 from crystal_vae import default_config
+from crystal_vae import evaluate
 from crystal_vae import inference
 from crystal_vae import input_pipeline
 from crystal_vae import train
@@ -359,3 +360,47 @@ def test_a_failed_checkpoint_write_stops_with_the_last_one_intact(trained_workdi
   monkeypatch.undo()
   assert checkpoints.checkpoint_manager(workdir, read_only=True).all_steps() == [2, 4]
   _assert_trees_close(_params(workdir), _params(trained_workdir), rtol=0, atol=0)
+
+
+def test_a_model_without_a_segmenter_trains_without_the_unet(tfds_dir, tmp_path):
+  """model.segmenter=False: no U-Net parameters, no species loss (the loss is MSE + β·KL and the
+  heads'), training and evaluation run, and a mode that would segment is refused in one line."""
+  config = tiny_config(tfds_dir)
+  config.model.segmenter = False
+  config.loss.teacher_forcing = 1.0  # nothing to force without a U-Net
+  config.eval.atoms_from = "density"
+  state = train.create_train_state(config, jax.random.key(0))
+  assert "unet" not in state.params and "encoder" in state.params
+  grid = config.voxel.grid
+  rng = np.random.default_rng(0)
+  batch = {"density": jnp.asarray(rng.exponential(size=(2, grid, grid, grid)), jnp.float32),
+           "species": jnp.asarray(rng.integers(0, 3, (2, grid, grid, grid)) * 8, jnp.int32),
+           "lattice": jnp.tile(jnp.eye(3) * 4.0, (2, 1, 1)), "rotation": jnp.tile(jnp.eye(3), (2, 1, 1))}
+  outputs = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                           batch["density"], jax.random.key(1), train=False, teacher_forcing=True)
+  assert "segmented" not in outputs and "segmented_true" not in outputs
+  terms = train.voxel_losses(outputs, batch, config)
+  assert "seg" not in terms and "atom_voxels" not in terms
+  np.testing.assert_allclose(
+      train.total_loss(terms, config),
+      np.mean(terms["mse"] + config.loss.beta * terms["kl"]
+              + config.loss.lattice_weight * terms["lattice_mse"]), rtol=1e-6)
+  metrics = train.summarise(terms, config)
+  assert "atom_voxel_accuracy" not in metrics and "loss_unet" not in metrics
+  np.testing.assert_allclose(metrics["loss_vae"],
+                             metrics["mse"] + config.loss.beta * metrics["kl"], rtol=1e-6)
+
+  train.train_and_evaluate(config, str(tmp_path))
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [2, 4, 4]
+  assert all("seg" not in r and np.isfinite(r["mse"]) for r in records)
+  model = inference.TrainedModel.for_mode(config, tmp_path, dataset_given=False)
+  decoded = model.decode(np.zeros((1, config.model.latent_dim), np.float32))
+  assert decoded["density"].shape == (1, grid, grid, grid)
+  assert not decoded["species"].any()  # nothing segmented
+  config.eval.num_batches = 1
+  metrics = evaluate.evaluate(model, config.eval, tmp_path / "eval")
+  assert metrics["num_samples"] == config.eval.batch_size and 0 <= metrics["valid_rate"] <= 1
+  config.eval.atoms_from = "segmenter"
+  with pytest.raises(inference.SettingsError, match="no segmenter"):
+    inference.TrainedModel.for_mode(config, tmp_path, dataset_given=False)
