@@ -140,8 +140,7 @@ def evaluate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
     else:
       mean, decoded = model.reconstruct(grids)
       # A repeat cube read off the density is not segmented (`to_crystals` fits it).
-      reads_density = model.fits_density and config.representation == "repeat"
-      decoded_atoms = None if reads_density else model.atoms(decoded)
+      decoded_atoms = None if model.fits_repeat_cube else model.atoms(decoded)
       voxel_errors.append(metrics.voxel_mse(decoded["density"], grids["density"]))
       if property_names:
         predicted_properties.append(model.predict_properties(mean))
@@ -152,7 +151,7 @@ def evaluate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
                 fractions, np.bincount(crystal.atomic_numbers, minlength=fractions.size))
             for fractions, crystal in zip(decoded["composition"], batch)]
     rebuilt = model.to_crystals(decoded, decoded_atoms)
-    if model.fits_density and model.config.representation == "repeat":
+    if model.fits_repeat_cube:
       decoded_atoms = [r.cube_atoms for r in rebuilt]  # the fitted crystal's images in the cube
     if config.representation == "repeat":  # atoms cut by a face are compared on neither side
       segmented = not model.fits_density

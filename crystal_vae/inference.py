@@ -153,8 +153,8 @@ class TrainedModel:
   def decode(self, z: np.ndarray, condition: np.ndarray | None = None,
              batch_size: int | None = None) -> dict[str, np.ndarray]:
     """Latents (N, L) -> decoded `density`, segmented `species` (all 0 without a segmenter),
-    `lattice` (a lattice head) and `composition` (fractions per Z, with a composition head); with `batch_size`, in batches
-    padded to that size (one compilation whatever N)."""
+    `lattice` (a lattice head) and `composition` (fractions per Z, with a composition head); with
+    `batch_size`, in batches padded to that size (one compilation whatever N)."""
     if batch_size is None:
       return self._decode(z, condition)
     z = np.asarray(z, np.float32)
@@ -293,6 +293,11 @@ class TrainedModel:
     """Whether atoms are read off the decoded density (`eval.atoms_from`) or segmented."""
     return self.config.eval.atoms_from == "density"
 
+  @property
+  def fits_repeat_cube(self) -> bool:
+    """Whether a repeat cube's lattice, sites and Z come from the density alone (no segmenting)."""
+    return self.fits_density and self.config.representation == "repeat"
+
   def atoms(self, grids: dict[str, np.ndarray]) -> list[segmentation.Atoms]:
     """Connected components (of at least `eval.min_component_size` voxels) of the species grids,
     at their density-weighted centres; for a unit cell fitting the density, with positions and
@@ -310,7 +315,7 @@ class TrainedModel:
                       rebuilt: Sequence[reconstruction.Reconstruction]) -> np.ndarray:
     """The species grids a figure overlays on decoded densities: the atoms of the rebuilt
     crystals where they were read off the density (a repeat cube), else the segmentation."""
-    if not (self.fits_density and self.config.representation == "repeat"):
+    if not self.fits_repeat_cube:
       return grids["species"]
     spec = self.spec
     return np.stack([
@@ -328,7 +333,7 @@ class TrainedModel:
                        and self.config.eval.species_from_composition)
     compositions = grids["composition"] if use_composition else [None] * len(grids["density"])
     lattices = grids.get("lattice", [None] * len(grids["density"]))
-    if self.config.representation == "repeat" and self.fits_density:
+    if self.fits_repeat_cube:
       return [reconstruction.reconstruct_repeat_from_density(
           density_fit.DensityFit(density, self.spec.box, self.spec.sigma, self.spec.cutoff),
           max_z=self.config.dataset.max_z, min_z=self.config.eval.min_site_z,
