@@ -1,13 +1,16 @@
-"""Times forward+backward of every 3-D convolution shape in the paper model, per implementation.
+"""Times forward+backward of every 3-D convolution shape in the paper (or `cpu`) model, per
+implementation, optionally beside PyTorch's.
 
 Candidates (all channels-last, same kernel layout as `nn.Conv`: (kd, kh, kw, in, out)):
   xla        lax.conv_general_dilated with three spatial dimensions.
   depth_sum  sum over kernel depth of 2-D convolutions on depth slices batched into the batch axis.
   depth_fold kernel-depth slices stacked into channels, then one 2-D convolution.
   im2col     all k^3 patches gathered into one matrix, then a matmul.
+  torch      PyTorch's conv3d, channels-last (an optional benchmark dependency:
+             pip install torch==2.13.0+cpu), float32 only, its default threads (all cores).
 Each is run in float32 and bfloat16. Usage:
-  python launch/benchmark_conv.py [--batch 8] [--repeats 7] [--impls xla,depth_sum,...]
-      [--dtypes f32,bf16] [--layers enc1,dec2,...]
+  python launch/benchmark_conv.py [--model paper|cpu] [--batch 8] [--repeats 7]
+      [--impls xla,depth_sum,...,torch] [--dtypes f32,bf16] [--layers enc1,dec2,...]
 Prints one row per layer: median milliseconds of jitted grad(sum(out * ct)) w.r.t. input and kernel.
 Runs with the XLA settings importing crystal_vae makes (YNNPACK for dots only, see
 crystal_vae/__init__.py); XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=... overrides them.
@@ -41,6 +44,18 @@ LAYERS = (
     ("unet8", 8, 64, 64, 3, 1, "SAME"),
     ("unet4", 4, 128, 128, 3, 1, "SAME"),
 )
+# The repeat `cpu` config's model (no U-Net; decoder 4 -> 8 -> 16 -> 32 -> VALID 30, 3^3 kernels).
+CPU_LAYERS = (
+    ("enc1", 30, 1, 16, 5, 2, "SAME"),
+    ("enc2", 15, 16, 32, 3, 1, "SAME"),
+    ("enc3", 15, 32, 64, 3, 2, "SAME"),
+    ("enc4", 8, 64, 64, 3, 2, "SAME"),
+    ("dec1", 8, 64, 32, 3, 1, "SAME"),
+    ("dec2", 16, 32, 16, 3, 1, "SAME"),
+    ("dec3", 32, 16, 8, 3, 1, "SAME"),
+    ("dec_out", 32, 8, 1, 3, 1, "VALID"),
+)
+MODELS = {"paper": LAYERS, "cpu": CPU_LAYERS}
 
 
 def explicit_pads(size, kernel, stride, padding):
@@ -102,7 +117,34 @@ IMPLS = {"xla": conv_xla, "depth_sum": conv_depth_sum, "depth_fold": conv_depth_
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
 
+def time_torch_layer(batch, layer, repeats):
+  """PyTorch's channels-last conv3d, forward + both gradients, the same pads as XLA's."""
+  import torch  # pylint: disable=import-outside-toplevel
+  _, size, cin, cout, k, stride, padding = layer
+  pads = explicit_pads(size, k, stride, padding)
+  flat_pads = [p for axis in reversed(pads) for p in axis]  # (w_lo, w_hi, h_lo, h_hi, d_lo, d_hi)
+  channels_last = torch.channels_last_3d
+  x = torch.randn(batch, cin, size, size, size).contiguous(memory_format=channels_last)
+  w = (torch.randn(cout, cin, k, k, k) / np.sqrt(k ** 3 * cin)).contiguous(
+      memory_format=channels_last)
+  x.requires_grad_(True)
+  w.requires_grad_(True)
+  out_shape = torch.nn.functional.conv3d(torch.nn.functional.pad(x, flat_pads), w,
+                                         stride=stride).shape
+  ct = torch.randn(out_shape).contiguous(memory_format=channels_last)
+  times = []
+  for _ in range(repeats + 1):
+    start = time.perf_counter()
+    x.grad = w.grad = None
+    y = torch.nn.functional.conv3d(torch.nn.functional.pad(x, flat_pads), w, stride=stride)
+    (y * ct).sum().backward()
+    times.append(time.perf_counter() - start)
+  return 1e3 * float(np.median(times[1:]))
+
+
 def time_layer(impl, dtype_name, batch, layer, repeats):
+  if impl == "torch":
+    return time_torch_layer(batch, layer, repeats) if dtype_name == "f32" else float("nan")
   dtype = DTYPES[dtype_name]
   _, size, cin, cout, k, stride, padding = layer
   pads = explicit_pads(size, k, stride, padding)
@@ -125,6 +167,7 @@ def time_layer(impl, dtype_name, batch, layer, repeats):
 
 def main():
   parser = argparse.ArgumentParser()
+  parser.add_argument("--model", choices=sorted(MODELS), default="paper")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--impls", default=",".join(IMPLS))
@@ -132,7 +175,7 @@ def main():
   parser.add_argument("--layers", default="", help="comma-separated layer names; empty = all")
   args = parser.parse_args()
   columns = [(i, d) for d in args.dtypes.split(",") for i in args.impls.split(",")]
-  layers = [l for l in LAYERS if not args.layers or l[0] in args.layers.split(",")]
+  layers = [l for l in MODELS[args.model] if not args.layers or l[0] in args.layers.split(",")]
   print(f"backend={jax.default_backend()} devices={jax.devices()} batch={args.batch} "
         f"median of {args.repeats} (ms, fwd+bwd)")
   print(f"{'layer':9s} {'shape':28s} " + " ".join(f"{i + '/' + d:>15s}" for i, d in columns))
