@@ -174,6 +174,9 @@ def main():
   parser.add_argument("--dtypes", default="f32,bf16")
   parser.add_argument("--layers", default="", help="comma-separated layer names; empty = all")
   args = parser.parse_args()
+  unknown = set(args.impls.split(",")) - set(IMPLS) - {"torch"}
+  if unknown:
+    parser.error(f"unknown --impls {sorted(unknown)}; choose from {sorted(IMPLS) + ['torch']}")
   columns = [(i, d) for d in args.dtypes.split(",") for i in args.impls.split(",")]
   layers = [l for l in MODELS[args.model] if not args.layers or l[0] in args.layers.split(",")]
   print(f"backend={jax.default_backend()} devices={jax.devices()} batch={args.batch} "
