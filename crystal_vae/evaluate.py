@@ -153,6 +153,9 @@ def evaluate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
     rebuilt = model.to_crystals(decoded, decoded_atoms)
     if model.fits_repeat_cube:
       decoded_atoms = [r.cube_atoms for r in rebuilt]  # the fitted crystal's images in the cube
+    elif config.representation == "unit_cell":  # each atom with its rebuilt site's species
+      decoded_atoms = [a if r.cube_atoms is None else r.cube_atoms
+                       for r, a in zip(rebuilt, decoded_atoms)]
     if config.representation == "repeat":  # atoms cut by a face are compared on neither side
       segmented = not model.fits_density
       decoded_atoms = [whole_atoms(a, model.spec, segmented) for a in decoded_atoms]

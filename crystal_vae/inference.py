@@ -299,17 +299,17 @@ class TrainedModel:
     return self.fits_density and self.config.representation == "repeat"
 
   def atoms(self, grids: dict[str, np.ndarray]) -> list[segmentation.Atoms]:
-    """Connected components (of at least `eval.min_component_size` voxels) of the species grids,
-    at their density-weighted centres; for a unit cell fitting the density, with positions and
-    species refined by least squares (`segmentation.fit_atoms`)."""
-    atoms = segmentation.segment_batch(grids["species"], self.spec.box, density=grids["density"],
-                                       min_size=self.config.eval.min_component_size,
-                                       species_radius=self.spec.species_radius)
+    """The atoms of each cube: for a unit cell fitting the density, read off the density alone
+    (`segmentation.atoms_from_density`); else the connected components (of at least
+    `eval.min_component_size` voxels) of the species grids, at their density-weighted centres."""
     if self.fits_density and self.config.representation == "unit_cell":
-      atoms = [segmentation.fit_atoms(a, density, self.spec.box, self.spec.sigma,
-                                      self.config.dataset.max_z)
-               for a, density in zip(atoms, grids["density"])]
-    return atoms
+      return [segmentation.atoms_from_density(density, self.spec.box, self.spec.sigma,
+                                              self.config.dataset.max_z,
+                                              min_z=self.config.eval.min_site_z)
+              for density in grids["density"]]
+    return segmentation.segment_batch(grids["species"], self.spec.box, density=grids["density"],
+                                      min_size=self.config.eval.min_component_size,
+                                      species_radius=self.spec.species_radius)
 
   def species_to_show(self, grids: dict[str, np.ndarray],
                       rebuilt: Sequence[reconstruction.Reconstruction]) -> np.ndarray:
@@ -347,7 +347,8 @@ class TrainedModel:
       raise ValueError("unit-cell grids need a lattice (the model's lattice head)")
     return [reconstruction.reconstruct_unit_cell(a, lattice, self.spec.box,
                                                  composition=composition,
-                                                 site_z_sigma=self.config.eval.site_z_sigma)
+                                                 site_z_sigma=self.config.eval.site_z_sigma,
+                                                 fitted_z=self.fits_density)
             for a, lattice, composition in zip(atoms, grids["lattice"], compositions)]
 
 

@@ -6,8 +6,14 @@ over empty voxels separately and weighs the two means equally.
 
 `site_z_error` reads the density error as the error in Z it implies at each atom (the error
 projected on one atom's Gaussian): the voxel MSE hardly sees a species one unit of Z off.
+
+`lattice_mse` scores a lattice head against every basis of the true lattice whose vectors are
+sums and differences of the true ones: a cubic perovskite's five atoms look the same with its
+axes permuted, so the density cannot say which edge is `a`, and a plain MSE to one basis is
+minimised by the average of the six, a collapsed cell.
 """
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -103,6 +109,24 @@ def composition_exact(logits: jax.Array, atomic_numbers: jax.Array, atom_mask: j
   target = composition_fractions(atomic_numbers, atom_mask, logits.shape[-1])
   num_atoms = jnp.sum(atom_mask, axis=-1, keepdims=True)
   return jnp.all(jnp.abs(jax.nn.softmax(logits) - target) * num_atoms < 0.5, axis=-1)
+
+
+def _basis_changes() -> np.ndarray:
+  """The 6,960 integer matrices U with entries in {-1, 0, 1} and det ±1: the rows of U @ L span
+  the same lattice as those of L."""
+  matrices = np.array(list(itertools.product((-1, 0, 1), repeat=9)), np.float32).reshape(-1, 3, 3)
+  return matrices[np.abs(np.round(np.linalg.det(matrices))) == 1]
+
+
+BASIS_CHANGES = _basis_changes()
+
+
+def lattice_mse(predicted: jax.Array, target: jax.Array, box: float) -> jax.Array:
+  """Per example (B,): the MSE (÷ box²) of the predicted lattice rows (B, 3, 3) against the
+  nearest basis U @ target of the same lattice (U in `BASIS_CHANGES`)."""
+  candidates = jnp.einsum("uij,bjk->buik", BASIS_CHANGES, target)
+  errors = jnp.mean(((predicted[:, None] - candidates) / box) ** 2, axis=(-2, -1))
+  return jnp.min(errors, axis=1)
 
 
 def property_mse(predicted: jax.Array, target: jax.Array, stds: Sequence[float]) -> jax.Array:

@@ -63,8 +63,9 @@ class Reconstruction:
   structure: Structure | None
   reason: str | None = None
   detail: str = ""
-  # Read off the density (`reconstruct_repeat_from_density`): the crystal's atoms inside the cube
-  # it was read from, in cube coordinates (empty when there is no crystal).
+  # The crystal's atoms in the cube it was read from, in cube coordinates, with the crystal's
+  # species: a repeat cube read off the density (`reconstruct_repeat_from_density`), its images
+  # (empty when there is no crystal); a unit cell, the decoded atoms, each with its site's species.
   cube_atoms: Atoms | None = None
 
   @property
@@ -124,15 +125,24 @@ def structure_from_sites(lattice: np.ndarray, species: np.ndarray, frac: np.ndar
   return Reconstruction(Structure(standard, reduced.species, np.mod(reduced_frac, 1.0)))
 
 
+# Atoms read off a unit cell's density: periodic copies closer than this (Å) are one atom.
+FITTED_MERGE_TOLERANCE = 1.5
+
+
 def reconstruct_unit_cell(atoms: Atoms, lattice: np.ndarray, box: float, *,
                           composition: np.ndarray | None = None,
-                          site_z_sigma: float | None = None, merge_tolerance: float = 0.3,
+                          site_z_sigma: float | None = None, fitted_z: bool = False,
                           min_volume: float = 1.0, min_distance: float = 0.5) -> Reconstruction:
   """Places decoded atoms (cube coordinates) in the cell centred in the cube whose vectors are the
   rows of `lattice` (3, 3), oriented as in the cube (the lattice head's output); merges atoms
-  closer than `merge_tolerance` (periodic). A cell of volume < `min_volume` Å³ is invalid. With a
-  predicted `composition` (fractions per Z) the species are `species_from_composition` of the
-  segmented ones (with `site_z_sigma`).
+  closer than 0.3 Å (periodic). A cell of volume < `min_volume` Å³ is invalid. With a predicted
+  `composition` (fractions per Z) the species are `species_from_composition` of the segmented
+  ones (with `site_z_sigma`).
+
+  `fitted_z`: the atoms' species are Z fitted to the density (`segmentation.atoms_from_density`).
+  An atom on a face of the cell (frac 0 or 1: perov_5's corner and face sites) is decoded as a
+  share of it at each of the two faces; so copies closer than `FITTED_MERGE_TOLERANCE` (periodic)
+  are one atom, its Z the sum of theirs and its position their Z-weighted mean.
   """
   if len(atoms) == 0:
     return _invalid(NO_ATOMS, "the species grid has no atoms")
@@ -145,11 +155,19 @@ def reconstruct_unit_cell(atoms: Atoms, lattice: np.ndarray, box: float, *,
     lattice = -lattice
   cartesian = atoms.positions - box / 2 + 0.5 * lattice.sum(axis=0)
   frac = np.mod(cartesian @ np.linalg.inv(lattice), 1.0)
-  species, site_frac, _ = _merge_sites(lattice, frac, atoms.species, np.ones(len(atoms)),
-                                       merge_tolerance)
+  if fitted_z:
+    weights = atoms.species.astype(np.float64)
+    _, site_frac, cluster = _merge_sites(lattice, frac, atoms.species, weights,
+                                         FITTED_MERGE_TOLERANCE)
+    species = np.bincount(cluster, weights=weights).round().astype(np.int32)
+  else:
+    species, site_frac, cluster = _merge_sites(lattice, frac, atoms.species,
+                                               np.ones(len(atoms)), 0.3)
   if composition is not None:
     species = species_from_composition(species, composition, site_z_sigma)
-  return structure_from_sites(lattice, species, site_frac, min_distance)
+  result = structure_from_sites(lattice, species, site_frac, min_distance)
+  return dataclasses.replace(result, cube_atoms=dataclasses.replace(atoms,
+                                                                    species=species[cluster]))
 
 
 def _inside(points: np.ndarray, box: float, margin: float) -> np.ndarray:

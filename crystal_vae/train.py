@@ -170,8 +170,7 @@ def voxel_losses(outputs: Mapping[str, jax.Array], batch: Batch,
   if "lattice" in outputs:
     # The lattice as placed in the cube: rows rotated like the atoms (cube = R @ cartesian + o).
     target = jnp.einsum("bij,bkj->bik", batch["lattice"], batch["rotation"])
-    terms["lattice_mse"] = jnp.mean(((outputs["lattice"] - target) / config.voxel.box) ** 2,
-                                    axis=(-2, -1))
+    terms["lattice_mse"] = losses.lattice_mse(outputs["lattice"], target, config.voxel.box)
   if "properties" in outputs:
     terms["property_mse"] = losses.property_mse(outputs["properties"], batch["properties"],
                                                 config.model.property_stds)

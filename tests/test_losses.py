@@ -1,5 +1,7 @@
 """Species-head losses and species grids against hand-computed values."""
 
+import itertools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -131,3 +133,37 @@ def test_site_z_loss_by_hand():
   mse, right = losses.site_z_loss(jnp.asarray(z_error), jnp.asarray(species))
   np.testing.assert_allclose(mse, [(0.09 + 4.0) / 2], rtol=1e-6)
   np.testing.assert_allclose(right, [0.5], rtol=1e-6)
+
+
+def _lattice_mse_loop(predicted: np.ndarray, target: np.ndarray, box: float) -> float:
+  """The nearest basis of the same lattice, by a plain loop over integer matrices."""
+  best = np.inf
+  for entries in itertools.product((-1, 0, 1), repeat=9):
+    change = np.array(entries, np.float64).reshape(3, 3)
+    if abs(round(np.linalg.det(change))) == 1:
+      best = min(best, np.mean(((predicted - change @ target) / box) ** 2))
+  return best
+
+
+def test_lattice_mse_does_not_tell_bases_of_one_lattice_apart():
+  cubic = 4.1 * np.eye(3)
+  hexagonal = np.array([[3.0, 0.0, 0.0], [-1.5, 1.5 * np.sqrt(3), 0.0], [0.0, 0.0, 5.0]])
+  rotation = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0]
+  # The cubic axes permuted and one flipped; the hexagonal cell turned by 60° (a -> b, b -> b - a).
+  swapped = np.array([[0, 0, -1], [1, 0, 0], [0, 1, 0]]) @ cubic @ rotation.T
+  turned = np.array([[0, 1, 0], [-1, 1, 0], [0, 0, 1]]) @ hexagonal @ rotation.T
+  predicted = np.stack([swapped, turned]).astype(np.float32)
+  target = np.stack([cubic @ rotation.T, hexagonal @ rotation.T]).astype(np.float32)
+  np.testing.assert_allclose(losses.lattice_mse(predicted, target, 10.0), 0.0, atol=1e-10)
+
+
+def test_lattice_mse_against_a_numpy_loop():
+  rng = np.random.default_rng(1)
+  target = np.stack([4.0 * np.eye(3) + rng.normal(0, 0.3, (3, 3)) for _ in range(3)])
+  # The collapsed answer of a plain MSE (the average of the permuted cubic bases) and two noisy ones.
+  predicted = np.stack([np.full((3, 3), 4.0 / 3.0), target[1] + rng.normal(0, 0.5, (3, 3)),
+                        rng.normal(0, 3.0, (3, 3))])
+  got = losses.lattice_mse(predicted.astype(np.float32), target.astype(np.float32), 10.0)
+  expected = [_lattice_mse_loop(p, t, 10.0) for p, t in zip(predicted, target)]
+  np.testing.assert_allclose(got, expected, rtol=1e-4)
+  assert got[0] > 0.01  # a collapsed cell stays far from every basis

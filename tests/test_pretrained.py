@@ -1,5 +1,5 @@
-"""The shipped pretrained model (`pretrained/perov5_repeat`) restores from a fresh clone and
-rebuilds a known perov_5 crystal."""
+"""The shipped pretrained models (`pretrained/perov5_repeat`, `pretrained/perov5_unit_cell`)
+restore from a fresh clone and rebuild a known perov_5 crystal."""
 
 import pathlib
 import warnings
@@ -12,6 +12,7 @@ from pymatgen.analysis.structure_matcher import FrameworkComparator, StructureMa
 from crystal_vae import crystals, evaluate, inference, metrics
 
 PRETRAINED = pathlib.Path(__file__).resolve().parents[1] / "pretrained" / "perov5_repeat"
+PRETRAINED_UNIT_CELL = PRETRAINED.parent / "perov5_unit_cell"
 # perov_5 validation crystal 13328: cubic GaAsO2F, a = 3.9486 Å (As at the corner, Ga at the
 # body centre, O and F at the face centres), as stored in the dataset.
 GA_AS_O2_F = crystals.Crystal(
@@ -26,11 +27,30 @@ def model() -> inference.TrainedModel:
   return inference.TrainedModel.restore(PRETRAINED)
 
 
-def test_pretrained_workdir_is_small_and_complete():
-  size = sum(f.stat().st_size for f in PRETRAINED.rglob("*") if f.is_file())
+@pytest.mark.parametrize("workdir", [PRETRAINED, PRETRAINED_UNIT_CELL], ids=lambda p: p.name)
+def test_pretrained_workdir_is_small_and_complete(workdir):
+  size = sum(f.stat().st_size for f in workdir.rglob("*") if f.is_file())
   assert size < 25 * 2**20
-  assert (PRETRAINED / "metrics.jsonl").stat().st_size > 0
-  assert (PRETRAINED / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert (workdir / "metrics.jsonl").stat().st_size > 0
+  assert (workdir / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pretrained_unit_cell_model_rebuilds_a_known_perov_5_crystal():
+  """The unit cell (unrotated, as evaluation places it) decoded, its atoms read off the density,
+  its lattice from the lattice head: GaAsO2F itself, the O on the b = 0 face included."""
+  model = inference.TrainedModel.restore(PRETRAINED_UNIT_CELL)
+  assert model.config.representation == "unit_cell" and model.fits_density
+  grids = model.voxelize([GA_AS_O2_F])
+  _, decoded = model.reconstruct(grids)
+  assert metrics.voxel_mse(decoded["density"], grids["density"])[0] < 0.001
+  np.testing.assert_allclose(decoded["lattice"][0], GA_AS_O2_F.lattice, atol=0.1)
+  [result] = model.to_crystals(decoded)
+  assert result.valid, result.detail
+  rebuilt, true = result.structure, GA_AS_O2_F.to_structure()
+  assert sorted(site.specie.Z for site in rebuilt) == [8, 8, 9, 31, 33]
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    assert StructureMatcher(stol=0.5, angle_tol=10, ltol=0.3).fit(rebuilt, true)
 
 
 def test_pretrained_model_rebuilds_a_known_perov_5_crystal(model):

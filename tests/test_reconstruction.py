@@ -95,6 +95,31 @@ def test_repeat_votes_species_and_drops_unsupported_sites():
   np.testing.assert_allclose(result.structure.lattice.abc, [2.5] * 3, atol=1e-6)
 
 
+def test_fitted_atom_split_between_two_faces_of_the_cell_is_one_atom():
+  """SrTiO3 with its O at (0.5, 0, 0.5) decoded as two halves, Z 4 each, 0.4 Å beyond the cell's
+  b = 0 and b = 1 faces (0.8 Å apart across the periodic boundary): one O, Z 8, on the face
+  (the halves' Z-weighted mean), its species the sum of theirs."""
+  a = 4.0
+  corner = SPEC.box / 2 - a / 2
+  sites = {38: [0, 0, 0], 22: [0.5, 0.5, 0.5], 8: [0.5, 0.5, 0]}
+  species = [38, 22, 8, 8, 8, 8]
+  frac = [sites[38], sites[22], sites[8], [0, 0.5, 0.5], [0.5, -0.1, 0.5], [0.5, 1.1, 0.5]]
+  fitted = [38, 22, 8, 8, 4, 4]
+  atoms = _atoms(fitted, corner + a * np.array(frac, np.float64))
+  result = reconstruction.reconstruct_unit_cell(atoms, a * np.eye(3), SPEC.box, fitted_z=True)
+  assert result.valid, result.detail
+  srtio3 = Structure(Lattice.cubic(a), ["Sr", "Ti", "O", "O", "O"],
+                     [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0, 0.5, 0.5], [0.5, 0, 0.5]])
+  assert MATCHER.fit(result.structure, srtio3)
+  assert sorted(site.specie.Z for site in result.structure) == sorted(species[:5])
+  # The decoded atoms, each with the species of the site it became: both halves are O.
+  np.testing.assert_array_equal(result.cube_atoms.species, species)
+  np.testing.assert_array_equal(result.cube_atoms.positions, atoms.positions)
+  # Counted as species (votes), the same halves are two O sites 0.8 Å apart: no perovskite.
+  voted = reconstruction.reconstruct_unit_cell(atoms, a * np.eye(3), SPEC.box)
+  assert not (voted.valid and MATCHER.fit(voted.structure, srtio3))
+
+
 @pytest.mark.parametrize("make, reason", [
     (lambda: reconstruction.reconstruct_repeat(_atoms([], []), SPEC.box),
      reconstruction.NO_ATOMS),
