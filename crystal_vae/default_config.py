@@ -237,20 +237,14 @@ def _perov5(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def _cpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """perov_5 in about two hours on a 2-core CPU. The repeat model has no U-Net (two thirds of
-  the step's time, and its atoms are read off the decoded density anyway) and spends that on
-  5,000 steps of a 128-d latent, a strided encoder (30 -> 15 -> 15 -> 8 -> 4) and the composition
-  head, whose layers take 10x the learning rate (at 1x it learned too slowly: README, "Making the
-  model learn"). The unit cell's atoms are the segmenter's components, so it keeps the U-Net
-  (and the narrower 64-d model of the earlier recipe)."""
+  """perov_5 in about two hours on a 2-core CPU. No U-Net (two thirds of the step's time, and
+  both representations read their atoms off the decoded density): the time goes to 5,000 steps
+  of a 128-d latent, a strided encoder (30 -> 15 -> 15 -> 8 -> 4) and the composition head,
+  whose layers take 10x the learning rate (at 1x it learned too slowly: README, "Making the
+  model learn")."""
   _perov5(config)
   config.model.decoder_features = (32, 16, 8)
-  config.num_train_steps = 5000 if config.representation == "repeat" else 1000
-  if config.representation == "unit_cell":
-    config.model.latent_dim = 64
-    config.model.encoder_features = (8, 16, 32, 32)
-    config.model.unet_features = (4, 8, 16)
-    return config
+  config.num_train_steps = 5000
   config.model.segmenter = False
   config.loss.teacher_forcing = 0.0
   config.model.latent_dim = 128
@@ -260,9 +254,10 @@ def _cpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.loss.composition_weight = 1.0
   config.lr_mults = (("composition", 10.0),)
   config.loss.beta = 1e-5
-  # Its density is sharp enough to keep perov_5's light cations: on the first 128 validation
-  # crystals 61.7% matched at min Z 4, 58.6% at 6.
-  config.eval.min_site_z = 4.0
+  if config.representation == "repeat":
+    # Its density is sharp enough to keep perov_5's light cations: on the first 128 validation
+    # crystals 61.7% matched at min Z 4, 58.6% at 6.
+    config.eval.min_site_z = 4.0
   config.log_every_steps = 50
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 250

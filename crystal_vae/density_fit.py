@@ -283,19 +283,29 @@ def fit_sites(fit: DensityFit, basis: np.ndarray, site_frac: np.ndarray, *,
   return z, np.mod(positions @ np.linalg.inv(lattice), 1.0), lattice
 
 
-def _prune(fit: DensityFit, basis: np.ndarray, site_frac: np.ndarray, min_z: float
-           ) -> tuple[np.ndarray, np.ndarray]:
-  """Drops the weakest site and refits Z (linear) while some site has Z < min_z. The normal
-  equations of the kept sites are a submatrix of all sites': formed once."""
+def _prune(fit: DensityFit, basis: np.ndarray, site_frac: np.ndarray, min_z: float,
+           max_sites: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Drops the weakest site and refits Z (linear) while some site has Z < min_z or more than
+  `max_sites` are left. The normal equations of the kept sites are a submatrix of all sites':
+  formed once."""
   density = np.asarray(fit.density, np.float64).reshape(-1)
   values = site_images(fit, site_frac @ basis, basis)
   gram, projection = values.T @ values, values.T @ density
   kept = np.arange(len(site_frac))
+  limit = len(site_frac) if max_sites is None else max_sites
   while True:
     z = _solve_normal(gram[np.ix_(kept, kept)], projection[kept])
-    if z.size == 0 or z.min() >= min_z:
+    if z.size == 0 or (z.min() >= min_z and z.size <= limit):
       return z, site_frac[kept]
     kept = np.delete(kept, int(np.argmin(z)))
+
+
+def keep_strongest(fit: DensityFit, basis: np.ndarray, site_frac: np.ndarray, count: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Z (refitted, linear) and fractional positions of the `count` sites left after dropping the
+  weakest one at a time. The positions stay those fitted with every site in: refitted without
+  them, the sites would move to cover the dropped ones' density."""
+  return _prune(fit, basis, site_frac, -np.inf, max_sites=count)
 
 
 def find_sites(fit: DensityFit, basis: np.ndarray, *, min_z: float, min_separation: float = 1.0,

@@ -93,11 +93,10 @@ class TrainedModel:
           "to use the checkpoint's own, with --config.<mode>.* overrides")
     resolved = ml_collections.ConfigDict(saved.to_dict())
     resolved.eval = config.eval
-    if not saved.model.segmenter and not (saved.representation == "repeat"
-                                          and config.eval.atoms_from == "density"):
+    if not saved.model.segmenter and config.eval.atoms_from != "density":
       raise SettingsError(
-          f"the model in {workdir} has no segmenter (model.segmenter=False): it reads the atoms of"
-          " a repeat cube off the decoded density only (--config.eval.atoms_from=density)")
+          f"the model in {workdir} has no segmenter (model.segmenter=False): it reads the atoms"
+          " off the decoded density only (--config.eval.atoms_from=density)")
     if dataset_given and config.dataset.to_dict() != saved.dataset.to_dict():
       logging.info("dataset from the command line: %s (%s); the model was trained on %s (%s)",
                    config.dataset.name, config.dataset.path or "embedded", saved.dataset.name,

@@ -5,7 +5,7 @@ from pymatgen.core import Lattice
 
 from crystal_vae import crystals, default_config, density_fit, inference, reconstruction
 from crystal_vae import voxelize
-from conftest import SPEC, matches, representative_prototypes, voxelize_crystals
+from conftest import MATCHER, SPEC, matches, representative_prototypes, voxelize_crystals
 
 
 def _fit(density: np.ndarray) -> density_fit.DensityFit:
@@ -109,6 +109,43 @@ def test_a_predicted_composition_corrects_the_species_of_a_biased_density():
                                                           site_z_sigma=1.5)
   assert matches(result, crystal)
   assert set(result.cube_atoms.species.tolist()) == {8, 22, 38}
+
+
+def test_atom_count_is_the_density_electrons_over_the_composition_mean_z():
+  """Sr Ti O3: mean Z (38 + 22 + 3 * 8) / 5 = 16.8; the "no atom" fraction does not count."""
+  composition = np.zeros(101)
+  composition[[0, 38, 22, 8]] = [0.5, 0.1, 0.1, 0.3]
+  assert reconstruction.atom_count(np.array([38, 22, 8, 8, 8, 4.0]), composition) == 5  # 5.24
+  assert reconstruction.atom_count(np.array([38, 22, 8, 8, 8, 8, 8.0]), composition) == 6  # 5.95
+  assert reconstruction.atom_count(np.array([38, 4.0]), composition) is None  # 2.50
+  assert reconstruction.atom_count(np.array([38, 22, 8.0]), np.eye(101)[0]) is None
+
+
+def test_a_spurious_site_beyond_the_compositions_atom_count_is_dropped():
+  """Rock salt (conventional cell, a = 5.64 Å) with a light spurious site, Be in one tetrahedral
+  hole (2.44 Å from Na and Cl): read with min Z 3 the density has 9 sites; with the composition
+  NaCl the density's 116 electrons are 8.29 atoms of mean Z 14, so the weakest site goes and
+  the crystal is rock salt again."""
+  a = 5.64
+  fcc = np.array([[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]])
+  salt = crystals.Crystal("NaCl", np.eye(3) * a, np.vstack([fcc, fcc + [0.5, 0, 0]]),
+                          np.array([11] * 4 + [17] * 4))
+  spurious = crystals.Crystal("spurious", salt.lattice,
+                              np.vstack([salt.frac_coords, [0.25, 0.25, 0.25]]),
+                              np.append(salt.atomic_numbers, 4))
+  density = voxelize_crystals([spurious], voxelize.REPEAT, seed=6)["density"][0]
+  alone = reconstruction.reconstruct_repeat_from_density(_fit(density), max_z=100, min_z=3)
+  assert sorted(s.Z for s in alone.structure.species) == [4] + [11] * 4 + [17] * 4
+  composition = np.zeros(101)
+  composition[[11, 17]] = [0.5, 0.5]
+  result = reconstruction.reconstruct_repeat_from_density(_fit(density), max_z=100, min_z=3,
+                                                          composition=composition,
+                                                          site_z_sigma=1.5)
+  # The conventional cell (the Be broke the fcc translations), as rock salt.
+  assert sorted(s.Z for s in result.structure.species) == [11] * 4 + [17] * 4
+  assert MATCHER.fit(result.structure, salt.to_structure())
+  np.testing.assert_allclose(result.structure.lattice.abc, [a] * 3, atol=0.01)
+  assert set(result.cube_atoms.species.tolist()) == {11, 17}
 
 
 def test_eval_species_from_composition_switches_the_composition_head_off():

@@ -362,10 +362,12 @@ def test_a_failed_checkpoint_write_stops_with_the_last_one_intact(trained_workdi
   _assert_trees_close(_params(workdir), _params(trained_workdir), rtol=0, atol=0)
 
 
-def test_a_model_without_a_segmenter_trains_without_the_unet(tfds_dir, tmp_path):
-  """model.segmenter=False: no U-Net parameters, no species loss (the loss is MSE + β·KL and the
-  heads'), training and evaluation run, and a mode that would segment is refused in one line."""
-  config = tiny_config(tfds_dir)
+@pytest.mark.parametrize("representation", ["repeat", "unit_cell"])
+def test_a_model_without_a_segmenter_trains_without_the_unet(representation, tfds_dir, tmp_path):
+  """model.segmenter=False (both `cpu` recipes): no U-Net parameters, no species loss (the loss
+  is MSE + β·KL and the heads'), training and evaluation run, and a mode that would segment is
+  refused in one line."""
+  config = tiny_config(tfds_dir, representation)
   config.model.segmenter = False
   config.loss.teacher_forcing = 1.0  # nothing to force without a U-Net
   config.eval.atoms_from = "density"
