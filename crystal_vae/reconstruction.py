@@ -515,8 +515,8 @@ def reconstruct_repeat_from_density(fit: density_fit.DensityFit, *, max_z: int, 
   noise. The species are the rounded Z (in [1, max_z]), or with a predicted `composition`
   (fractions per Z) `species_from_composition` (with `site_z_sigma`); with it, sites beyond the
   `atom_count` the density and the composition agree on are dropped, weakest first (on the first
-  128 perov_5 validation cubes of the `cpu` model: lattice and positions right for 80.5% instead
-  of 71.9%; README, "Atom count from the composition"). `cube_atoms` holds the
+  1,024 perov_5 validation cubes of the `cpu` model: lattice and positions right for 79.4% instead
+  of 71.6%; README, "Atom count from the composition"). `cube_atoms` holds the
   crystal's atoms inside the cube (those within `boundary` Å of a face marked `on_boundary`)."""
   none = density_fit.images_in_cube(np.zeros(0, np.int32), np.zeros((0, 3)), np.eye(3), fit.box)
   if not np.any(fit.density > 0.5 * fit.unit_peak):
