@@ -23,6 +23,7 @@ setuptools.setup(
         "pymatgen>=2025.1",
         "numpy>=2.0",
         "scipy>=1.13",
+        "spglib>=2.5",
         "matplotlib>=3.9",
         "imageio>=2.34",
         "smact>=4.0",

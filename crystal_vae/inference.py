@@ -336,18 +336,21 @@ class TrainedModel:
       return [reconstruction.reconstruct_repeat_from_density(
           density_fit.DensityFit(density, self.spec.box, self.spec.sigma, self.spec.cutoff),
           max_z=self.config.dataset.max_z, min_z=self.config.eval.min_site_z,
-          composition=composition, site_z_sigma=self.config.eval.site_z_sigma, lattice=lattice)
+          composition=composition, site_z_sigma=self.config.eval.site_z_sigma, lattice=lattice,
+          symprec=self.config.eval.symprec)
               for density, composition, lattice in zip(grids["density"], compositions, lattices)]
     atoms = self.atoms(grids) if atoms is None else atoms
     if self.config.representation == "repeat":
-      return [reconstruction.reconstruct_repeat(a, self.spec.box, density=density, lattice=lattice)
+      return [reconstruction.reconstruct_repeat(a, self.spec.box, density=density, lattice=lattice,
+                                                symprec=self.config.eval.symprec)
               for a, density, lattice in zip(atoms, grids["density"], lattices)]
     if "lattice" not in grids:
       raise ValueError("unit-cell grids need a lattice (the model's lattice head)")
     return [reconstruction.reconstruct_unit_cell(a, lattice, self.spec.box,
                                                  composition=composition,
                                                  site_z_sigma=self.config.eval.site_z_sigma,
-                                                 fitted_z=self.fits_density)
+                                                 fitted_z=self.fits_density,
+                                                 symprec=self.config.eval.symprec)
             for a, lattice, composition in zip(atoms, grids["lattice"], compositions)]
 
 

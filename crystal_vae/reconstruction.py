@@ -44,6 +44,7 @@ from scipy import spatial
 from scipy.cluster import hierarchy
 
 from crystal_vae import density_fit
+from crystal_vae import symmetry
 from crystal_vae.segmentation import Atoms
 
 NO_ATOMS = "no_atoms"
@@ -132,12 +133,14 @@ FITTED_MERGE_TOLERANCE = 1.5
 def reconstruct_unit_cell(atoms: Atoms, lattice: np.ndarray, box: float, *,
                           composition: np.ndarray | None = None,
                           site_z_sigma: float | None = None, fitted_z: bool = False,
-                          min_volume: float = 1.0, min_distance: float = 0.5) -> Reconstruction:
+                          symprec: float = 0.0, min_volume: float = 1.0,
+                          min_distance: float = 0.5) -> Reconstruction:
   """Places decoded atoms (cube coordinates) in the cell centred in the cube whose vectors are the
   rows of `lattice` (3, 3), oriented as in the cube (the lattice head's output); merges atoms
   closer than 0.3 Å (periodic). A cell of volume < `min_volume` Å³ is invalid. With a predicted
   `composition` (fractions per Z) the species are `species_from_composition` of the segmented
-  ones (with `site_z_sigma`).
+  ones (with `site_z_sigma`). With `symprec` > 0 the cell is symmetrised
+  (`symmetry.symmetrize`) and each decoded atom moves with its site.
 
   `fitted_z`: the atoms' species are Z fitted to the density (`segmentation.atoms_from_density`).
   An atom on a face of the cell (frac 0 or 1: perov_5's corner and face sites) is decoded as a
@@ -165,9 +168,17 @@ def reconstruct_unit_cell(atoms: Atoms, lattice: np.ndarray, box: float, *,
                                                np.ones(len(atoms)), 0.3)
   if composition is not None:
     species = species_from_composition(species, composition, site_z_sigma)
+  positions = atoms.positions
+  if symprec > 0:
+    new_lattice, new_frac = symmetry.symmetrize(lattice, species, site_frac, symprec)
+    site_shift = new_frac - site_frac
+    site_shift -= np.round(site_shift)
+    cell_frac = cartesian @ np.linalg.inv(lattice) + site_shift[cluster]
+    positions = cell_frac @ new_lattice + box / 2 - 0.5 * new_lattice.sum(axis=0)
+    lattice, site_frac = new_lattice, new_frac
   result = structure_from_sites(lattice, species, site_frac, min_distance)
-  return dataclasses.replace(result, cube_atoms=dataclasses.replace(atoms,
-                                                                    species=species[cluster]))
+  return dataclasses.replace(result, cube_atoms=dataclasses.replace(
+      atoms, species=species[cluster], positions=positions))
 
 
 def _inside(points: np.ndarray, box: float, margin: float) -> np.ndarray:
@@ -342,7 +353,8 @@ def reconstruct_repeat(atoms: Atoms, box: float, *, density: np.ndarray | None =
                        min_checks: int = 3, min_fraction: float = 0.95,
                        veto_fraction: float = 0.95, merge_tolerance: float = 0.5,
                        min_site_support: float = 0.5,
-                       min_distance: float = 0.5, num_references: int = 9) -> Reconstruction:
+                       min_distance: float = 0.5, num_references: int = 9,
+                       symprec: float = 0.0) -> Reconstruction:
   """Recovers the lattice and the cell's sites from decoded atoms of a repeat cube.
 
   Args:
@@ -371,6 +383,7 @@ def reconstruct_repeat(atoms: Atoms, box: float, *, density: np.ndarray | None =
       the cube are dropped.
     min_distance: sites closer than this (Å, periodic) make the sample invalid.
     num_references: reference atoms (1 to 9) whose displacements give the candidate translations.
+    symprec: > 0: the crystal is symmetrised within this tolerance (Å, `symmetry.symmetrize`).
   """
   if len(atoms) == 0:
     return _invalid(NO_ATOMS, "the species grid has no atoms")
@@ -409,7 +422,10 @@ def reconstruct_repeat(atoms: Atoms, box: float, *, density: np.ndarray | None =
   keep = (expected == 0) | (found >= min_site_support * expected)
   if not keep.any():
     return _invalid(NO_ATOMS, "no site is supported by its periodic copies")
-  return structure_from_sites(basis, site_species[keep], site_frac[keep], min_distance)
+  site_species, site_frac = site_species[keep], site_frac[keep]
+  if symprec > 0:
+    basis, site_frac = symmetry.symmetrize(basis, site_species, site_frac, symprec)
+  return structure_from_sites(basis, site_species, site_frac, min_distance)
 
 
 def composition_counts(fractions: np.ndarray, num_atoms: int) -> np.ndarray:
@@ -506,7 +522,7 @@ def atom_count(site_z: np.ndarray, composition: np.ndarray) -> int | None:
 def reconstruct_repeat_from_density(fit: density_fit.DensityFit, *, max_z: int, min_z: float,
                                     composition: np.ndarray | None = None,
                                     site_z_sigma: float | None = None,
-                                    lattice: np.ndarray | None = None,
+                                    lattice: np.ndarray | None = None, symprec: float = 0.0,
                                     min_distance: float = 0.5, boundary: float = 0.5
                                     ) -> Reconstruction:
   """A repeat cube's crystal from its density alone (`density_fit`): the lattice from the
@@ -516,7 +532,8 @@ def reconstruct_repeat_from_density(fit: density_fit.DensityFit, *, max_z: int, 
   (fractions per Z) `species_from_composition` (with `site_z_sigma`); with it, sites beyond the
   `atom_count` the density and the composition agree on are dropped, weakest first (on the first
   1,024 perov_5 validation cubes of the `cpu` model: lattice and positions right for 79.4% instead
-  of 71.6%; README, "Atom count from the composition"). `cube_atoms` holds the
+  of 71.6%; README, "Atom count from the composition"). With `symprec` > 0 the crystal is
+  symmetrised (`symmetry.symmetrize`) before its images are placed. `cube_atoms` holds the
   crystal's atoms inside the cube (those within `boundary` Å of a face marked `on_boundary`)."""
   none = density_fit.images_in_cube(np.zeros(0, np.int32), np.zeros((0, 3)), np.eye(3), fit.box)
   if not np.any(fit.density > 0.5 * fit.unit_peak):
@@ -534,6 +551,8 @@ def reconstruct_repeat_from_density(fit: density_fit.DensityFit, *, max_z: int, 
     z, site_frac = density_fit.keep_strongest(fit, basis, site_frac, count)
   species = (np.clip(np.rint(z), 1, max_z).astype(np.int32) if composition is None
              else species_from_composition(z, composition, site_z_sigma))
+  if symprec > 0:
+    basis, site_frac = symmetry.symmetrize(basis, species, site_frac, symprec)
   result = structure_from_sites(basis, species, site_frac, min_distance)
   atoms = density_fit.images_in_cube(species, site_frac, basis, fit.box, boundary)
   return dataclasses.replace(result, cube_atoms=atoms)

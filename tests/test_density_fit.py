@@ -168,3 +168,32 @@ def test_eval_species_from_composition_switches_the_composition_head_off():
     species[use] = sorted(s.Z for s in result.structure.species)
   assert species[True] == [8, 8, 8, 22, 38]
   assert species[False] == [10, 10, 10, 22, 36]
+
+
+def test_symmetrised_sites_return_to_the_ideal_perovskite():
+  """SrTiO3 voxelised with each O 0.25 Å off its face centre (along different axes): the fit puts
+  the O there; symmetrised within 0.8 Å (`symprec`), every image in the cube lies within 0.02 Å
+  of the ideal perovskite's (atoms away from the faces, both ways), its lattice cubic."""
+  ideal = _perovskite()
+  distorted_frac = ideal.frac_coords + np.array(
+      [[0, 0, 0], [0, 0, 0], [0.25, 0, 0], [0, 0.25, -0.1], [0.1, -0.2, 0.0]]) / 3.9
+  distorted = crystals.Crystal("distorted", ideal.lattice, distorted_frac, ideal.atomic_numbers)
+  density = voxelize_crystals([distorted], voxelize.REPEAT, seed=5)["density"][0]
+  truth = density_fit.images_in_cube(ideal.atomic_numbers, ideal.frac_coords, ideal.lattice,
+                                     SPEC.box)
+
+  def worst_distance(result):  # both ways, over the atoms away from the cube's faces
+    assert result.valid, result.detail
+    rebuilt = result.cube_atoms
+    distances = np.linalg.norm(rebuilt.positions[:, None] - truth.positions[None], axis=-1)
+    return max(distances.min(axis=1)[~rebuilt.on_boundary].max(),
+               distances.min(axis=0)[~truth.on_boundary].max())
+
+  as_fitted = reconstruction.reconstruct_repeat_from_density(_fit(density), max_z=100, min_z=6)
+  assert worst_distance(as_fitted) > 0.15
+  symmetric = reconstruction.reconstruct_repeat_from_density(_fit(density), max_z=100, min_z=6,
+                                                             symprec=0.8)
+  assert worst_distance(symmetric) < 0.02
+  lattice = symmetric.structure.lattice
+  np.testing.assert_allclose(lattice.angles, [90] * 3, atol=1e-6)
+  np.testing.assert_allclose(lattice.abc, [lattice.a] * 3, atol=1e-9)
