@@ -6,18 +6,25 @@ hold within `symprec` Å (spglib, as pymatgen's `SpacegroupAnalyzer`) and projec
 onto them: each site becomes the mean of its images under every operation (the operation's
 permutation of the sites), and the lattice's metric the mean of its rotated metrics. Unlike
 spglib's standardisation, the cell, its orientation and the origin stay (up to the small
-rotation that the new metric needs), so the crystal still lies where it was decoded.
+rotation that the new metric needs), so the crystal still lies where it was decoded. The
+operations are those of the cell given: a supercell keeps only the symmetry of its own lattice
+(the rebuilt cells are primitive: the repeat basis is the smallest, perov_5's unit cells are).
 """
+
+import itertools
 
 import os
 import warnings
 
 import numpy as np
 import spglib
+from spglib.error import SpglibError
 
 # spglib prints a line to stderr for each tolerance it retries on a crystal that is not
 # symmetric; rebuilt crystals often are not. A value the user set wins.
 os.environ.setdefault("SPGLIB_WARNING", "OFF")
+
+_NEIGHBOUR_CELLS = np.array(list(itertools.product((-1, 0, 1), repeat=3)), np.float64)
 
 
 def _permutation(rotation: np.ndarray, translation: np.ndarray, lattice: np.ndarray,
@@ -29,7 +36,12 @@ def _permutation(rotation: np.ndarray, translation: np.ndarray, lattice: np.ndar
   moved = frac @ rotation.T + translation
   offset = moved[:, None, :] - frac[None, :, :]  # [site, candidate target]
   offset -= np.round(offset)
-  distance = np.linalg.norm(offset @ lattice, axis=-1)
+  # The nearest image: within the neighbouring cells of the rounded one (skewed cells too).
+  images = offset[:, :, None, :] + _NEIGHBOUR_CELLS  # [site, target, cell, 3]
+  distances = np.linalg.norm(images @ lattice, axis=-1)
+  nearest = np.argmin(distances, axis=-1)
+  offset = np.take_along_axis(images, nearest[..., None, None], axis=2)[:, :, 0]
+  distance = np.take_along_axis(distances, nearest[..., None], axis=2)[..., 0]
   distance[species[:, None] != species[None, :]] = np.inf
   target = np.argmin(distance, axis=1)
   sites = np.arange(len(frac))
@@ -41,14 +53,18 @@ def _permutation(rotation: np.ndarray, translation: np.ndarray, lattice: np.ndar
 def symmetrize(lattice: np.ndarray, species: np.ndarray, frac: np.ndarray, symprec: float
                ) -> tuple[np.ndarray, np.ndarray]:
   """(lattice rows, fractional sites in [0, 1)) made symmetric under the operations spglib
-  finds within `symprec` Å; unchanged when it finds none beyond the identity, or an operation
-  does not permute the sites (within 2 × `symprec`)."""
+  finds within `symprec` Å; unchanged when it finds none beyond the identity (or fails: atoms
+  on top of each other, a flat cell), or an operation does not permute the sites (within
+  2 × `symprec`)."""
   lattice = np.asarray(lattice, np.float64)
   frac = np.asarray(frac, np.float64)
   species = np.asarray(species)
-  with warnings.catch_warnings():  # spglib 2.x: a DeprecationWarning about its error handling
-    warnings.simplefilter("ignore", DeprecationWarning)
-    dataset = spglib.get_symmetry_dataset((lattice, frac, species), symprec=symprec)
+  try:
+    with warnings.catch_warnings():  # spglib 2.x: a DeprecationWarning about its error handling
+      warnings.simplefilter("ignore", DeprecationWarning)
+      dataset = spglib.get_symmetry_dataset((lattice, frac, species), symprec=symprec)
+  except SpglibError:  # what spglib raises instead of returning None once its new handling is on
+    return lattice, frac
   if dataset is None or len(dataset.rotations) == 1:
     return lattice, frac
   displacement = np.zeros_like(frac)

@@ -74,3 +74,27 @@ def test_a_crystal_without_symmetry_or_a_tight_tolerance_is_untouched():
   perovskite, noisy, _ = _perturbed_perovskite(4)
   new_lattice, new_frac = symmetry.symmetrize(perovskite, PEROVSKITE_SPECIES, noisy, symprec=1e-3)
   np.testing.assert_array_equal(new_frac, noisy)
+
+
+def test_a_skewed_basis_of_the_same_crystal_is_symmetrised_too():
+  """The perturbed perovskite in a skewed basis of the same lattice (interplanar spacings down to
+  0.45 Å): an operation's nearest image then lies beyond the rounded cell, and is still found."""
+  lattice, frac, _ = _perturbed_perovskite(5)
+  skew = np.array([[1, 0, 0], [3, 1, 0], [2, -2, 1]])
+  skewed_lattice = skew @ lattice
+  skewed_frac = np.mod(frac @ np.linalg.inv(skew), 1.0)  # the same cartesian sites
+  new_lattice, new_frac = symmetry.symmetrize(skewed_lattice, PEROVSKITE_SPECIES, skewed_frac,
+                                              symprec=0.8)
+  assert spglib.get_symmetry_dataset((new_lattice, new_frac, PEROVSKITE_SPECIES),
+                                     symprec=1e-5).number == 221
+
+
+@pytest.mark.parametrize("old_error_handling", [True, False])
+def test_atoms_on_top_of_each_other_are_left_as_they_are(monkeypatch, old_error_handling):
+  """spglib finds no symmetry for two atoms at one place: it returns None, or raises with its new
+  error handling (spglib 3's default); either way the crystal comes back unchanged."""
+  monkeypatch.setattr(spglib.error, "OLD_ERROR_HANDLING", old_error_handling)
+  frac = np.array([[0.1, 0.1, 0.1], [0.1, 0.1, 0.1]])
+  lattice, same = symmetry.symmetrize(3.9 * np.eye(3), np.array([8, 8]), frac, symprec=0.5)
+  np.testing.assert_array_equal(same, frac)
+  np.testing.assert_array_equal(lattice, 3.9 * np.eye(3))
