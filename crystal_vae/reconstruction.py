@@ -422,9 +422,8 @@ def reconstruct_repeat(atoms: Atoms, box: float, *, density: np.ndarray | None =
   keep = (expected == 0) | (found >= min_site_support * expected)
   if not keep.any():
     return _invalid(NO_ATOMS, "no site is supported by its periodic copies")
-  site_species, site_frac = site_species[keep], site_frac[keep]
-  if symprec > 0:
-    basis, site_frac = symmetry.symmetrize(basis, site_species, site_frac, symprec)
+  site_species = site_species[keep]
+  basis, site_frac = symmetry.symmetrize(basis, site_species, site_frac[keep], symprec)
   return structure_from_sites(basis, site_species, site_frac, min_distance)
 
 
@@ -551,8 +550,7 @@ def reconstruct_repeat_from_density(fit: density_fit.DensityFit, *, max_z: int, 
     z, site_frac = density_fit.keep_strongest(fit, basis, site_frac, count)
   species = (np.clip(np.rint(z), 1, max_z).astype(np.int32) if composition is None
              else species_from_composition(z, composition, site_z_sigma))
-  if symprec > 0:
-    basis, site_frac = symmetry.symmetrize(basis, species, site_frac, symprec)
+  basis, site_frac = symmetry.symmetrize(basis, species, site_frac, symprec)
   result = structure_from_sites(basis, species, site_frac, min_distance)
   atoms = density_fit.images_in_cube(species, site_frac, basis, fit.box, boundary)
   return dataclasses.replace(result, cube_atoms=atoms)

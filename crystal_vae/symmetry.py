@@ -12,7 +12,6 @@ operations are those of the cell given: a supercell keeps only the symmetry of i
 """
 
 import itertools
-
 import os
 import warnings
 
@@ -53,12 +52,14 @@ def _permutation(rotation: np.ndarray, translation: np.ndarray, lattice: np.ndar
 def symmetrize(lattice: np.ndarray, species: np.ndarray, frac: np.ndarray, symprec: float
                ) -> tuple[np.ndarray, np.ndarray]:
   """(lattice rows, fractional sites in [0, 1)) made symmetric under the operations spglib
-  finds within `symprec` Å; unchanged when it finds none beyond the identity (or fails: atoms
-  on top of each other, a flat cell), or an operation does not permute the sites (within
-  2 × `symprec`)."""
+  finds within `symprec` Å; unchanged when `symprec` <= 0 (off), when spglib finds no operation
+  beyond the identity (or fails: atoms on top of each other, a flat cell), or when an operation
+  does not permute the sites (within 2 × `symprec`)."""
   lattice = np.asarray(lattice, np.float64)
   frac = np.asarray(frac, np.float64)
   species = np.asarray(species)
+  if symprec <= 0:
+    return lattice, frac
   try:
     with warnings.catch_warnings():  # spglib 2.x: a DeprecationWarning about its error handling
       warnings.simplefilter("ignore", DeprecationWarning)

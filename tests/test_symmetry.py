@@ -72,8 +72,10 @@ def test_a_crystal_without_symmetry_or_a_tight_tolerance_is_untouched():
   np.testing.assert_array_equal(new_frac, frac)
 
   perovskite, noisy, _ = _perturbed_perovskite(4)
-  new_lattice, new_frac = symmetry.symmetrize(perovskite, PEROVSKITE_SPECIES, noisy, symprec=1e-3)
-  np.testing.assert_array_equal(new_frac, noisy)
+  for tight in (1e-3, 0.0):  # 0: off
+    new_lattice, new_frac = symmetry.symmetrize(perovskite, PEROVSKITE_SPECIES, noisy, tight)
+    np.testing.assert_array_equal(new_frac, noisy)
+    np.testing.assert_array_equal(new_lattice, perovskite)
 
 
 def test_a_skewed_basis_of_the_same_crystal_is_symmetrised_too():
