@@ -30,7 +30,7 @@ Config fields read by `model_from_config` (see `default_model_config` for the pa
                                the decoded density only (`eval.atoms_from=density`, repeat).
   config.model.species_head    'classes' (paper) or 'mask_z' (see above).
   config.model.decoder_output  'relu' (paper) or 'softplus': the decoder's last activation.
-  config.model.conv_impl       'auto', 'xla' or 'depth_sum' (see `conv3d`).
+  config.model.conv_impl       'auto', 'xla', 'depth_sum' or 'fft' (see `conv3d`).
   config.model.dtype           computation dtype name ('float32', 'bfloat16'); params are float32.
 """
 
@@ -44,11 +44,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import linen as nn
 from jax import lax
 
 Padding = Sequence[tuple[int, int]]
-CONV_IMPLS = ("auto", "xla", "depth_sum")
+CONV_IMPLS = ("auto", "xla", "depth_sum", "fft")
 SPECIES_HEADS = ("classes", "mask_z")
 DECODER_OUTPUTS = ("relu", "softplus")
 Z_SCALE = 10.0  # the "mask_z" head regresses Z / Z_SCALE, O(1) for every element.
@@ -101,6 +102,115 @@ def _conv_depth_sum(
   return total.reshape(batch, out_depth, *total.shape[1:])
 
 
+_SPATIAL = (2, 3, 4)  # of a channels-first (B, C, D, H, W) array
+
+
+def _dft_rows(length: int, taps: int, sign: float) -> np.ndarray:
+  """(taps, length) complex64: exp(sign * 2*pi*i * t * f / length)."""
+  phase = sign * 2j * np.pi * np.outer(np.arange(taps), np.arange(length)) / length
+  return np.exp(phase).astype(np.complex64)
+
+
+def _half_spectrum_weights(length: int) -> np.ndarray:
+  """How often each stored frequency of a real signal's rfft counts in the full inverse sum."""
+  weights = np.full(length // 2 + 1, 2.0)
+  weights[0] = 1.0
+  if length % 2 == 0:
+    weights[-1] = 1.0
+  return weights
+
+
+def _kernel_spectrum(kernel: jax.Array, lengths: Sequence[int]) -> jax.Array:
+  """rfftn over the last three axes of `kernel` (..., kd, kh, kw) zero-padded to `lengths`,
+  as three small DFTs over its few taps (an FFT of the padded kernel costs as much as the
+  input's)."""
+  spectrum = kernel.astype(jnp.complex64)
+  for axis, length in enumerate(lengths):
+    rows = _dft_rows(length, kernel.shape[axis - 3], -1.0)
+    if axis == 2:
+      rows = rows[:, :length // 2 + 1]
+    spectrum = jnp.moveaxis(jnp.tensordot(spectrum, rows, axes=([axis - 3], [0])), -1, axis - 3)
+  return spectrum
+
+
+def _first_samples(spectrum: jax.Array, lengths: Sequence[int], taps: Sequence[int]
+                   ) -> jax.Array:
+  """The real inverse of an rfftn `spectrum` (..., L0, L1, L2 // 2 + 1) at [0, taps) per axis,
+  as three small inverse DFTs (the full inverse would transform every channel at every lag)."""
+  for axis, (length, count) in enumerate(zip(lengths, taps)):
+    rows = _dft_rows(length, count, 1.0)
+    if axis == 2:
+      rows = rows[:, :length // 2 + 1] * _half_spectrum_weights(length).astype(np.complex64)
+    spectrum = jnp.moveaxis(jnp.tensordot(spectrum, rows, axes=([axis - 3], [1])), -1, axis - 3)
+  return jnp.real(spectrum) / np.prod(lengths)
+
+
+def _fft_forward(x: jax.Array, kernel: jax.Array, pads: tuple[tuple[int, int], ...]
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+  padded = jnp.pad(jnp.transpose(x, (0, 4, 1, 2, 3)).astype(jnp.float32),
+                   ((0, 0), (0, 0), *pads))
+  lengths = padded.shape[2:]
+  out = [length - taps + 1 for length, taps in zip(lengths, kernel.shape[:3])]
+  spectrum_x = jnp.fft.rfftn(padded, axes=_SPATIAL)                           # B, C, F
+  spectrum_k = _kernel_spectrum(jnp.transpose(kernel, (3, 4, 0, 1, 2)), lengths)  # C, O, F
+  # y[p] = sum_t x[p + t] k[t]: a circular cross-correlation over the padded cube, which never
+  # wraps because the output stops `taps - 1` short of the padded side.
+  spectrum_y = jnp.sum(spectrum_x[:, :, None] * jnp.conj(spectrum_k)[None], axis=1)
+  y = jnp.fft.irfftn(spectrum_y, s=lengths, axes=_SPATIAL)[:, :, :out[0], :out[1], :out[2]]
+  return jnp.transpose(y, (0, 2, 3, 4, 1)).astype(x.dtype), (spectrum_x, spectrum_k, kernel)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _fft_conv(x: jax.Array, kernel: jax.Array, pads: tuple[tuple[int, int], ...]) -> jax.Array:
+  return _fft_forward(x, kernel, pads)[0]
+
+
+def _fft_conv_bwd(pads, residuals, cotangent):
+  spectrum_x, spectrum_k, kernel = residuals
+  taps = kernel.shape[:3]
+  lengths = [out + count - 1 for out, count in zip(cotangent.shape[1:4], taps)]
+  spectrum_g = jnp.fft.rfftn(jnp.transpose(cotangent, (0, 4, 1, 2, 3)).astype(jnp.float32),
+                             s=lengths, axes=_SPATIAL)                        # B, O, F
+  # dx[q] = sum_t g[q - t] k[t] (a circular convolution: the zero-padded g never wraps), then
+  # the padding cut off; dk[t] = sum over batch and p of x[p + t] g[p] (a cross-correlation).
+  spectrum_dx = jnp.sum(spectrum_g[:, None] * spectrum_k[None], axis=2)      # B, C, F
+  dx = jnp.fft.irfftn(spectrum_dx, s=lengths, axes=_SPATIAL)
+  dx = dx[(slice(None), slice(None)) + tuple(slice(low, length - high)
+                                             for (low, high), length in zip(pads, lengths))]
+  cross = jnp.sum(spectrum_x[:, :, None] * jnp.conj(spectrum_g)[:, None], axis=0)  # C, O, F
+  dkernel = _first_samples(cross, lengths, taps)
+  return (jnp.transpose(dx, (0, 2, 3, 4, 1)).astype(cotangent.dtype),
+          jnp.transpose(dkernel, (2, 3, 4, 0, 1)).astype(kernel.dtype))
+
+
+_fft_conv.defvjp(_fft_forward, _fft_conv_bwd)
+
+
+def _conv_fft(
+    x: jax.Array, kernel: jax.Array, strides: tuple[int, ...], pads: Padding) -> jax.Array:
+  """Stride-1 3-D convolution through the FFT: y = irfftn(rfftn(x) conj(rfftn(k))) summed over
+  input channels, in float32; its gradients are the same products with the cotangent's spectrum
+  (a custom VJP that keeps the input's spectrum and reads the kernel gradient's few lags off
+  with small DFTs). Per output voxel it multiplies C_in x C_out complex numbers instead of
+  k^3 x C_in x C_out reals, which wins on CPU for big cubes with few channels (`prefers_fft`).
+  Reverse-mode differentiable only (a custom VJP)."""
+  if any(stride != 1 for stride in strides):
+    raise ValueError(f"the fft convolution has stride 1 only, not {strides}")
+  return _fft_conv(x, kernel, tuple(tuple(int(p) for p in pad) for pad in pads))
+
+
+def prefers_fft(padded_sides: Sequence[int], kernel_shape: Sequence[int],
+                strides: Sequence[int]) -> bool:
+  """Whether the FFT convolution beats `depth_sum` on CPU (launch/benchmark_conv.py, forward +
+  both gradients, batch 8): stride 1, a padded cube of side >= 16 and either at most 8 input or
+  output channels (XLA's 2-D convolutions are slow there: 1.2-9x faster) or a kernel of side
+  >= 4 (k^3 taps against the FFT's one product per frequency: 1.1-1.5x); with more channels or
+  smaller cubes the FFT's transforms cost more than they save (0.07-0.75x)."""
+  *taps, channels_in, channels_out = kernel_shape
+  return (all(stride == 1 for stride in strides) and min(padded_sides) >= 16
+          and (min(channels_in, channels_out) <= 8 or min(taps) >= 4))
+
+
 def conv3d(
     x: jax.Array,
     kernel: jax.Array,
@@ -110,16 +220,21 @@ def conv3d(
 ) -> jax.Array:
   """Channels-last 3-D convolution, x (B, D, H, W, C), kernel (kd, kh, kw, C, F), no bias.
 
-  impl: 'xla' (lax.conv_general_dilated, the fast path on GPU), 'depth_sum' (fast on CPU, see
-  `_conv_depth_sum`), or 'auto' = 'depth_sum' on the CPU backend and 'xla' elsewhere.
+  impl: 'xla' (lax.conv_general_dilated, the fast path on GPU), 'depth_sum' (see
+  `_conv_depth_sum`), 'fft' (stride 1, see `_conv_fft`), or 'auto': 'xla' off the CPU; on the
+  CPU backend 'fft' where `prefers_fft` says so, else 'depth_sum'.
   """
   if impl not in CONV_IMPLS:
     raise ValueError(f"conv impl {impl!r} not in {CONV_IMPLS}")
-  if impl == "auto":
-    impl = "depth_sum" if jax.default_backend() == "cpu" else "xla"
   strides = tuple(strides)
   pads = lax.padtype_to_pads(x.shape[1:4], kernel.shape[:3], strides, padding)
-  conv = _conv_xla if impl == "xla" else _conv_depth_sum
+  if impl == "auto":
+    if jax.default_backend() != "cpu":
+      impl = "xla"
+    else:
+      padded = [side + low + high for side, (low, high) in zip(x.shape[1:4], pads)]
+      impl = "fft" if prefers_fft(padded, kernel.shape, strides) else "depth_sum"
+  conv = {"xla": _conv_xla, "depth_sum": _conv_depth_sum, "fft": _conv_fft}[impl]
   return conv(x, kernel, strides, pads)
 
 

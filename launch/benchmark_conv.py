@@ -6,6 +6,8 @@ Candidates (all channels-last, same kernel layout as `nn.Conv`: (kd, kh, kw, in,
   depth_sum  sum over kernel depth of 2-D convolutions on depth slices batched into the batch axis.
   depth_fold kernel-depth slices stacked into channels, then one 2-D convolution.
   im2col     all k^3 patches gathered into one matrix, then a matmul.
+  fft        crystal_vae.models' FFT convolution (stride 1 only; nan for strided layers).
+  auto       crystal_vae.models.conv3d's own choice for the layer's shape.
   torch      PyTorch's conv3d, channels-last (an optional benchmark dependency:
              pip install torch==2.13.0+cpu), float32 only, its default threads (all cores).
 Each is run in float32 and bfloat16. Usage:
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-import crystal_vae  # noqa: F401  pylint: disable=unused-import  (the model's CPU convolution setting)
+from crystal_vae import models  # also the model's CPU convolution setting (crystal_vae/__init__.py)
 
 # (name, input spatial size, in channels, out channels, kernel, stride, padding) of the paper model
 # at grid 30 (see crystal_vae/models.py for the shape path); U-Net features (16, 32, 64, 128).
@@ -112,8 +114,12 @@ def conv_im2col(x, w, stride, pads):
   return cols @ w.reshape(-1, w.shape[-1])
 
 
+def conv_fft(x, w, stride, pads):
+  return models._conv_fft(x, w, (stride,) * 3, pads)  # pylint: disable=protected-access
+
+
 IMPLS = {"xla": conv_xla, "depth_sum": conv_depth_sum, "depth_fold": conv_depth_fold,
-         "im2col": conv_im2col}
+         "im2col": conv_im2col, "fft": conv_fft}
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
 
@@ -145,6 +151,8 @@ def time_torch_layer(batch, layer, repeats):
 def time_layer(impl, dtype_name, batch, layer, repeats):
   if impl == "torch":
     return time_torch_layer(batch, layer, repeats) if dtype_name == "f32" else float("nan")
+  if impl == "fft" and layer[5] != 1:
+    return float("nan")
   dtype = DTYPES[dtype_name]
   _, size, cin, cout, k, stride, padding = layer
   pads = explicit_pads(size, k, stride, padding)
@@ -153,7 +161,10 @@ def time_layer(impl, dtype_name, batch, layer, repeats):
   w = jnp.asarray(rng.normal(size=(k, k, k, cin, cout)) / np.sqrt(k ** 3 * cin), dtype)
   out_shape = jax.eval_shape(lambda a, b: conv_xla(a, b, stride, pads), x, w).shape
   ct = jnp.asarray(rng.normal(size=out_shape), dtype)
-  fn = IMPLS[impl]
+  if impl == "auto":  # what the model runs: crystal_vae.models.conv3d's choice for this shape
+    fn = lambda a, b, stride, pads: models.conv3d(a, b, (stride,) * 3, padding)
+  else:
+    fn = IMPLS[impl]
   step = jax.jit(jax.grad(lambda a, b: jnp.sum((fn(a, b, stride, pads) * ct).astype(jnp.float32)),
                           argnums=(0, 1)))
   jax.block_until_ready(step(x, w))
@@ -174,9 +185,9 @@ def main():
   parser.add_argument("--dtypes", default="f32,bf16")
   parser.add_argument("--layers", default="", help="comma-separated layer names; empty = all")
   args = parser.parse_args()
-  unknown = set(args.impls.split(",")) - set(IMPLS) - {"torch"}
+  unknown = set(args.impls.split(",")) - set(IMPLS) - {"torch", "auto"}
   if unknown:
-    parser.error(f"unknown --impls {sorted(unknown)}; choose from {sorted(IMPLS) + ['torch']}")
+    parser.error(f"unknown --impls {sorted(unknown)}; choose from {sorted(IMPLS) + ['auto', 'torch']}")
   columns = [(i, d) for d in args.dtypes.split(",") for i in args.impls.split(",")]
   layers = [l for l in MODELS[args.model] if not args.layers or l[0] in args.layers.split(",")]
   print(f"backend={jax.default_backend()} devices={jax.devices()} batch={args.batch} "

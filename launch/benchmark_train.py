@@ -3,7 +3,7 @@ the JAX step, side by side with a PyTorch CPU twin of the same model and step.
 
     python launch/benchmark_train.py                          # paper and cpu models, JAX vs PyTorch
     python launch/benchmark_train.py --models=quick --steps=1 # smoke test
-    python launch/benchmark_train.py --models=cpu --impls=depth_sum,xla \
+    python launch/benchmark_train.py --models=cpu --impls=auto,depth_sum,xla \
         --jax_variants=base,donate,onednn --torch_impls=ncdhw,channels_last
     python launch/benchmark_train.py --models=quick --check_twin   # twin == JAX model, then time
 
@@ -41,7 +41,8 @@ import numpy as np
 _MODELS = flags.DEFINE_list("models", ["paper", "cpu"],
                             "Config variants: paper, cpu, gpu, quick.")
 _FRAMEWORKS = flags.DEFINE_list("frameworks", ["jax", "torch"], "jax and/or torch.")
-_IMPLS = flags.DEFINE_list("impls", ["depth_sum"], "JAX: model.conv_impl values to compare.")
+_IMPLS = flags.DEFINE_list("impls", ["auto"], "JAX: model.conv_impl values to compare (auto: "
+                          "what the model runs, fft or depth_sum per layer on CPU).")
 _JAX_VARIANTS = flags.DEFINE_list(
     "jax_variants", ["base"], "JAX: step variants (JAX_VARIANTS keys joined with '+').")
 _TORCH_IMPLS = flags.DEFINE_list(
@@ -317,7 +318,7 @@ def check_worker(job: dict) -> dict:
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
   from crystal_vae import train  # pylint: disable=g-import-not-at-top
 
-  config = _config(job["model"])  # conv_impl "auto": depth_sum on CPU
+  config = _config(job["model"])  # conv_impl "auto": fft or depth_sum per layer on CPU
   spec = spec_of(config)
   density, species = _data(config.voxel.grid, config.dataset.max_z, job["batch_size"])
   batch = {"density": jnp.asarray(density), "species": jnp.asarray(species)}

@@ -126,13 +126,17 @@ def test_decoder_unreachable_grid_raises():
     models.decoder_sizes(30, 3, (3, 3, 3), ("SAME", "SAME", "SAME"))  # Ends at 24 < 30.
 
 
-@pytest.mark.parametrize("impl", ["xla", "depth_sum"])
+@pytest.mark.parametrize("impl", ["xla", "depth_sum", "fft"])
 @pytest.mark.parametrize("kernel,stride,padding", [
     (5, 2, "SAME"), (3, 1, "SAME"), (4, 1, "SAME"), (2, 2, "SAME"), (5, 1, "VALID"),
     (3, 2, "VALID"),
 ])
 def test_conv3d_matches_nn_conv(impl, kernel, stride, padding):
   x = jax.random.normal(key(0), (2, 9, 8, 7, 3))
+  if impl == "fft" and stride != 1:
+    with pytest.raises(ValueError, match="stride 1 only"):
+      models.Conv3D(5, kernel, stride, padding, impl).init(key(1), x)
+    return
   reference = nn.Conv(5, (kernel,) * 3, (stride,) * 3, padding)
   conv = models.Conv3D(5, kernel, stride, padding, impl)
   params = reference.init(key(1), x)
@@ -146,6 +150,48 @@ def test_conv3d_matches_nn_conv(impl, kernel, stride, padding):
   grads = jax.jit(jax.grad(loss(conv), argnums=(0, 1)))(params, x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
                grads, expected_grads)
+
+
+def test_fft_convolution_in_bfloat16_and_on_a_big_cube():
+  """The FFT path computes in float32 and returns the input's dtype; on a 16^3 cube with 1 output
+  channel (the decoder's last layer) it matches lax's convolution, gradients included."""
+  x = jax.random.normal(key(0), (2, 18, 16, 17, 4))
+  kernel = jax.random.normal(key(1), (3, 3, 3, 4, 1)) * 0.2
+  loss = lambda impl: lambda x, k: jnp.sum(jnp.sin(models.conv3d(x, k, (1, 1, 1), "VALID", impl)))
+  for got, want in zip(jax.jit(jax.grad(loss("fft"), argnums=(0, 1)))(x, kernel),
+                       jax.jit(jax.grad(loss("xla"), argnums=(0, 1)))(x, kernel)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  half = models.conv3d(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), (1, 1, 1), "SAME",
+                       "fft")
+  assert half.dtype == jnp.bfloat16
+  np.testing.assert_allclose(half.astype(jnp.float32),
+                             models.conv3d(x, kernel, (1, 1, 1), "SAME", "xla"), atol=0.1)
+
+
+@pytest.mark.parametrize("shape,kernel,strides,fft", [
+    ((32, 32, 32), (3, 3, 3, 16, 8), (1, 1, 1), True),      # repeat `cpu` decoder, 32^3 x 16 -> 8
+    ((32, 32, 32), (3, 3, 3, 8, 1), (1, 1, 1), True),       # its VALID output layer
+    ((35, 35, 35), (4, 4, 4, 32, 16), (1, 1, 1), True),     # paper decoder, k4
+    ((32, 32, 32), (3, 3, 3, 16, 16), (1, 1, 1), False),    # paper U-Net at 30^3: 16 -> 16
+    ((10, 10, 10), (3, 3, 3, 64, 8), (1, 1, 1), False),     # a small cube
+    ((34, 34, 34), (5, 5, 5, 1, 16), (2, 2, 2), False),     # strided
+])
+def test_cpu_auto_takes_fft_where_it_is_faster(shape, kernel, strides, fft):
+  assert models.prefers_fft(shape, kernel, strides) == fft
+
+
+def test_auto_convolution_on_cpu_is_the_preferred_implementation():
+  """`auto` on the CPU gives the FFT path's values bit for bit where `prefers_fft`, else
+  depth_sum's."""
+  assert jax.default_backend() == "cpu"
+  x = jax.random.normal(key(0), (1, 16, 16, 16, 12))
+  for features in (2, 12):
+    kernel = jax.random.normal(key(1), (3, 3, 3, 12, features))
+    chosen = "fft" if models.prefers_fft((18, 18, 18), kernel.shape, (1, 1, 1)) else "depth_sum"
+    assert chosen == ("fft" if features == 2 else "depth_sum")
+    auto = jax.jit(lambda x, k: models.conv3d(x, k, (1, 1, 1), "SAME", "auto"))(x, kernel)
+    own = jax.jit(lambda x, k: models.conv3d(x, k, (1, 1, 1), "SAME", chosen))(x, kernel)
+    np.testing.assert_array_equal(auto, own)
 
 
 def test_scale_gradient_hand_computed():
