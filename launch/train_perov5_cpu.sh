@@ -6,6 +6,9 @@ set -euo pipefail
 workdir=${1:?usage: $0 WORKDIR [--config.* overrides]}
 shift
 data=${PEROV5_DIR:-$(dirname "$0")/../../shared/data/perov_5}
+# Transparent huge pages for glibc's malloc: ~29,000 fewer page faults per step, 1.86 vs 1.77 steps/s
+# (README, "Page faults"); glibc reads it at process start, other C libraries ignore it.
+export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}
 python -m crystal_vae.main --config=configs/repeat.py:cpu --workdir="$workdir" \
   --config.dataset.path="$data" "$@"
 python -m crystal_vae.learning_curves "$workdir"
