@@ -120,29 +120,30 @@ def _half_spectrum_weights(length: int) -> np.ndarray:
   return weights
 
 
+def _along_last_three(array: jax.Array, matrices: Sequence[np.ndarray]) -> jax.Array:
+  """`array` (..., n0, n1, n2) with matrix i (m_i, n_i) applied along axis -3 + i."""
+  for axis, matrix in enumerate(matrices):
+    array = jnp.moveaxis(jnp.tensordot(array, matrix, axes=([axis - 3], [1])), -1, axis - 3)
+  return array
+
+
 def _kernel_spectrum(kernel: jax.Array, lengths: Sequence[int]) -> jax.Array:
   """rfftn over the last three axes of `kernel` (..., kd, kh, kw) zero-padded to `lengths`,
   as three small DFTs over its few taps (an FFT of the padded kernel costs as much as the
   input's)."""
-  spectrum = kernel.astype(jnp.complex64)
-  for axis, length in enumerate(lengths):
-    rows = _dft_rows(length, kernel.shape[axis - 3], -1.0)
-    if axis == 2:
-      rows = rows[:, :length // 2 + 1]
-    spectrum = jnp.moveaxis(jnp.tensordot(spectrum, rows, axes=([axis - 3], [0])), -1, axis - 3)
-  return spectrum
+  matrices = [_dft_rows(length, taps, -1.0).T for length, taps in zip(lengths, kernel.shape[-3:])]
+  matrices[2] = matrices[2][:lengths[2] // 2 + 1]
+  return _along_last_three(kernel.astype(jnp.complex64), matrices)
 
 
 def _first_samples(spectrum: jax.Array, lengths: Sequence[int], taps: Sequence[int]
                    ) -> jax.Array:
   """The real inverse of an rfftn `spectrum` (..., L0, L1, L2 // 2 + 1) at [0, taps) per axis,
   as three small inverse DFTs (the full inverse would transform every channel at every lag)."""
-  for axis, (length, count) in enumerate(zip(lengths, taps)):
-    rows = _dft_rows(length, count, 1.0)
-    if axis == 2:
-      rows = rows[:, :length // 2 + 1] * _half_spectrum_weights(length).astype(np.complex64)
-    spectrum = jnp.moveaxis(jnp.tensordot(spectrum, rows, axes=([axis - 3], [1])), -1, axis - 3)
-  return jnp.real(spectrum) / np.prod(lengths)
+  matrices = [_dft_rows(length, count, 1.0) for length, count in zip(lengths, taps)]
+  half = lengths[2] // 2 + 1
+  matrices[2] = matrices[2][:, :half] * _half_spectrum_weights(lengths[2]).astype(np.complex64)
+  return jnp.real(_along_last_three(spectrum, matrices)) / np.prod(lengths)
 
 
 def _fft_forward(x: jax.Array, kernel: jax.Array, pads: tuple[tuple[int, int], ...]
