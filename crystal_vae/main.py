@@ -19,6 +19,7 @@ from ml_collections import config_flags
 from crystal_vae import checkpoints
 from crystal_vae import crystals
 from crystal_vae import inference
+from crystal_vae import models
 from crystal_vae import modes
 from crystal_vae import saved_config
 
@@ -55,7 +56,7 @@ class _QuietLibraries(python_logging.Filter):
 # voxelised) or in writing a checkpoint (a full disk) end the run with one line, not a traceback.
 _ONE_LINE_ERRORS = (FileNotFoundError, NotADirectoryError, crystals.RejectedCrystal,
                     checkpoints.CheckpointWriteError, inference.ConfigMismatch,
-                    inference.SettingsError)
+                    inference.SettingsError, models.ModelConfigError)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -722,8 +722,24 @@ def init_variables(config: ml_collections.ConfigDict, rng: jax.Array) -> dict[st
                    composition=composition))
 
 
+class ModelConfigError(ValueError):
+  """A config.model value the model cannot be built with (the command line says it in one line)."""
+
+
+def _check_choices(model: ml_collections.ConfigDict) -> None:
+  for field, choices in (("conv_impl", CONV_IMPLS), ("species_head", SPECIES_HEADS),
+                         ("decoder_output", DECODER_OUTPUTS)):
+    if model[field] not in choices:
+      raise ModelConfigError(f"model.{field} {model[field]!r} not in {choices}")
+  if model.conv_impl == "fft" and any(stride != 1 for stride in model.encoder_strides):
+    raise ModelConfigError(
+        f"model.conv_impl 'fft' has stride 1 only and the encoder's strides are "
+        f"{tuple(model.encoder_strides)}; 'auto' takes the fft where it is faster")
+
+
 def model_from_config(config: ml_collections.ConfigDict) -> CrystalVAE:
   """Builds `CrystalVAE` from config.model, config.voxel.grid and config.dataset.max_z."""
+  _check_choices(config.model)
   values = {name: config.model[name] for name in _MODEL_FIELDS}
   values = {name: tuple(value) if isinstance(value, (list, tuple)) else value
             for name, value in values.items()}
