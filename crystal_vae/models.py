@@ -48,8 +48,10 @@ import numpy as np
 from flax import linen as nn
 from jax import lax
 
+from crystal_vae import native_conv
+
 Padding = Sequence[tuple[int, int]]
-CONV_IMPLS = ("auto", "xla", "depth_sum", "fft")
+CONV_IMPLS = ("auto", "xla", "depth_sum", "fft", "native")
 SPECIES_HEADS = ("classes", "mask_z")
 DECODER_OUTPUTS = ("relu", "softplus")
 Z_SCALE = 10.0  # the "mask_z" head regresses Z / Z_SCALE, O(1) for every element.
@@ -120,10 +122,12 @@ def _half_spectrum_weights(length: int) -> np.ndarray:
   return weights
 
 
-def _along_last_three(array: jax.Array, matrices: Sequence[np.ndarray]) -> jax.Array:
+def _along_last_three(array: jax.Array, matrices: Sequence[np.ndarray],
+                      minor_first: bool = False) -> jax.Array:
   """`array` (..., n0, n1, n2) with matrix i (m_i, n_i) applied along axis -3 + i."""
-  for axis, matrix in enumerate(matrices):
-    array = jnp.moveaxis(jnp.tensordot(array, matrix, axes=([axis - 3], [1])), -1, axis - 3)
+  order = (2, 1, 0) if minor_first else (0, 1, 2)
+  for axis in order:
+    array = jnp.moveaxis(jnp.tensordot(array, matrices[axis], axes=([axis - 3], [1])), -1, axis - 3)
   return array
 
 
@@ -143,7 +147,7 @@ def _first_samples(spectrum: jax.Array, lengths: Sequence[int], taps: Sequence[i
   matrices = [_dft_rows(length, count, 1.0) for length, count in zip(lengths, taps)]
   half = lengths[2] // 2 + 1
   matrices[2] = matrices[2][:, :half] * _half_spectrum_weights(lengths[2]).astype(np.complex64)
-  return jnp.real(_along_last_three(spectrum, matrices)) / np.prod(lengths)
+  return jnp.real(_along_last_three(spectrum, matrices, minor_first=True)) / np.prod(lengths)
 
 
 def _fft_forward(x: jax.Array, kernel: jax.Array, pads: tuple[tuple[int, int], ...]
@@ -204,12 +208,27 @@ def prefers_fft(padded_sides: Sequence[int], kernel_shape: Sequence[int],
                 strides: Sequence[int]) -> bool:
   """Whether the FFT convolution beats `depth_sum` on CPU (launch/benchmark_conv.py, forward +
   both gradients, batch 8): stride 1, a padded cube of side >= 16 and either at most 8 input or
-  output channels (XLA's 2-D convolutions are slow there: 1.2-9x faster) or a kernel of side
-  >= 4 (k^3 taps against the FFT's one product per frequency: 1.1-1.5x); with more channels or
-  smaller cubes the FFT's transforms cost more than they save (0.07-0.75x)."""
+  output channels (XLA's 2-D convolutions are slow there: 1.4-4x faster) or a kernel of side
+  >= 4 with at most 16 (k^3 taps against the FFT's one product per frequency: 1.4x); with more
+  channels or smaller cubes the FFT's transforms cost more than they save (0.1-0.8x)."""
+  *taps, channels_in, channels_out = kernel_shape
+  fewest = min(channels_in, channels_out)
+  return (all(stride == 1 for stride in strides) and min(padded_sides) >= 16
+          and (fewest <= 8 or (min(taps) >= 4 and fewest <= 16)))
+
+
+def prefers_native(padded_sides: Sequence[int], kernel_shape: Sequence[int],
+                   strides: Sequence[int]) -> bool:
+  """Whether the native direct convolution (`native_conv`) beats XLA's formulations on CPU
+  (launch/benchmark_conv.py, forward + both gradients, batch 8): stride 1, a padded cube of side
+  >= 16, >= 8 input and output channels (its vectors hold 8 output channels, fewer are padded;
+  with one input channel the FFT is faster) and a kernel of at most 64 Ki floats (its taps stay
+  in cache): 1.2-3.5x faster than the best XLA formulation on such layers; on smaller cubes with
+  more channels `depth_sum` is up to 2x faster."""
   *taps, channels_in, channels_out = kernel_shape
   return (all(stride == 1 for stride in strides) and min(padded_sides) >= 16
-          and (min(channels_in, channels_out) <= 8 or min(taps) >= 4))
+          and min(channels_in, channels_out) >= 8
+          and int(np.prod(taps)) * channels_in * channels_out <= 65536)
 
 
 def conv3d(
@@ -222,21 +241,34 @@ def conv3d(
   """Channels-last 3-D convolution, x (B, D, H, W, C), kernel (kd, kh, kw, C, F), no bias.
 
   impl: 'xla' (lax.conv_general_dilated, the fast path on GPU), 'depth_sum' (see
-  `_conv_depth_sum`), 'fft' (stride 1, see `_conv_fft`), or 'auto': 'xla' off the CPU; on the
-  CPU backend 'fft' where `prefers_fft` says so, else 'depth_sum'.
+  `_conv_depth_sum`), 'fft' (stride 1, see `_conv_fft`), 'native' (stride 1, CPU, a direct
+  convolution compiled on first use, see `native_conv`), or 'auto': 'xla' off the CPU; on the CPU
+  'native' where `prefers_native` says so and it could be built, else 'fft' where `prefers_fft`
+  says so, else 'depth_sum'.
   """
   if impl not in CONV_IMPLS:
     raise ValueError(f"conv impl {impl!r} not in {CONV_IMPLS}")
   strides = tuple(strides)
   pads = lax.padtype_to_pads(x.shape[1:4], kernel.shape[:3], strides, padding)
   if impl == "auto":
-    if jax.default_backend() != "cpu":
-      impl = "xla"
-    else:
-      padded = [side + low + high for side, (low, high) in zip(x.shape[1:4], pads)]
-      impl = "fft" if prefers_fft(padded, kernel.shape, strides) else "depth_sum"
+    impl = _auto_impl(x.shape[1:4], pads, kernel.shape, strides)
+  if impl == "native":
+    if any(stride != 1 for stride in strides) or jax.default_backend() != "cpu":
+      raise ValueError(f"the native convolution has stride 1 only, on the CPU only, not strides "
+                       f"{strides} on {jax.default_backend()}")
+    return native_conv.conv(x, kernel, pads)
   conv = {"xla": _conv_xla, "depth_sum": _conv_depth_sum, "fft": _conv_fft}[impl]
   return conv(x, kernel, strides, pads)
+
+
+def _auto_impl(sides: Sequence[int], pads: Padding, kernel_shape: Sequence[int],
+               strides: tuple[int, ...]) -> str:
+  if jax.default_backend() != "cpu":
+    return "xla"
+  padded = [side + low + high for side, (low, high) in zip(sides, pads)]
+  if prefers_native(padded, kernel_shape, strides) and native_conv.available():
+    return "native"
+  return "fft" if prefers_fft(padded, kernel_shape, strides) else "depth_sum"
 
 
 class Conv3D(nn.Module):
@@ -731,10 +763,13 @@ def _check_choices(model: ml_collections.ConfigDict) -> None:
                          ("decoder_output", DECODER_OUTPUTS)):
     if model[field] not in choices:
       raise ModelConfigError(f"model.{field} {model[field]!r} not in {choices}")
-  if model.conv_impl == "fft" and any(stride != 1 for stride in model.encoder_strides):
+  if model.conv_impl in ("fft", "native") and any(s != 1 for s in model.encoder_strides):
     raise ModelConfigError(
-        f"model.conv_impl 'fft' has stride 1 only and the encoder's strides are "
-        f"{tuple(model.encoder_strides)}; 'auto' takes the fft where it is faster")
+        f"model.conv_impl {model.conv_impl!r} has stride 1 only and the encoder's strides are "
+        f"{tuple(model.encoder_strides)}; 'auto' takes it where it is faster")
+  if model.conv_impl == "native" and not native_conv.available():
+    raise ModelConfigError("model.conv_impl 'native' could not be built (see the warning above); "
+                           "'auto' falls back to XLA's formulations")
 
 
 def model_from_config(config: ml_collections.ConfigDict) -> CrystalVAE:

@@ -7,13 +7,16 @@ Candidates (all channels-last, same kernel layout as `nn.Conv`: (kd, kh, kw, in,
   depth_fold kernel-depth slices stacked into channels, then one 2-D convolution.
   im2col     all k^3 patches gathered into one matrix, then a matmul.
   fft        crystal_vae.models' FFT convolution (stride 1 only; nan for strided layers).
+  native     crystal_vae.native_conv's direct convolution (C++, compiled on first use; stride 1).
   auto       crystal_vae.models.conv3d's own choice for the layer's shape.
   torch      PyTorch's conv3d, channels-last (an optional benchmark dependency:
              pip install torch==2.13.0+cpu), float32 only, its default threads (all cores).
 Each is run in float32 and bfloat16. Usage:
   python launch/benchmark_conv.py [--model paper|cpu] [--batch 8] [--repeats 7]
       [--impls xla,depth_sum,...,torch] [--dtypes f32,bf16] [--layers enc1,dec2,...]
-Prints one row per layer: median milliseconds of jitted grad(sum(out * ct)) w.r.t. input and kernel.
+Prints one row per layer: median milliseconds of jitted value_and_grad(sum(out * ct)) w.r.t. input
+and kernel, i.e. forward and both gradients (with grad alone XLA would drop the forward pass of
+this linear loss: the fifteenth session's tables timed the gradients only).
 Runs with the XLA settings importing crystal_vae makes (YNNPACK for dots only, see
 crystal_vae/__init__.py); XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=... overrides them.
 """
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from crystal_vae import models  # also the model's CPU convolution setting (crystal_vae/__init__.py)
+from crystal_vae import models, native_conv  # also the CPU convolution setting (__init__.py)
 
 # (name, input spatial size, in channels, out channels, kernel, stride, padding) of the paper model
 # at grid 30 (see crystal_vae/models.py for the shape path); U-Net features (16, 32, 64, 128).
@@ -118,8 +121,13 @@ def conv_fft(x, w, stride, pads):
   return models._conv_fft(x, w, (stride,) * 3, pads)  # pylint: disable=protected-access
 
 
+def conv_native(x, w, stride, pads):
+  del stride  # 1: time_layer skips strided layers
+  return native_conv.conv(x, w, pads)
+
+
 IMPLS = {"xla": conv_xla, "depth_sum": conv_depth_sum, "depth_fold": conv_depth_fold,
-         "im2col": conv_im2col, "fft": conv_fft}
+         "im2col": conv_im2col, "fft": conv_fft, "native": conv_native}
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
 
@@ -151,7 +159,7 @@ def time_torch_layer(batch, layer, repeats):
 def time_layer(impl, dtype_name, batch, layer, repeats):
   if impl == "torch":
     return time_torch_layer(batch, layer, repeats) if dtype_name == "f32" else float("nan")
-  if impl == "fft" and layer[5] != 1:
+  if impl in ("fft", "native") and layer[5] != 1:
     return float("nan")
   dtype = DTYPES[dtype_name]
   _, size, cin, cout, k, stride, padding = layer
@@ -165,8 +173,8 @@ def time_layer(impl, dtype_name, batch, layer, repeats):
     fn = lambda a, b, stride, pads: models.conv3d(a, b, (stride,) * 3, padding)
   else:
     fn = IMPLS[impl]
-  step = jax.jit(jax.grad(lambda a, b: jnp.sum((fn(a, b, stride, pads) * ct).astype(jnp.float32)),
-                          argnums=(0, 1)))
+  step = jax.jit(jax.value_and_grad(
+      lambda a, b: jnp.sum((fn(a, b, stride, pads) * ct).astype(jnp.float32)), argnums=(0, 1)))
   jax.block_until_ready(step(x, w))
   times = []
   for _ in range(repeats):

@@ -16,8 +16,8 @@ every gradient) doing the same forward, loss terms, metrics and Adam update.
 Every row runs in a fresh subprocess (one per model x framework x implementation), so its peak
 RSS (`ru_maxrss`, whole process: imports, XLA compilation, the steps) is its own; the
 "steps peak" column is the RSS high-water mark of the timed steps alone (VmHWM reset after the
-warm-up step). Both frameworks are credited with the same FLOPs: XLA's cost analysis of the
-JAX step. PyTorch is optional: without it the twin is skipped.
+warm-up step). Every row of a model is credited with the same FLOPs: XLA's cost analysis of the
+JAX step with `depth_sum` convolutions. PyTorch is optional: without it the twin is skipped.
 
 JAX variants (--jax_variants, joined with '+', e.g. donate+onednn): see `JAX_VARIANTS`.
 --xla_flags adds XLA flags to every JAX row.
@@ -42,7 +42,7 @@ _MODELS = flags.DEFINE_list("models", ["paper", "cpu"],
                             "Config variants: paper, cpu, gpu, quick.")
 _FRAMEWORKS = flags.DEFINE_list("frameworks", ["jax", "torch"], "jax and/or torch.")
 _IMPLS = flags.DEFINE_list("impls", ["auto"], "JAX: model.conv_impl values to compare (auto: "
-                          "what the model runs, fft or depth_sum per layer on CPU).")
+                          "what the model runs, native, fft or depth_sum per layer on CPU).")
 _JAX_VARIANTS = flags.DEFINE_list(
     "jax_variants", ["base"], "JAX: step variants (JAX_VARIANTS keys joined with '+').")
 _TORCH_IMPLS = flags.DEFINE_list(
@@ -80,6 +80,8 @@ JAX_VARIANTS = {
                               "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"},
     # Model-code change, monkeypatched (see _conv_depth_sum_dot_kernel_grad); conv_impl depth_sum.
     "dot_kernel_grad": {"patch": "dot_kernel_grad"},
+    # conv_impl auto as if the native convolution could not be built (fft or depth_sum per layer).
+    "no_native": {"patch": "no_native"},
 }
 
 
@@ -133,10 +135,12 @@ def _conv_depth_sum_dot_kernel_grad(x, kernel, strides, pads):
 def _patch_model(patch: str) -> None:
   """Monkeypatches crystal_vae.models in this (worker) process: a model-code change measured
   without editing the model."""
-  from crystal_vae import models  # pylint: disable=g-import-not-at-top
+  from crystal_vae import models, native_conv  # pylint: disable=g-import-not-at-top
   if patch == "dot_kernel_grad":
     models._ORIGINAL_CONV_DEPTH_SUM = models._conv_depth_sum  # pylint: disable=protected-access
     models._conv_depth_sum = _conv_depth_sum_dot_kernel_grad  # pylint: disable=protected-access
+  elif patch == "no_native":
+    native_conv.available = lambda: False
   else:
     raise ValueError(f"unknown model patch {patch!r}")
 
@@ -486,10 +490,11 @@ def main(argv):
       if result is None:
         print(f"| {model} | {framework} | {label} | failed: {error} |||||||", flush=True)
         continue
-      if framework == "jax":
-        xla_flops.setdefault(model, result["flops"])
-      elif model not in xla_flops:  # no JAX row: compile the JAX step for its FLOPs only
-        flops_job = {"framework": "jax", "model": model, "impl": _IMPLS.value[0],
+      if model not in xla_flops:
+        # One count per model for every row: XLA's cost analysis of the step with depth_sum
+        # convolutions (it counts neither custom calls, the native convolution, nor an FFT's
+        # work as the convolution's), compiled only.
+        flops_job = {"framework": "jax", "model": model, "impl": "depth_sum",
                      "variant": "base", "batch_size": _BATCH.value, "steps": 0}
         flops_result, _ = _run_worker(flops_job, _XLA_FLAGS.value)
         xla_flops[model] = flops_result["flops"] if flops_result else float("nan")

@@ -14,6 +14,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from crystal_vae import models
+from crystal_vae import native_conv
 
 GRID = 14  # Odd on the way down: 14 -> 7 -> 4.
 MAX_Z = 5
@@ -126,14 +127,23 @@ def test_decoder_unreachable_grid_raises():
     models.decoder_sizes(30, 3, (3, 3, 3), ("SAME", "SAME", "SAME"))  # Ends at 24 < 30.
 
 
-@pytest.mark.parametrize("impl", ["xla", "depth_sum", "fft"])
+def require_native() -> None:
+  """The native convolution needs a C++ compiler; where there is one it must build."""
+  if native_conv._compiler() is None:  # pylint: disable=protected-access
+    pytest.skip("no C++ compiler")
+  assert native_conv.available(), "conv3d.cc did not build or load (see the log)"
+
+
+@pytest.mark.parametrize("impl", ["xla", "depth_sum", "fft", "native"])
 @pytest.mark.parametrize("kernel,stride,padding", [
     (5, 2, "SAME"), (3, 1, "SAME"), (4, 1, "SAME"), (2, 2, "SAME"), (5, 1, "VALID"),
     (3, 2, "VALID"),
 ])
 def test_conv3d_matches_nn_conv(impl, kernel, stride, padding):
+  if impl == "native":
+    require_native()
   x = jax.random.normal(key(0), (2, 9, 8, 7, 3))
-  if impl == "fft" and stride != 1:
+  if impl in ("fft", "native") and stride != 1:
     with pytest.raises(ValueError, match="stride 1 only"):
       models.Conv3D(5, kernel, stride, padding, impl).init(key(1), x)
     return
@@ -168,10 +178,75 @@ def test_fft_convolution_in_bfloat16_and_on_a_big_cube():
                              models.conv3d(x, kernel, (1, 1, 1), "SAME", "xla"), atol=0.1)
 
 
+@pytest.mark.parametrize("channels_in,features,shape", [
+    (16, 8, (2, 12, 11, 13)),   # the cpu decoder's 16 -> 8; row tails of 3, 4 and 5 outputs
+    (32, 24, (1, 9, 10, 17)),   # input channels in the kernel gradient's lanes; 8 + 16 outputs
+    (1, 16, (2, 8, 8, 8)),      # one input channel (the U-Net's first layer)
+    (5, 3, (2, 7, 9, 8)),       # output channels padded to a vector of 8
+])
+def test_native_convolution_matches_lax_with_gradients(channels_in, features, shape):
+  """The direct C++ convolution against lax's (float32 'highest'), the input and kernel gradients
+  of a non-linear loss included, and bfloat16 in -> bfloat16 out."""
+  require_native()
+  x = jax.random.normal(key(0), shape + (channels_in,))
+  kernel = jax.random.normal(key(1), (3, 3, 3, channels_in, features)) * 0.2
+  pads = ((1, 1), (0, 2), (1, 1))  # SAME in depth and width, lopsided in height
+  reference = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1, 1), pads, dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision="highest")
+  own = lambda x, k: native_conv.conv(x, k, pads)
+  np.testing.assert_allclose(jax.jit(own)(x, kernel), reference(x, kernel), rtol=1e-5, atol=1e-5)
+  loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k)))
+  for got, want in zip(jax.jit(jax.grad(loss(own), argnums=(0, 1)))(x, kernel),
+                       jax.grad(loss(reference), argnums=(0, 1))(x, kernel)):
+    # float32 sums over up to 32 x 1,530 terms: rounding relative to the largest entry
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5 * float(np.abs(want).max()))
+  half = native_conv.conv(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), pads)
+  assert half.dtype == jnp.bfloat16
+  np.testing.assert_allclose(half.astype(jnp.float32), reference(x, kernel), atol=0.1)
+
+
+def test_native_convolution_builds_once_and_falls_back_without_a_compiler(tmp_path):
+  """A fresh cache is filled with one library, which a second build reuses; with no compiler
+  `available()` is False, logs why, and `auto` still convolves (with XLA's formulations)."""
+  require_native()
+  env = dict(os.environ, CRYSTAL_VAE_CACHE=str(tmp_path / "cache"))
+  script = ("from crystal_vae import native_conv as n; a = n.build(); b = n.build(); "
+            "print(a == b, a.stat().st_mtime_ns == b.stat().st_mtime_ns)")
+  run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       timeout=600, check=True)
+  assert run.stdout.split() == ["True", "True"]
+  assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".so"]
+  env["CXX"] = str(tmp_path / "no-such-compiler")
+  env["CRYSTAL_VAE_CACHE"] = str(tmp_path / "empty")
+  script = ("import jax, jax.numpy as jnp; from crystal_vae import models, native_conv as n; "
+            "x = jnp.ones((1, 16, 16, 16, 8)); k = jnp.ones((3, 3, 3, 8, 8)); "
+            "y = models.conv3d(x, k, (1, 1, 1), 'SAME', 'auto'); "
+            "print(n.available(), float(y[0, 8, 8, 8, 0]))")
+  run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       timeout=600, check=True)
+  assert run.stdout.split() == ["False", "216.0"]  # 27 taps x 8 channels of ones
+  assert "native 3-D convolution unavailable" in run.stderr
+
+
+@pytest.mark.parametrize("shape,kernel,strides,native", [
+    ((34, 34, 34), (3, 3, 3, 16, 8), (1, 1, 1), True),      # repeat `cpu` decoder, 32^3 x 16 -> 8
+    ((18, 18, 18), (3, 3, 3, 32, 16), (1, 1, 1), True),     # its 16^3 x 32 -> 16
+    ((32, 32, 32), (3, 3, 3, 48, 16), (1, 1, 1), True),     # paper U-Net, up path at 30^3
+    ((32, 32, 32), (3, 3, 3, 8, 1), (1, 1, 1), False),      # one output channel: the FFT's
+    ((10, 10, 10), (3, 3, 3, 64, 32), (1, 1, 1), False),    # a small cube: depth_sum's
+    ((24, 24, 24), (5, 5, 5, 64, 32), (1, 1, 1), False),    # paper decoder, k5: a big kernel
+    ((32, 32, 32), (3, 3, 3, 1, 16), (1, 1, 1), False),     # one input channel: the FFT's
+    ((34, 34, 34), (5, 5, 5, 1, 16), (2, 2, 2), False),     # strided
+])
+def test_cpu_auto_takes_the_native_convolution_where_it_is_faster(shape, kernel, strides, native):
+  assert models.prefers_native(shape, kernel, strides) == native
+
+
 @pytest.mark.parametrize("shape,kernel,strides,fft", [
     ((32, 32, 32), (3, 3, 3, 16, 8), (1, 1, 1), True),      # repeat `cpu` decoder, 32^3 x 16 -> 8
     ((32, 32, 32), (3, 3, 3, 8, 1), (1, 1, 1), True),       # its VALID output layer
     ((35, 35, 35), (4, 4, 4, 32, 16), (1, 1, 1), True),     # paper decoder, k4
+    ((20, 20, 20), (5, 5, 5, 64, 32), (1, 1, 1), False),    # paper decoder, k5 VALID, 64 -> 32
     ((32, 32, 32), (3, 3, 3, 16, 16), (1, 1, 1), False),    # paper U-Net at 30^3: 16 -> 16
     ((10, 10, 10), (3, 3, 3, 64, 8), (1, 1, 1), False),     # a small cube
     ((34, 34, 34), (5, 5, 5, 1, 16), (2, 2, 2), False),     # strided
@@ -181,14 +256,18 @@ def test_cpu_auto_takes_fft_where_it_is_faster(shape, kernel, strides, fft):
 
 
 def test_auto_convolution_on_cpu_is_the_preferred_implementation():
-  """`auto` on the CPU gives the FFT path's values bit for bit where `prefers_fft`, else
-  depth_sum's."""
+  """`auto` on the CPU gives the native path's values bit for bit where `prefers_native`, the
+  FFT path's where `prefers_fft`, else depth_sum's."""
   assert jax.default_backend() == "cpu"
+  require_native()
   x = jax.random.normal(key(0), (1, 16, 16, 16, 12))
-  for features in (2, 12):
+  for features, cube, expected in ((2, 16, "fft"), (16, 16, "native"), (16, 8, "depth_sum")):
     kernel = jax.random.normal(key(1), (3, 3, 3, 12, features))
-    chosen = "fft" if models.prefers_fft((18, 18, 18), kernel.shape, (1, 1, 1)) else "depth_sum"
-    assert chosen == ("fft" if features == 2 else "depth_sum")
+    x = x[:, :cube, :cube, :cube]
+    padded = (cube + 2,) * 3
+    chosen = ("native" if models.prefers_native(padded, kernel.shape, (1, 1, 1)) else
+              "fft" if models.prefers_fft(padded, kernel.shape, (1, 1, 1)) else "depth_sum")
+    assert chosen == expected
     auto = jax.jit(lambda x, k: models.conv3d(x, k, (1, 1, 1), "SAME", "auto"))(x, kernel)
     own = jax.jit(lambda x, k: models.conv3d(x, k, (1, 1, 1), "SAME", chosen))(x, kernel)
     np.testing.assert_array_equal(auto, own)

@@ -1,0 +1,325 @@
+// Direct stride-1 3-D correlation on the CPU, channels-last, as XLA FFI custom calls
+// (crystal_vae/native_conv.py compiles this file on first use and registers both handlers).
+//
+//   CrystalVaeCorrelate:      x (B, Dp, Hp, Wp, C), k (KD, KH, KW, C, O) -> y (B, Dp-KD+1, ..., O)
+//                             y[b, p, o] = sum_{t, c} x[b, p + t, c] k[t, c, o]  (no padding: the
+//                             caller pads x; the input gradient is this call on the padded
+//                             cotangent with the flipped, transposed kernel)
+//   CrystalVaeKernelGradient: x (B, Dp, Hp, Wp, C), g (B, Do, Ho, Wo, O) -> dk (KD, KH, KW, C, O)
+//                             dk[t, c, o] = sum_{b, p} x[b, p + t, c] g[b, p, o]
+// O must be a multiple of 8 (the caller pads the channels). Each output row keeps its partial
+// sums in vector registers over all kernel taps, so memory sees each output once; the work is
+// split over (batch, depth) between one thread per CPU the process may run on.
+
+#include <sched.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using Array5 = ffi::Buffer<ffi::F32, 5>;  // a name without a comma, for the macros below
+
+namespace {
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v16f __attribute__((vector_size(64)));
+typedef double v8d __attribute__((vector_size(64)));
+typedef int v16i __attribute__((vector_size(64)));
+
+inline v8f Load(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void Store(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+inline v8f Splat(float a) { return v8f{} + a; }
+inline v16f Load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+// {p[0], p[1], p[0], p[1], ...}: one 64-bit broadcast.
+inline v16f SplatPair(const float* p) {
+  double pair;
+  std::memcpy(&pair, p, sizeof pair);
+  const v8d pairs = v8d{} + pair;
+  v16f v;
+  std::memcpy(&v, &pairs, sizeof v);
+  return v;
+}
+
+int CpuCount() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// body(thread, first, last) over [0, n) in contiguous parts, one per thread (this one included).
+template <typename Body>
+void ParallelFor(int64_t n, int64_t threads, Body body) {
+  std::vector<std::thread> helpers;
+  for (int64_t t = 1; t < threads; ++t) {
+    helpers.emplace_back(body, t, n * t / threads, n * (t + 1) / threads);
+  }
+  body(0, 0, n / threads);
+  for (auto& helper : helpers) helper.join();
+}
+
+struct Shape {  // of a correlation: input (padded) sides, taps, channels
+  int64_t batch, depth, height, width, in, taps_d, taps_h, taps_w, out;
+  int64_t out_depth() const { return depth - taps_d + 1; }
+  int64_t out_height() const { return height - taps_h + 1; }
+  int64_t out_width() const { return width - taps_w + 1; }
+};
+
+// WB outputs of one row, 8 * OV output channels from `o0`, summed over all taps and channels.
+template <int WB, int OV>
+void RowBlock(const Shape& s, const float* x, const float* k, float* y, int64_t o0) {
+  const int64_t sw = s.in, sh = s.width * s.in, sd = s.height * sh;
+  v8f acc[WB][OV];
+  for (int w = 0; w < WB; ++w)
+    for (int v = 0; v < OV; ++v) acc[w][v] = Splat(0.f);
+  const float* kt = k + o0;
+  for (int64_t i = 0; i < s.taps_d; ++i)
+    for (int64_t j = 0; j < s.taps_h; ++j)
+      for (int64_t t = 0; t < s.taps_w; ++t, kt += s.in * s.out) {
+        const float* xt = x + i * sd + j * sh + t * sw;
+        for (int64_t c = 0; c < s.in; ++c) {
+          v8f kv[OV];
+          for (int v = 0; v < OV; ++v) kv[v] = Load(kt + c * s.out + 8 * v);
+          for (int w = 0; w < WB; ++w) {
+            const v8f xv = Splat(xt[w * sw + c]);
+            for (int v = 0; v < OV; ++v) acc[w][v] += xv * kv[v];
+          }
+        }
+      }
+  for (int w = 0; w < WB; ++w)
+    for (int v = 0; v < OV; ++v) Store(y + w * s.out + o0 + 8 * v, acc[w][v]);
+}
+
+// RowBlock for an even number of input channels, with lanes (output channel, input channel
+// parity): one broadcast of an input-channel pair feeds 16 products instead of 8. `pairs` is the
+// kernel as (tap, channel pair, output channel, parity).
+template <int WB, int OV>
+void RowBlockPairs(const Shape& s, const float* x, const float* pairs, float* y, int64_t o0) {
+  const int64_t sw = s.in, sh = s.width * s.in, sd = s.height * sh;
+  v16f acc[WB][OV];
+  for (int w = 0; w < WB; ++w)
+    for (int v = 0; v < OV; ++v) acc[w][v] = v16f{};
+  const float* kt = pairs + 2 * o0;
+  for (int64_t i = 0; i < s.taps_d; ++i)
+    for (int64_t j = 0; j < s.taps_h; ++j)
+      for (int64_t t = 0; t < s.taps_w; ++t, kt += s.in * s.out) {
+        const float* xt = x + i * sd + j * sh + t * sw;
+        for (int64_t c = 0; c < s.in; c += 2) {
+          v16f kv[OV];
+          for (int v = 0; v < OV; ++v) kv[v] = Load16(kt + c * s.out + 16 * v);
+          for (int w = 0; w < WB; ++w) {
+            const v16f xv = SplatPair(xt + w * sw + c);
+            for (int v = 0; v < OV; ++v) acc[w][v] += xv * kv[v];
+          }
+        }
+      }
+  const v16i even = {0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14};
+  for (int w = 0; w < WB; ++w)
+    for (int v = 0; v < OV; ++v) {
+      const v16f sum = __builtin_shuffle(acc[w][v], even) + __builtin_shuffle(acc[w][v], even + 1);
+      std::memcpy(y + w * s.out + o0 + 8 * v, &sum, 8 * sizeof(float));
+    }
+}
+
+template <int WB>
+void RowBlockChannels(const Shape& s, const float* x, const float* k, float* y,
+                      const float* pairs) {
+  int64_t o0 = 0;
+  if (pairs != nullptr) {
+    for (; o0 + 16 <= s.out; o0 += 16) RowBlockPairs<WB, 2>(s, x, pairs, y, o0);
+    for (; o0 < s.out; o0 += 8) RowBlockPairs<WB, 1>(s, x, pairs, y, o0);
+    return;
+  }
+  for (; o0 + 16 <= s.out; o0 += 16) RowBlock<WB, 2>(s, x, k, y, o0);
+  for (; o0 < s.out; o0 += 8) RowBlock<WB, 1>(s, x, k, y, o0);
+}
+
+// The last `count` (< 8) outputs of a row, in one block.
+void RowTail(int64_t count, const Shape& s, const float* x, const float* k, float* y,
+             const float* pairs) {
+  switch (count) {
+    case 1: return RowBlockChannels<1>(s, x, k, y, pairs);
+    case 2: return RowBlockChannels<2>(s, x, k, y, pairs);
+    case 3: return RowBlockChannels<3>(s, x, k, y, pairs);
+    case 4: return RowBlockChannels<4>(s, x, k, y, pairs);
+    case 5: return RowBlockChannels<5>(s, x, k, y, pairs);
+    case 6: return RowBlockChannels<6>(s, x, k, y, pairs);
+    default: return RowBlockChannels<7>(s, x, k, y, pairs);
+  }
+}
+
+void Correlate(const Shape& s, const float* x, const float* k, float* y) {
+  const int64_t od = s.out_depth(), oh = s.out_height(), ow = s.out_width();
+  const int64_t sh = s.width * s.in, sd = s.height * sh, sb = s.depth * sd;
+  std::vector<float> paired;  // the kernel for RowBlockPairs, where it applies
+  if (s.in % 2 == 0) {
+    const int64_t taps = s.taps_d * s.taps_h * s.taps_w;
+    paired.resize(taps * s.in * s.out);
+    for (int64_t tap = 0; tap < taps; ++tap)
+      for (int64_t c = 0; c < s.in; ++c)
+        for (int64_t o = 0; o < s.out; ++o)
+          paired[(tap * s.in + c - c % 2) * s.out + 2 * o + c % 2] = k[(tap * s.in + c) * s.out + o];
+  }
+  const float* pairs = paired.empty() ? nullptr : paired.data();
+  ParallelFor(s.batch * od, std::min<int64_t>(CpuCount(), s.batch * od),
+              [&](int64_t, int64_t first, int64_t last) {
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t b = item / od, d = item % od;
+      for (int64_t h = 0; h < oh; ++h) {
+        const float* xr = x + b * sb + d * sd + h * sh;
+        float* yr = y + ((item * oh + h) * ow) * s.out;
+        int64_t w = 0;
+        for (; w + 8 <= ow; w += 8) {
+          RowBlockChannels<8>(s, xr + w * s.in, k, yr + w * s.out, pairs);
+        }
+        if (w < ow) RowTail(ow - w, s, xr + w * s.in, k, yr + w * s.out, pairs);
+      }
+    }
+  });
+}
+
+// Adds to dk[tap, c0:c0+CB, o0:o0+8] the sums over one (batch, depth) plane of x * g, with the
+// output channels in the vector lanes (one broadcast of x per 8 products).
+template <int CB>
+void PlaneTapByOut(const Shape& s, const float* x, const float* g, float* dk, int64_t c0,
+                   int64_t o0) {
+  const int64_t oh = s.out_height(), ow = s.out_width();
+  const int64_t sw = s.in, sh = s.width * s.in;
+  v8f acc[CB];
+  for (int c = 0; c < CB; ++c) acc[c] = Splat(0.f);
+  for (int64_t h = 0; h < oh; ++h) {
+    const float* xr = x + h * sh + c0;
+    const float* gr = g + h * ow * s.out + o0;
+    for (int64_t w = 0; w < ow; ++w) {
+      const v8f gv = Load(gr + w * s.out);
+      for (int c = 0; c < CB; ++c) acc[c] += Splat(xr[w * sw + c]) * gv;
+    }
+  }
+  for (int c = 0; c < CB; ++c) {
+    float* target = dk + (c0 + c) * s.out + o0;
+    Store(target, Load(target) + acc[c]);
+  }
+}
+
+// The same for dk[tap, c0:c0+8*CV, o0:o0+8] with the input channels in the lanes (one broadcast
+// of g per 8 * CV products): fewer loads where there are more input than output channels.
+template <int CV>
+void PlaneTapByIn(const Shape& s, const float* x, const float* g, float* dk, int64_t c0,
+                  int64_t o0) {
+  const int64_t oh = s.out_height(), ow = s.out_width();
+  const int64_t sw = s.in, sh = s.width * s.in;
+  v8f acc[8][CV];
+  for (int o = 0; o < 8; ++o)
+    for (int v = 0; v < CV; ++v) acc[o][v] = Splat(0.f);
+  for (int64_t h = 0; h < oh; ++h) {
+    const float* xr = x + h * sh + c0;
+    const float* gr = g + h * ow * s.out + o0;
+    for (int64_t w = 0; w < ow; ++w) {
+      v8f xv[CV];
+      for (int v = 0; v < CV; ++v) xv[v] = Load(xr + w * sw + 8 * v);
+      for (int o = 0; o < 8; ++o) {
+        const v8f gb = Splat(gr[w * s.out + o]);
+        for (int v = 0; v < CV; ++v) acc[o][v] += gb * xv[v];
+      }
+    }
+  }
+  for (int o = 0; o < 8; ++o)
+    for (int v = 0; v < CV; ++v)
+      for (int lane = 0; lane < 8; ++lane) dk[(c0 + 8 * v + lane) * s.out + o0 + o] += acc[o][v][lane];
+}
+
+// dk[tap, :, o0:o0+8] += one plane's sums, by whichever lane layout needs fewer loads.
+void PlaneTap(const Shape& s, const float* x, const float* g, float* dk, int64_t o0) {
+  int64_t c0 = 0;
+  if (s.in > 8 && s.in % 8 == 0) {
+    for (; c0 + 16 <= s.in; c0 += 16) PlaneTapByIn<2>(s, x, g, dk, c0, o0);
+    for (; c0 < s.in; c0 += 8) PlaneTapByIn<1>(s, x, g, dk, c0, o0);
+    return;
+  }
+  for (; c0 + 16 <= s.in; c0 += 16) PlaneTapByOut<16>(s, x, g, dk, c0, o0);
+  for (; c0 + 4 <= s.in; c0 += 4) PlaneTapByOut<4>(s, x, g, dk, c0, o0);
+  for (; c0 < s.in; ++c0) PlaneTapByOut<1>(s, x, g, dk, c0, o0);
+}
+
+void KernelGradient(const Shape& s, const float* x, const float* g, float* dk) {
+  const int64_t od = s.out_depth(), oh = s.out_height(), ow = s.out_width();
+  const int64_t sh = s.width * s.in, sd = s.height * sh, sb = s.depth * sd;
+  const int64_t taps = s.taps_d * s.taps_h * s.taps_w, size = taps * s.in * s.out;
+  const int64_t threads = std::min<int64_t>(CpuCount(), s.batch * od);
+  std::vector<std::vector<float>> partial(threads, std::vector<float>(size, 0.f));
+  ParallelFor(s.batch * od, threads, [&](int64_t thread, int64_t first, int64_t last) {
+    float* local = partial[thread].data();
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t b = item / od, d = item % od;
+      const float* gp = g + item * oh * ow * s.out;
+      for (int64_t i = 0; i < s.taps_d; ++i)
+        for (int64_t j = 0; j < s.taps_h; ++j)
+          for (int64_t t = 0; t < s.taps_w; ++t) {
+            const float* xp = x + b * sb + (d + i) * sd + j * sh + t * s.in;
+            float* tap = local + ((i * s.taps_h + j) * s.taps_w + t) * s.in * s.out;
+            for (int64_t o0 = 0; o0 < s.out; o0 += 8) PlaneTap(s, xp, gp, tap, o0);
+          }
+    }
+  });
+  std::fill(dk, dk + size, 0.f);
+  for (const auto& part : partial)
+    for (int64_t n = 0; n < size; ++n) dk[n] += part[n];
+}
+
+ffi::Error CheckOut(int64_t out) {
+  if (out % 8 != 0) {
+    return ffi::Error::InvalidArgument("crystal_vae conv3d: output channels must be a multiple of 8");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error CorrelateImpl(Array5 x, Array5 k,
+                         ffi::ResultBuffer<ffi::F32, 5> y) {
+  const auto xd = x.dimensions(), kd = k.dimensions();
+  const Shape s{xd[0], xd[1], xd[2], xd[3], xd[4], kd[0], kd[1], kd[2], kd[4]};
+  if (kd[3] != s.in || s.out_depth() < 1 || s.out_height() < 1 || s.out_width() < 1) {
+    return ffi::Error::InvalidArgument("crystal_vae conv3d: kernel does not fit the input");
+  }
+  if (auto error = CheckOut(s.out); error.failure()) return error;
+  Correlate(s, x.typed_data(), k.typed_data(), y->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error KernelGradientImpl(Array5 x, Array5 g,
+                              ffi::ResultBuffer<ffi::F32, 5> dk) {
+  const auto xd = x.dimensions(), gd = g.dimensions(), kd = dk->dimensions();
+  const Shape s{xd[0], xd[1], xd[2], xd[3], xd[4], kd[0], kd[1], kd[2], kd[4]};
+  if (gd[0] != s.batch || gd[1] != s.out_depth() || gd[2] != s.out_height() ||
+      gd[3] != s.out_width() || gd[4] != s.out || kd[3] != s.in) {
+    return ffi::Error::InvalidArgument("crystal_vae conv3d: gradient shapes do not match");
+  }
+  if (auto error = CheckOut(s.out); error.failure()) return error;
+  KernelGradient(s, x.typed_data(), g.typed_data(), dk->typed_data());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeCorrelate, CorrelateImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<Array5>()
+                                  .Arg<Array5>()
+                                  .Ret<Array5>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeKernelGradient, KernelGradientImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<Array5>()
+                                  .Arg<Array5>()
+                                  .Ret<Array5>());

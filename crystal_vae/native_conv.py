@@ -1,0 +1,157 @@
+"""A direct stride-1 3-D convolution for the CPU: `conv3d.cc`, compiled on first use.
+
+The C++ file beside this one holds two XLA FFI handlers (a correlation and its kernel gradient,
+channels-last, float32); `available()` compiles it once per source, jaxlib and CPU into a cache
+folder (`$CRYSTAL_VAE_CACHE`, else `~/.cache/crystal_vae`) with the C++ compiler in `$CXX` or on
+the PATH, loads it and registers both handlers with JAX. Where that fails (no compiler, say), it
+logs why once and `available()` is False: `models.conv3d`'s `auto` then keeps its XLA
+formulations. `conv(x, kernel, pads)` is the differentiable convolution (a custom VJP: the input
+gradient is the same correlation on the padded cotangent with the flipped kernel).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import pathlib
+import shutil
+import subprocess
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+_SOURCE = pathlib.Path(__file__).with_name("conv3d.cc")
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
+_TARGETS = {"correlate": "CrystalVaeCorrelate", "kernel_gradient": "CrystalVaeKernelGradient"}
+_LANES = 8  # output channels per vector register (the handlers need a multiple of this)
+
+
+def _cpu_signature() -> str:
+  """The CPU's model and instruction-set flags (the library is built with -march=native)."""
+  try:
+    info = pathlib.Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return os.uname().machine
+  lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))]
+  return "\n".join(sorted(set(lines)))
+
+
+def _cache_dir() -> pathlib.Path:
+  default = pathlib.Path.home() / ".cache" / "crystal_vae"
+  return pathlib.Path(os.environ.get("CRYSTAL_VAE_CACHE", default))
+
+
+def _compiler() -> str | None:
+  return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def build() -> pathlib.Path:
+  """Compiles conv3d.cc unless a build for this source, jaxlib, compiler and CPU exists; returns
+  the library's path. Several processes may build at once: each writes its own file and renames
+  it into place."""
+  compiler = _compiler()
+  if compiler is None:
+    raise RuntimeError("no C++ compiler (set CXX or put g++ on the PATH)")
+  key = hashlib.sha256("\n".join([
+      _SOURCE.read_text(), importlib.metadata.version("jaxlib"), compiler, " ".join(_FLAGS),
+      _cpu_signature()]).encode()).hexdigest()[:16]
+  target = _cache_dir() / f"conv3d-{key}.so"
+  if target.exists():
+    return target
+  target.parent.mkdir(parents=True, exist_ok=True)
+  partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+  command = [compiler, *_FLAGS, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", str(partial)]
+  result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+  if result.returncode != 0:
+    partial.unlink(missing_ok=True)
+    raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr.strip()[-2000:]}")
+  os.replace(partial, target)
+  return target
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the direct convolution is built, loaded and registered (once per process)."""
+  try:
+    library = ctypes.cdll.LoadLibrary(str(build()))
+    for name, symbol in _TARGETS.items():
+      jax.ffi.register_ffi_target(f"crystal_vae_{name}",
+                                  jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+  except (OSError, RuntimeError, subprocess.TimeoutExpired) as error:
+    logging.warning("native 3-D convolution unavailable, XLA's formulations instead: %s", error)
+    return False
+  return True
+
+
+def _require() -> None:
+  if not available():
+    raise RuntimeError("the native 3-D convolution could not be built (see the log); use "
+                       "model.conv_impl 'auto', 'depth_sum', 'fft' or 'xla'")
+
+
+def _round_up(channels: int) -> int:
+  return -(-channels // _LANES) * _LANES
+
+
+def correlate(padded: jax.Array, kernel: jax.Array) -> jax.Array:
+  """VALID stride-1 correlation of float32 `padded` (B, D, H, W, C) with `kernel`
+  (kd, kh, kw, C, O): y[b, p, o] = sum over taps t and c of padded[b, p + t, c] kernel[t, c, o]."""
+  _require()
+  out = kernel.shape[-1]
+  kernel = jnp.pad(kernel, ((0, 0),) * 4 + ((0, _round_up(out) - out),))
+  shape = (padded.shape[0], *(side - taps + 1 for side, taps in
+                              zip(padded.shape[1:4], kernel.shape[:3])), kernel.shape[-1])
+  y = jax.ffi.ffi_call("crystal_vae_correlate", jax.ShapeDtypeStruct(shape, jnp.float32))(
+      padded, kernel)
+  return y[..., :out]
+
+
+def kernel_gradient(padded: jax.Array, cotangent: jax.Array, taps: tuple[int, int, int]
+                    ) -> jax.Array:
+  """d(sum y * cotangent) / d kernel of `correlate(padded, kernel)`: (kd, kh, kw, C, O)."""
+  _require()
+  out = cotangent.shape[-1]
+  cotangent = jnp.pad(cotangent, ((0, 0),) * 4 + ((0, _round_up(out) - out),))
+  shape = (*taps, padded.shape[-1], cotangent.shape[-1])
+  dk = jax.ffi.ffi_call("crystal_vae_kernel_gradient", jax.ShapeDtypeStruct(shape, jnp.float32))(
+      padded, cotangent)
+  return dk[..., :out]
+
+
+def _pad(x: jax.Array, pads: tuple[tuple[int, int], ...]) -> jax.Array:
+  return jnp.pad(x, ((0, 0), *pads, (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv(x: jax.Array, kernel: jax.Array, pads: tuple[tuple[int, int], ...]) -> jax.Array:
+  return _conv_forward(x, kernel, pads)[0]
+
+
+def _conv_forward(x, kernel, pads):
+  padded = _pad(x.astype(jnp.float32), pads)
+  return correlate(padded, kernel.astype(jnp.float32)).astype(x.dtype), (padded, kernel)
+
+
+def _conv_backward(pads, residuals, cotangent):
+  padded, kernel = residuals
+  taps = kernel.shape[:3]
+  g = cotangent.astype(jnp.float32)
+  # dx[q] = sum_t g[q + low - t] k[t]: a correlation of g padded by (taps - 1 - pad) with the
+  # kernel flipped in space and transposed in channels.
+  flipped = jnp.swapaxes(kernel[::-1, ::-1, ::-1], -1, -2).astype(jnp.float32)
+  dx = correlate(_pad(g, tuple((k - 1 - low, k - 1 - high) for k, (low, high)
+                               in zip(taps, pads))), flipped)
+  return dx.astype(cotangent.dtype), kernel_gradient(padded, g, taps).astype(kernel.dtype)
+
+
+_conv.defvjp(_conv_forward, _conv_backward)
+
+
+def conv(x: jax.Array, kernel: jax.Array, pads: tuple[tuple[int, int], ...]) -> jax.Array:
+  """Stride-1 channels-last 3-D convolution (as `lax.conv_general_dilated`, explicit `pads` per
+  spatial axis), float32 inside whatever the dtype; reverse-mode differentiable (custom VJP)."""
+  return _conv(x, kernel, tuple(tuple(int(p) for p in pad) for pad in pads))
