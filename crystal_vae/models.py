@@ -48,7 +48,7 @@ import numpy as np
 from flax import linen as nn
 from jax import lax
 
-from crystal_vae import native_conv
+from crystal_vae import native
 
 Padding = Sequence[tuple[int, int]]
 CONV_IMPLS = ("auto", "xla", "depth_sum", "fft", "native")
@@ -219,15 +219,15 @@ def prefers_fft(padded_sides: Sequence[int], kernel_shape: Sequence[int],
 
 def prefers_native(padded_sides: Sequence[int], kernel_shape: Sequence[int],
                    strides: Sequence[int]) -> bool:
-  """Whether the native direct convolution (`native_conv`) beats XLA's formulations on CPU
+  """Whether the native direct convolution (`native.conv`) beats XLA's formulations on CPU
   (launch/benchmark_conv.py, forward + both gradients, batch 8): stride 1, a padded cube of side
-  >= 16, >= 8 input and output channels (its vectors hold 8 output channels, fewer are padded;
-  with one input channel the FFT is faster) and a kernel of at most 64 Ki floats (its taps stay
-  in cache): 1.2-3.5x faster than the best XLA formulation on such layers; on smaller cubes with
-  more channels `depth_sum` is up to 2x faster."""
+  >= 16, >= 8 input channels (with one, the FFT is faster), 1 or >= 8 output channels (its
+  vectors hold 8; a few more are padded up to 8) and a kernel of at most 64 Ki floats (its taps
+  stay in cache): 1.3-3.5x faster than the best XLA formulation on such layers; on smaller cubes
+  with more channels `depth_sum` is up to 2x faster."""
   *taps, channels_in, channels_out = kernel_shape
   return (all(stride == 1 for stride in strides) and min(padded_sides) >= 16
-          and min(channels_in, channels_out) >= 8
+          and channels_in >= 8 and (channels_out == 1 or channels_out >= 8)
           and int(np.prod(taps)) * channels_in * channels_out <= 65536)
 
 
@@ -242,7 +242,7 @@ def conv3d(
 
   impl: 'xla' (lax.conv_general_dilated, the fast path on GPU), 'depth_sum' (see
   `_conv_depth_sum`), 'fft' (stride 1, see `_conv_fft`), 'native' (stride 1, CPU, a direct
-  convolution compiled on first use, see `native_conv`), or 'auto': 'xla' off the CPU; on the CPU
+  convolution compiled on first use, see `native`), or 'auto': 'xla' off the CPU; on the CPU
   'native' where `prefers_native` says so and it could be built, else 'fft' where `prefers_fft`
   says so, else 'depth_sum'.
   """
@@ -256,7 +256,7 @@ def conv3d(
     if any(stride != 1 for stride in strides) or jax.default_backend() != "cpu":
       raise ValueError(f"the native convolution has stride 1 only, on the CPU only, not strides "
                        f"{strides} on {jax.default_backend()}")
-    return native_conv.conv(x, kernel, pads)
+    return native.conv(x, kernel, pads)
   conv = {"xla": _conv_xla, "depth_sum": _conv_depth_sum, "fft": _conv_fft}[impl]
   return conv(x, kernel, strides, pads)
 
@@ -266,7 +266,7 @@ def _auto_impl(sides: Sequence[int], pads: Padding, kernel_shape: Sequence[int],
   if jax.default_backend() != "cpu":
     return "xla"
   padded = [side + low + high for side, (low, high) in zip(sides, pads)]
-  if prefers_native(padded, kernel_shape, strides) and native_conv.available():
+  if prefers_native(padded, kernel_shape, strides) and native.available():
     return "native"
   return "fft" if prefers_fft(padded, kernel_shape, strides) else "depth_sum"
 
@@ -315,7 +315,11 @@ scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
 
 
 def _resize(x: jax.Array, spatial: Sequence[int]) -> jax.Array:
-  """Trilinear resize of a (B, D, H, W, C) array to the given (D, H, W)."""
+  """Trilinear resize of a (B, D, H, W, C) array to the given (D, H, W); on the CPU, doubling
+  every side, by the native kernel (the same values: `native.upsample2`)."""
+  doubles = all(size == 2 * side for size, side in zip(spatial, x.shape[1:4]))
+  if doubles and jax.default_backend() == "cpu" and native.available():
+    return native.upsample2(x)
   return jax.image.resize(x, (x.shape[0], *spatial, x.shape[-1]), "trilinear")
 
 
@@ -767,7 +771,7 @@ def _check_choices(model: ml_collections.ConfigDict) -> None:
     raise ModelConfigError(
         f"model.conv_impl {model.conv_impl!r} has stride 1 only and the encoder's strides are "
         f"{tuple(model.encoder_strides)}; 'auto' takes it where it is faster")
-  if model.conv_impl == "native" and not native_conv.available():
+  if model.conv_impl == "native" and not native.available():
     raise ModelConfigError("model.conv_impl 'native' could not be built (see the warning above); "
                            "'auto' falls back to XLA's formulations")
 

@@ -7,7 +7,7 @@ Candidates (all channels-last, same kernel layout as `nn.Conv`: (kd, kh, kw, in,
   depth_fold kernel-depth slices stacked into channels, then one 2-D convolution.
   im2col     all k^3 patches gathered into one matrix, then a matmul.
   fft        crystal_vae.models' FFT convolution (stride 1 only; nan for strided layers).
-  native     crystal_vae.native_conv's direct convolution (C++, compiled on first use; stride 1).
+  native     crystal_vae.native's direct convolution (C++, compiled on first use; stride 1).
   auto       crystal_vae.models.conv3d's own choice for the layer's shape.
   torch      PyTorch's conv3d, channels-last (an optional benchmark dependency:
              pip install torch==2.13.0+cpu), float32 only, its default threads (all cores).
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from crystal_vae import models, native_conv  # also the CPU convolution setting (__init__.py)
+from crystal_vae import models, native  # also the CPU convolution setting (__init__.py)
 
 # (name, input spatial size, in channels, out channels, kernel, stride, padding) of the paper model
 # at grid 30 (see crystal_vae/models.py for the shape path); U-Net features (16, 32, 64, 128).
@@ -123,7 +123,7 @@ def conv_fft(x, w, stride, pads):
 
 def conv_native(x, w, stride, pads):
   del stride  # 1: time_layer skips strided layers
-  return native_conv.conv(x, w, pads)
+  return native.conv(x, w, pads)
 
 
 IMPLS = {"xla": conv_xla, "depth_sum": conv_depth_sum, "depth_fold": conv_depth_fold,

@@ -135,12 +135,12 @@ def _conv_depth_sum_dot_kernel_grad(x, kernel, strides, pads):
 def _patch_model(patch: str) -> None:
   """Monkeypatches crystal_vae.models in this (worker) process: a model-code change measured
   without editing the model."""
-  from crystal_vae import models, native_conv  # pylint: disable=g-import-not-at-top
+  from crystal_vae import models, native  # pylint: disable=g-import-not-at-top
   if patch == "dot_kernel_grad":
     models._ORIGINAL_CONV_DEPTH_SUM = models._conv_depth_sum  # pylint: disable=protected-access
     models._conv_depth_sum = _conv_depth_sum_dot_kernel_grad  # pylint: disable=protected-access
   elif patch == "no_native":
-    native_conv.available = lambda: False
+    native.available = lambda: False
   else:
     raise ValueError(f"unknown model patch {patch!r}")
 

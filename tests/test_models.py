@@ -14,7 +14,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from crystal_vae import models
-from crystal_vae import native_conv
+from crystal_vae import native
 
 GRID = 14  # Odd on the way down: 14 -> 7 -> 4.
 MAX_Z = 5
@@ -129,9 +129,9 @@ def test_decoder_unreachable_grid_raises():
 
 def require_native() -> None:
   """The native convolution needs a C++ compiler; where there is one it must build."""
-  if native_conv._compiler() is None:  # pylint: disable=protected-access
+  if native._compiler() is None:  # pylint: disable=protected-access
     pytest.skip("no C++ compiler")
-  assert native_conv.available(), "conv3d.cc did not build or load (see the log)"
+  assert native.available(), "native.cc did not build or load (see the log)"
 
 
 @pytest.mark.parametrize("impl", ["xla", "depth_sum", "fft", "native"])
@@ -183,6 +183,7 @@ def test_fft_convolution_in_bfloat16_and_on_a_big_cube():
     (32, 24, (1, 9, 10, 17)),   # input channels in the kernel gradient's lanes; 8 + 16 outputs
     (1, 16, (2, 8, 8, 8)),      # one input channel (the U-Net's first layer)
     (5, 3, (2, 7, 9, 8)),       # output channels padded to a vector of 8
+    (12, 1, (2, 9, 8, 11)),     # one output channel (the decoder's last layer), 12 = 8 + 4 inputs
 ])
 def test_native_convolution_matches_lax_with_gradients(channels_in, features, shape):
   """The direct C++ convolution against lax's (float32 'highest'), the input and kernel gradients
@@ -193,14 +194,14 @@ def test_native_convolution_matches_lax_with_gradients(channels_in, features, sh
   pads = ((1, 1), (0, 2), (1, 1))  # SAME in depth and width, lopsided in height
   reference = lambda x, k: jax.lax.conv_general_dilated(
       x, k, (1, 1, 1), pads, dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision="highest")
-  own = lambda x, k: native_conv.conv(x, k, pads)
+  own = lambda x, k: native.conv(x, k, pads)
   np.testing.assert_allclose(jax.jit(own)(x, kernel), reference(x, kernel), rtol=1e-5, atol=1e-5)
   loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k)))
   for got, want in zip(jax.jit(jax.grad(loss(own), argnums=(0, 1)))(x, kernel),
                        jax.grad(loss(reference), argnums=(0, 1))(x, kernel)):
     # float32 sums over up to 32 x 1,530 terms: rounding relative to the largest entry
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5 * float(np.abs(want).max()))
-  half = native_conv.conv(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), pads)
+  half = native.conv(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), pads)
   assert half.dtype == jnp.bfloat16
   np.testing.assert_allclose(half.astype(jnp.float32), reference(x, kernel), atol=0.1)
 
@@ -210,7 +211,7 @@ def test_native_convolution_builds_once_and_falls_back_without_a_compiler(tmp_pa
   `available()` is False, logs why, and `auto` still convolves (with XLA's formulations)."""
   require_native()
   env = dict(os.environ, CRYSTAL_VAE_CACHE=str(tmp_path / "cache"))
-  script = ("from crystal_vae import native_conv as n; a = n.build(); b = n.build(); "
+  script = ("from crystal_vae import native as n; a = n.build(); b = n.build(); "
             "print(a == b, a.stat().st_mtime_ns == b.stat().st_mtime_ns)")
   run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                        timeout=600, check=True)
@@ -218,28 +219,47 @@ def test_native_convolution_builds_once_and_falls_back_without_a_compiler(tmp_pa
   assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".so"]
   env["CXX"] = str(tmp_path / "no-such-compiler")
   env["CRYSTAL_VAE_CACHE"] = str(tmp_path / "empty")
-  script = ("import jax, jax.numpy as jnp; from crystal_vae import models, native_conv as n; "
+  script = ("import jax, jax.numpy as jnp; from crystal_vae import models, native as n; "
             "x = jnp.ones((1, 16, 16, 16, 8)); k = jnp.ones((3, 3, 3, 8, 8)); "
             "y = models.conv3d(x, k, (1, 1, 1), 'SAME', 'auto'); "
             "print(n.available(), float(y[0, 8, 8, 8, 0]))")
   run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                        timeout=600, check=True)
   assert run.stdout.split() == ["False", "216.0"]  # 27 taps x 8 channels of ones
-  assert "native 3-D convolution unavailable" in run.stderr
+  assert "native CPU kernels unavailable" in run.stderr
 
 
-@pytest.mark.parametrize("shape,kernel,strides,native", [
+@pytest.mark.parametrize("shape,kernel,strides,expected", [
     ((34, 34, 34), (3, 3, 3, 16, 8), (1, 1, 1), True),      # repeat `cpu` decoder, 32^3 x 16 -> 8
     ((18, 18, 18), (3, 3, 3, 32, 16), (1, 1, 1), True),     # its 16^3 x 32 -> 16
     ((32, 32, 32), (3, 3, 3, 48, 16), (1, 1, 1), True),     # paper U-Net, up path at 30^3
-    ((32, 32, 32), (3, 3, 3, 8, 1), (1, 1, 1), False),      # one output channel: the FFT's
+    ((32, 32, 32), (3, 3, 3, 8, 1), (1, 1, 1), True),       # its VALID output layer: 8 -> 1
+    ((32, 32, 32), (3, 3, 3, 8, 4), (1, 1, 1), False),      # 4 outputs: the FFT's
     ((10, 10, 10), (3, 3, 3, 64, 32), (1, 1, 1), False),    # a small cube: depth_sum's
     ((24, 24, 24), (5, 5, 5, 64, 32), (1, 1, 1), False),    # paper decoder, k5: a big kernel
     ((32, 32, 32), (3, 3, 3, 1, 16), (1, 1, 1), False),     # one input channel: the FFT's
     ((34, 34, 34), (5, 5, 5, 1, 16), (2, 2, 2), False),     # strided
 ])
-def test_cpu_auto_takes_the_native_convolution_where_it_is_faster(shape, kernel, strides, native):
-  assert models.prefers_native(shape, kernel, strides) == native
+def test_cpu_auto_takes_the_native_convolution_where_it_is_faster(shape, kernel, strides,
+                                                                  expected):
+  assert models.prefers_native(shape, kernel, strides) == expected
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5, 3), (1, 8, 8, 8, 16), (2, 15, 6, 1, 12)])
+def test_native_upsampling_is_jax_trilinear_resize_with_its_gradient(shape):
+  """native.upsample2 (which the decoder and U-Net use on CPU to double sides) against
+  jax.image.resize's trilinear (half-pixel centres, clamped edges), values and input gradient of
+  a non-linear loss; any channel count (vectors of 8 plus a rest), a side of 1 included."""
+  require_native()
+  x = jax.random.normal(key(0), shape)
+  doubled = (shape[0], *(2 * side for side in shape[1:4]), shape[4])
+  weights = jax.random.normal(key(1), doubled)
+  resize = lambda x: jax.image.resize(x, doubled, "trilinear")
+  np.testing.assert_allclose(jax.jit(native.upsample2)(x), resize(x), rtol=1e-5, atol=1e-6)
+  loss = lambda up: lambda x: jnp.sum(jnp.sin(up(x)) * weights)
+  np.testing.assert_allclose(jax.jit(jax.grad(loss(native.upsample2)))(x),
+                             jax.grad(loss(resize))(x), rtol=1e-4, atol=1e-5)
+  assert native.upsample2(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("shape,kernel,strides,fft", [
@@ -261,7 +281,8 @@ def test_auto_convolution_on_cpu_is_the_preferred_implementation():
   assert jax.default_backend() == "cpu"
   require_native()
   x = jax.random.normal(key(0), (1, 16, 16, 16, 12))
-  for features, cube, expected in ((2, 16, "fft"), (16, 16, "native"), (16, 8, "depth_sum")):
+  for features, cube, expected in ((2, 16, "fft"), (16, 16, "native"), (1, 16, "native"),
+                                   (16, 8, "depth_sum")):
     kernel = jax.random.normal(key(1), (3, 3, 3, 12, features))
     x = x[:, :cube, :cube, :cube]
     padded = (cube + 2,) * 3

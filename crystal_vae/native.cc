@@ -1,5 +1,5 @@
-// Direct stride-1 3-D correlation on the CPU, channels-last, as XLA FFI custom calls
-// (crystal_vae/native_conv.py compiles this file on first use and registers both handlers).
+// CPU kernels of the model as XLA FFI custom calls, channels-last, float32 (crystal_vae/native.py
+// compiles this file on first use and registers the handlers):
 //
 //   CrystalVaeCorrelate:      x (B, Dp, Hp, Wp, C), k (KD, KH, KW, C, O) -> y (B, Dp-KD+1, ..., O)
 //                             y[b, p, o] = sum_{t, c} x[b, p + t, c] k[t, c, o]  (no padding: the
@@ -7,7 +7,10 @@
 //                             cotangent with the flipped, transposed kernel)
 //   CrystalVaeKernelGradient: x (B, Dp, Hp, Wp, C), g (B, Do, Ho, Wo, O) -> dk (KD, KH, KW, C, O)
 //                             dk[t, c, o] = sum_{b, p} x[b, p + t, c] g[b, p, o]
-// O must be a multiple of 8 (the caller pads the channels). Each output row keeps its partial
+//   CrystalVaeUpsample2:      x (B, D, H, W, C) -> (B, 2D, 2H, 2W, C), trilinear with half-pixel
+//                             centres and clamped edges (jax.image.resize's "trilinear" at x2)
+//   CrystalVaeUpsample2Transpose: its adjoint, (B, 2D, 2H, 2W, C) -> (B, D, H, W, C)
+// O must be 1 or a multiple of 8 (the caller pads the channels). Each output row keeps its partial
 // sums in vector registers over all kernel taps, so memory sees each output once; the work is
 // split over (batch, depth) between one thread per CPU the process may run on.
 
@@ -160,9 +163,57 @@ void RowTail(int64_t count, const Shape& s, const float* x, const float* k, floa
   }
 }
 
+// One output channel: WB outputs of a row, each a dot product over taps and input channels, with
+// the input channels in the lanes (one horizontal sum per output).
+template <int WB>
+void SingleOutBlock(const Shape& s, const float* x, const float* k, float* y) {
+  const int64_t sw = s.in, sh = s.width * s.in, sd = s.height * sh;
+  const int64_t vectors = s.in / 8 * 8;
+  v8f acc[WB];
+  float rest[WB];
+  for (int w = 0; w < WB; ++w) {
+    acc[w] = Splat(0.f);
+    rest[w] = 0.f;
+  }
+  const float* kt = k;
+  for (int64_t i = 0; i < s.taps_d; ++i)
+    for (int64_t j = 0; j < s.taps_h; ++j)
+      for (int64_t t = 0; t < s.taps_w; ++t, kt += s.in) {
+        const float* xt = x + i * sd + j * sh + t * sw;
+        for (int64_t c = 0; c < vectors; c += 8) {
+          const v8f kv = Load(kt + c);
+          for (int w = 0; w < WB; ++w) acc[w] += Load(xt + w * sw + c) * kv;
+        }
+        for (int64_t c = vectors; c < s.in; ++c)
+          for (int w = 0; w < WB; ++w) rest[w] += xt[w * sw + c] * kt[c];
+      }
+  for (int w = 0; w < WB; ++w) {
+    for (int lane = 0; lane < 8; ++lane) rest[w] += acc[w][lane];
+    y[w] = rest[w];
+  }
+}
+
+void RowSingleOut(const Shape& s, const float* x, const float* k, float* y, int64_t count) {
+  int64_t w = 0;
+  for (; w + 8 <= count; w += 8) SingleOutBlock<8>(s, x + w * s.in, k, y + w);
+  for (; w < count; ++w) SingleOutBlock<1>(s, x + w * s.in, k, y + w);
+}
+
 void Correlate(const Shape& s, const float* x, const float* k, float* y) {
   const int64_t od = s.out_depth(), oh = s.out_height(), ow = s.out_width();
   const int64_t sh = s.width * s.in, sd = s.height * sh, sb = s.depth * sd;
+  if (s.out == 1) {
+    ParallelFor(s.batch * od, std::min<int64_t>(CpuCount(), s.batch * od),
+                [&](int64_t, int64_t first, int64_t last) {
+      for (int64_t item = first; item < last; ++item) {
+        const int64_t b = item / od, d = item % od;
+        for (int64_t h = 0; h < oh; ++h) {
+          RowSingleOut(s, x + b * sb + d * sd + h * sh, k, y + (item * oh + h) * ow, ow);
+        }
+      }
+    });
+    return;
+  }
   std::vector<float> paired;  // the kernel for RowBlockPairs, where it applies
   if (s.in % 2 == 0) {
     const int64_t taps = s.taps_d * s.taps_h * s.taps_w;
@@ -240,6 +291,29 @@ void PlaneTapByIn(const Shape& s, const float* x, const float* g, float* dk, int
       for (int lane = 0; lane < 8; ++lane) dk[(c0 + 8 * v + lane) * s.out + o0 + o] += acc[o][v][lane];
 }
 
+// dk[tap, :, 0] += one plane's sums for one output channel, the input channels in the lanes.
+void PlaneTapSingleOut(const Shape& s, const float* x, const float* g, float* dk) {
+  const int64_t oh = s.out_height(), ow = s.out_width();
+  const int64_t sw = s.in, sh = s.width * s.in;
+  for (int64_t c0 = 0; c0 < s.in; c0 += 8) {
+    if (c0 + 8 <= s.in) {
+      v8f acc[4] = {Splat(0.f), Splat(0.f), Splat(0.f), Splat(0.f)};  // 4 chains in flight
+      for (int64_t h = 0; h < oh; ++h)
+        for (int64_t w = 0; w < ow; ++w) {
+          acc[w % 4] += Splat(g[h * ow + w]) * Load(x + h * sh + w * sw + c0);
+        }
+      Store(dk + c0, Load(dk + c0) + (acc[0] + acc[1]) + (acc[2] + acc[3]));
+      continue;
+    }
+    for (int64_t c = c0; c < s.in; ++c) {
+      float acc = 0.f;
+      for (int64_t h = 0; h < oh; ++h)
+        for (int64_t w = 0; w < ow; ++w) acc += g[h * ow + w] * x[h * sh + w * sw + c];
+      dk[c] += acc;
+    }
+  }
+}
+
 // dk[tap, :, o0:o0+8] += one plane's sums, by whichever lane layout needs fewer loads.
 void PlaneTap(const Shape& s, const float* x, const float* g, float* dk, int64_t o0) {
   int64_t c0 = 0;
@@ -269,6 +343,10 @@ void KernelGradient(const Shape& s, const float* x, const float* g, float* dk) {
           for (int64_t t = 0; t < s.taps_w; ++t) {
             const float* xp = x + b * sb + (d + i) * sd + j * sh + t * s.in;
             float* tap = local + ((i * s.taps_h + j) * s.taps_w + t) * s.in * s.out;
+            if (s.out == 1) {
+              PlaneTapSingleOut(s, xp, gp, tap);
+              continue;
+            }
             for (int64_t o0 = 0; o0 < s.out; o0 += 8) PlaneTap(s, xp, gp, tap, o0);
           }
     }
@@ -278,9 +356,110 @@ void KernelGradient(const Shape& s, const float* x, const float* g, float* dk) {
     for (int64_t n = 0; n < size; ++n) dk[n] += part[n];
 }
 
+// Per output index j along an axis of n inputs: y[j] = 0.75 x[j / 2] + 0.25 x[its neighbour on
+// j's side], the neighbour clamped to [0, n).
+struct Taps1D {
+  std::vector<int64_t> near, far;
+};
+Taps1D UpsampleTaps(int64_t n) {
+  Taps1D taps;
+  for (int64_t j = 0; j < 2 * n; ++j) {
+    const int64_t i = j / 2;
+    taps.near.push_back(i);
+    taps.far.push_back(std::clamp<int64_t>(j % 2 == 0 ? i - 1 : i + 1, 0, n - 1));
+  }
+  return taps;
+}
+
+// acc[0:C] += weight * row[0:C]
+inline void AddScaled(float* acc, const float* row, float weight, int64_t channels) {
+  int64_t c = 0;
+  for (; c + 8 <= channels; c += 8) Store(acc + c, Load(acc + c) + Splat(weight) * Load(row + c));
+  for (; c < channels; ++c) acc[c] += weight * row[c];
+}
+
+void Upsample2(int64_t batch, int64_t depth, int64_t height, int64_t width, int64_t channels,
+               const float* x, float* y) {
+  const Taps1D td = UpsampleTaps(depth), th = UpsampleTaps(height), tw = UpsampleTaps(width);
+  const int64_t sh = width * channels, sd = height * sh, sb = depth * sd;
+  const int64_t items = batch * 2 * depth;
+  ParallelFor(items, std::min<int64_t>(CpuCount(), items), [&](int64_t, int64_t first,
+                                                               int64_t last) {
+    const float* rows[4];  // the four (depth, height) input rows of an output row
+    float weights[4];
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t b = item / (2 * depth), d = item % (2 * depth);
+      for (int64_t h = 0; h < 2 * height; ++h) {
+        for (int r = 0; r < 4; ++r) {
+          const int64_t i = r / 2 == 0 ? td.near[d] : td.far[d];
+          const int64_t j = r % 2 == 0 ? th.near[h] : th.far[h];
+          rows[r] = x + b * sb + i * sd + j * sh;
+          weights[r] = (r / 2 == 0 ? 0.75f : 0.25f) * (r % 2 == 0 ? 0.75f : 0.25f);
+        }
+        float* out = y + (item * 2 * height + h) * 2 * width * channels;
+        for (int64_t w = 0; w < 2 * width; ++w, out += channels) {
+          const int64_t near = tw.near[w] * channels, far = tw.far[w] * channels;
+          int64_t c = 0;
+          for (; c + 8 <= channels; c += 8) {
+            v8f acc = Splat(0.f);
+            for (int r = 0; r < 4; ++r) {
+              acc += Splat(0.75f * weights[r]) * Load(rows[r] + near + c) +
+                     Splat(0.25f * weights[r]) * Load(rows[r] + far + c);
+            }
+            Store(out + c, acc);
+          }
+          for (; c < channels; ++c) {
+            float acc = 0.f;
+            for (int r = 0; r < 4; ++r) {
+              acc += weights[r] * (0.75f * rows[r][near + c] + 0.25f * rows[r][far + c]);
+            }
+            out[c] = acc;
+          }
+        }
+      }
+    }
+  });
+}
+
+// The adjoint: each input gathers the outputs that read it, with the same weights.
+void Upsample2Transpose(int64_t batch, int64_t depth, int64_t height, int64_t width,
+                        int64_t channels, const float* g, float* dx) {
+  // readers[axis][i]: (output index, weight) pairs that read input i along that axis.
+  auto readers = [](int64_t n) {
+    const Taps1D taps = UpsampleTaps(n);
+    std::vector<std::vector<std::pair<int64_t, float>>> by_input(n);
+    for (int64_t j = 0; j < 2 * n; ++j) {
+      by_input[taps.near[j]].emplace_back(j, 0.75f);
+      by_input[taps.far[j]].emplace_back(j, 0.25f);
+    }
+    return by_input;
+  };
+  const auto rd = readers(depth), rh = readers(height), rw = readers(width);
+  const int64_t sh = 2 * width * channels, sd = 2 * height * sh, sb = 2 * depth * sd;
+  const int64_t items = batch * depth;
+  ParallelFor(items, std::min<int64_t>(CpuCount(), items), [&](int64_t, int64_t first,
+                                                               int64_t last) {
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t b = item / depth, d = item % depth;
+      float* out = dx + item * height * width * channels;
+      std::fill(out, out + height * width * channels, 0.f);
+      for (const auto& [jd, wd] : rd[d])
+        for (int64_t h = 0; h < height; ++h)
+          for (const auto& [jh, wh] : rh[h]) {
+            const float* gh = g + b * sb + jd * sd + jh * sh;
+            for (int64_t w = 0; w < width; ++w)
+              for (const auto& [jw, ww] : rw[w]) {
+                AddScaled(out + (h * width + w) * channels, gh + jw * channels, wd * wh * ww,
+                          channels);
+              }
+          }
+    }
+  });
+}
+
 ffi::Error CheckOut(int64_t out) {
-  if (out % 8 != 0) {
-    return ffi::Error::InvalidArgument("crystal_vae conv3d: output channels must be a multiple of 8");
+  if (out != 1 && out % 8 != 0) {
+    return ffi::Error::InvalidArgument("crystal_vae conv3d: output channels must be 1 or a multiple of 8");
   }
   return ffi::Error::Success();
 }
@@ -310,7 +489,35 @@ ffi::Error KernelGradientImpl(Array5 x, Array5 g,
   return ffi::Error::Success();
 }
 
+ffi::Error Upsample2Impl(Array5 x, ffi::ResultBuffer<ffi::F32, 5> y) {
+  const auto xd = x.dimensions(), yd = y->dimensions();
+  for (int axis = 1; axis < 4; ++axis) {
+    if (yd[axis] != 2 * xd[axis]) {
+      return ffi::Error::InvalidArgument("crystal_vae upsample2: output sides must be twice");
+    }
+  }
+  Upsample2(xd[0], xd[1], xd[2], xd[3], xd[4], x.typed_data(), y->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error Upsample2TransposeImpl(Array5 g, ffi::ResultBuffer<ffi::F32, 5> dx) {
+  const auto gd = g.dimensions(), xd = dx->dimensions();
+  for (int axis = 1; axis < 4; ++axis) {
+    if (gd[axis] != 2 * xd[axis]) {
+      return ffi::Error::InvalidArgument("crystal_vae upsample2: output sides must be twice");
+    }
+  }
+  Upsample2Transpose(xd[0], xd[1], xd[2], xd[3], xd[4], g.typed_data(), dx->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeUpsample2, Upsample2Impl,
+                              ffi::Ffi::Bind().Arg<Array5>().Ret<Array5>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeUpsample2Transpose, Upsample2TransposeImpl,
+                              ffi::Ffi::Bind().Arg<Array5>().Ret<Array5>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeCorrelate, CorrelateImpl,
                               ffi::Ffi::Bind()

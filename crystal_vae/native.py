@@ -1,12 +1,14 @@
-"""A direct stride-1 3-D convolution for the CPU: `conv3d.cc`, compiled on first use.
+"""CPU kernels of the model: `native.cc`, compiled on first use.
 
-The C++ file beside this one holds two XLA FFI handlers (a correlation and its kernel gradient,
-channels-last, float32); `available()` compiles it once per source, jaxlib and CPU into a cache
-folder (`$CRYSTAL_VAE_CACHE`, else `~/.cache/crystal_vae`) with the C++ compiler in `$CXX` or on
-the PATH, loads it and registers both handlers with JAX. Where that fails (no compiler, say), it
-logs why once and `available()` is False: `models.conv3d`'s `auto` then keeps its XLA
-formulations. `conv(x, kernel, pads)` is the differentiable convolution (a custom VJP: the input
-gradient is the same correlation on the padded cotangent with the flipped kernel).
+The C++ file beside this one holds XLA FFI handlers (channels-last, float32): a direct stride-1
+3-D correlation, its kernel gradient, and trilinear x2 upsampling with its adjoint.
+`available()` compiles it once per source, jaxlib and CPU into a cache folder
+(`$CRYSTAL_VAE_CACHE`, else `~/.cache/crystal_vae`) with the C++ compiler in `$CXX` or on the
+PATH, loads it and registers the handlers with JAX. Where that fails (no compiler, say), it logs
+why once and `available()` is False: the model then keeps its XLA formulations.
+`conv(x, kernel, pads)` is the differentiable convolution (a custom VJP: the input gradient is
+the same correlation on the padded cotangent with the flipped kernel), `upsample2(x)` the
+differentiable upsampling (jax.image.resize's "trilinear" at twice the sides).
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-_SOURCE = pathlib.Path(__file__).with_name("conv3d.cc")
+_SOURCE = pathlib.Path(__file__).with_name("native.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
-_TARGETS = {"correlate": "CrystalVaeCorrelate", "kernel_gradient": "CrystalVaeKernelGradient"}
-_LANES = 8  # output channels per vector register (the handlers need a multiple of this)
+_TARGETS = {"correlate": "CrystalVaeCorrelate", "kernel_gradient": "CrystalVaeKernelGradient",
+            "upsample2": "CrystalVaeUpsample2",
+            "upsample2_transpose": "CrystalVaeUpsample2Transpose"}
+_LANES = 8  # output channels per vector register (the handlers need 1 or a multiple of this)
 
 
 def _cpu_signature() -> str:
@@ -50,7 +54,7 @@ def _compiler() -> str | None:
 
 
 def build() -> pathlib.Path:
-  """Compiles conv3d.cc unless a build for this source, jaxlib, compiler and CPU exists; returns
+  """Compiles native.cc unless a build for this source, jaxlib, compiler and CPU exists; returns
   the library's path. Several processes may build at once: each writes its own file and renames
   it into place."""
   compiler = _compiler()
@@ -59,7 +63,7 @@ def build() -> pathlib.Path:
   key = hashlib.sha256("\n".join([
       _SOURCE.read_text(), importlib.metadata.version("jaxlib"), compiler, " ".join(_FLAGS),
       _cpu_signature()]).encode()).hexdigest()[:16]
-  target = _cache_dir() / f"conv3d-{key}.so"
+  target = _cache_dir() / f"native-{key}.so"
   if target.exists():
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
@@ -75,26 +79,26 @@ def build() -> pathlib.Path:
 
 @functools.cache
 def available() -> bool:
-  """Whether the direct convolution is built, loaded and registered (once per process)."""
+  """Whether the CPU kernels are built, loaded and registered (once per process)."""
   try:
     library = ctypes.cdll.LoadLibrary(str(build()))
     for name, symbol in _TARGETS.items():
       jax.ffi.register_ffi_target(f"crystal_vae_{name}",
                                   jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
   except (OSError, RuntimeError, subprocess.TimeoutExpired) as error:
-    logging.warning("native 3-D convolution unavailable, XLA's formulations instead: %s", error)
+    logging.warning("native CPU kernels unavailable, XLA's formulations instead: %s", error)
     return False
   return True
 
 
 def _require() -> None:
   if not available():
-    raise RuntimeError("the native 3-D convolution could not be built (see the log); use "
+    raise RuntimeError("the native CPU kernels could not be built (see the log); use "
                        "model.conv_impl 'auto', 'depth_sum', 'fft' or 'xla'")
 
 
 def _round_up(channels: int) -> int:
-  return -(-channels // _LANES) * _LANES
+  return 1 if channels == 1 else -(-channels // _LANES) * _LANES
 
 
 def correlate(padded: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -155,3 +159,30 @@ def conv(x: jax.Array, kernel: jax.Array, pads: tuple[tuple[int, int], ...]) -> 
   """Stride-1 channels-last 3-D convolution (as `lax.conv_general_dilated`, explicit `pads` per
   spatial axis), float32 inside whatever the dtype; reverse-mode differentiable (custom VJP)."""
   return _conv(x, kernel, tuple(tuple(int(p) for p in pad) for pad in pads))
+
+
+def _upsample_call(name: str, x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  _require()
+  return jax.ffi.ffi_call(f"crystal_vae_{name}", jax.ShapeDtypeStruct(shape, jnp.float32))(
+      x.astype(jnp.float32))
+
+
+@jax.custom_vjp
+def upsample2(x: jax.Array) -> jax.Array:
+  """Trilinear x2 upsampling of a (B, D, H, W, C) array (half-pixel centres, clamped edges: the
+  values of jax.image.resize(..., "trilinear") to twice the sides), float32 inside."""
+  b, d, h, w, c = x.shape
+  return _upsample_call("upsample2", x, (b, 2 * d, 2 * h, 2 * w, c)).astype(x.dtype)
+
+
+def _upsample2_forward(x):
+  return upsample2(x), None
+
+
+def _upsample2_backward(_, cotangent):
+  b, d, h, w, c = cotangent.shape  # twice the input's sides, the input's dtype
+  shape = (b, d // 2, h // 2, w // 2, c)
+  return (_upsample_call("upsample2_transpose", cotangent, shape).astype(cotangent.dtype),)
+
+
+upsample2.defvjp(_upsample2_forward, _upsample2_backward)
