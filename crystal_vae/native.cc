@@ -297,12 +297,20 @@ void PlaneTapSingleOut(const Shape& s, const float* x, const float* g, float* dk
   const int64_t sw = s.in, sh = s.width * s.in;
   for (int64_t c0 = 0; c0 < s.in; c0 += 8) {
     if (c0 + 8 <= s.in) {
-      v8f acc[4] = {Splat(0.f), Splat(0.f), Splat(0.f), Splat(0.f)};  // 4 chains in flight
-      for (int64_t h = 0; h < oh; ++h)
-        for (int64_t w = 0; w < ow; ++w) {
-          acc[w % 4] += Splat(g[h * ow + w]) * Load(x + h * sh + w * sw + c0);
+      v8f a0 = Splat(0.f), a1 = a0, a2 = a0, a3 = a0;  // four chains in flight
+      for (int64_t h = 0; h < oh; ++h) {
+        const float* gr = g + h * ow;
+        const float* xr = x + h * sh + c0;
+        int64_t w = 0;
+        for (; w + 4 <= ow; w += 4) {
+          a0 += Splat(gr[w]) * Load(xr + w * sw);
+          a1 += Splat(gr[w + 1]) * Load(xr + (w + 1) * sw);
+          a2 += Splat(gr[w + 2]) * Load(xr + (w + 2) * sw);
+          a3 += Splat(gr[w + 3]) * Load(xr + (w + 3) * sw);
         }
-      Store(dk + c0, Load(dk + c0) + (acc[0] + acc[1]) + (acc[2] + acc[3]));
+        for (; w < ow; ++w) a0 += Splat(gr[w]) * Load(xr + w * sw);
+      }
+      Store(dk + c0, Load(dk + c0) + (a0 + a1) + (a2 + a3));
       continue;
     }
     for (int64_t c = c0; c < s.in; ++c) {
@@ -371,13 +379,6 @@ Taps1D UpsampleTaps(int64_t n) {
   return taps;
 }
 
-// acc[0:C] += weight * row[0:C]
-inline void AddScaled(float* acc, const float* row, float weight, int64_t channels) {
-  int64_t c = 0;
-  for (; c + 8 <= channels; c += 8) Store(acc + c, Load(acc + c) + Splat(weight) * Load(row + c));
-  for (; c < channels; ++c) acc[c] += weight * row[c];
-}
-
 void Upsample2(int64_t batch, int64_t depth, int64_t height, int64_t width, int64_t channels,
                const float* x, float* y) {
   const Taps1D td = UpsampleTaps(depth), th = UpsampleTaps(height), tw = UpsampleTaps(width);
@@ -424,7 +425,7 @@ void Upsample2(int64_t batch, int64_t depth, int64_t height, int64_t width, int6
 // The adjoint: each input gathers the outputs that read it, with the same weights.
 void Upsample2Transpose(int64_t batch, int64_t depth, int64_t height, int64_t width,
                         int64_t channels, const float* g, float* dx) {
-  // readers[axis][i]: (output index, weight) pairs that read input i along that axis.
+  // readers(n)[i]: the (output index, weight) pairs that read input i along an axis of n.
   auto readers = [](int64_t n) {
     const Taps1D taps = UpsampleTaps(n);
     std::vector<std::vector<std::pair<int64_t, float>>> by_input(n);
@@ -439,20 +440,39 @@ void Upsample2Transpose(int64_t batch, int64_t depth, int64_t height, int64_t wi
   const int64_t items = batch * depth;
   ParallelFor(items, std::min<int64_t>(CpuCount(), items), [&](int64_t, int64_t first,
                                                                int64_t last) {
+    std::vector<const float*> rows;  // the (depth, height) output rows an input row reads
+    std::vector<float> row_weights;
     for (int64_t item = first; item < last; ++item) {
       const int64_t b = item / depth, d = item % depth;
-      float* out = dx + item * height * width * channels;
-      std::fill(out, out + height * width * channels, 0.f);
-      for (const auto& [jd, wd] : rd[d])
-        for (int64_t h = 0; h < height; ++h)
+      for (int64_t h = 0; h < height; ++h) {
+        rows.clear();
+        row_weights.clear();
+        for (const auto& [jd, wd] : rd[d])
           for (const auto& [jh, wh] : rh[h]) {
-            const float* gh = g + b * sb + jd * sd + jh * sh;
-            for (int64_t w = 0; w < width; ++w)
-              for (const auto& [jw, ww] : rw[w]) {
-                AddScaled(out + (h * width + w) * channels, gh + jw * channels, wd * wh * ww,
-                          channels);
-              }
+            rows.push_back(g + b * sb + jd * sd + jh * sh);
+            row_weights.push_back(wd * wh);
           }
+        float* out = dx + (item * height + h) * width * channels;
+        for (int64_t w = 0; w < width; ++w, out += channels) {
+          int64_t c = 0;
+          for (; c + 8 <= channels; c += 8) {
+            v8f acc = Splat(0.f);
+            for (size_t r = 0; r < rows.size(); ++r)
+              for (const auto& [jw, ww] : rw[w]) {
+                acc += Splat(row_weights[r] * ww) * Load(rows[r] + jw * channels + c);
+              }
+            Store(out + c, acc);
+          }
+          for (; c < channels; ++c) {
+            float acc = 0.f;
+            for (size_t r = 0; r < rows.size(); ++r)
+              for (const auto& [jw, ww] : rw[w]) {
+                acc += row_weights[r] * ww * rows[r][jw * channels + c];
+              }
+            out[c] = acc;
+          }
+        }
+      }
     }
   });
 }

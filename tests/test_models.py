@@ -236,7 +236,8 @@ def test_native_convolution_builds_once_and_falls_back_without_a_compiler(tmp_pa
     ((32, 32, 32), (3, 3, 3, 8, 1), (1, 1, 1), True),       # its VALID output layer: 8 -> 1
     ((32, 32, 32), (3, 3, 3, 8, 4), (1, 1, 1), False),      # 4 outputs: the FFT's
     ((10, 10, 10), (3, 3, 3, 64, 32), (1, 1, 1), False),    # a small cube: depth_sum's
-    ((24, 24, 24), (5, 5, 5, 64, 32), (1, 1, 1), False),    # paper decoder, k5: a big kernel
+    ((20, 20, 20), (5, 5, 5, 64, 32), (1, 1, 1), True),     # paper decoder, k5 VALID, 64 -> 32
+    ((24, 24, 24), (5, 5, 5, 128, 64), (1, 1, 1), False),   # a bigger kernel than the cache
     ((32, 32, 32), (3, 3, 3, 1, 16), (1, 1, 1), False),     # one input channel: the FFT's
     ((34, 34, 34), (5, 5, 5, 1, 16), (2, 2, 2), False),     # strided
 ])
