@@ -40,7 +40,7 @@ inline v8f Load(const float* p) {
   return v;
 }
 inline void Store(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
-inline v8f Splat(float a) { return v8f{} + a; }
+inline v8f Splat(float a) { return v8f{a, a, a, a, a, a, a, a}; }  // not v8f{} + a: an add
 inline v16f Load16(const float* p) {
   v16f v;
   std::memcpy(&v, p, sizeof v);
@@ -50,7 +50,7 @@ inline v16f Load16(const float* p) {
 inline v16f SplatPair(const float* p) {
   double pair;
   std::memcpy(&pair, p, sizeof pair);
-  const v8d pairs = v8d{} + pair;
+  const v8d pairs = {pair, pair, pair, pair, pair, pair, pair, pair};
   v16f v;
   std::memcpy(&v, &pairs, sizeof v);
   return v;
