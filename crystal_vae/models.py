@@ -220,14 +220,15 @@ def prefers_fft(padded_sides: Sequence[int], kernel_shape: Sequence[int],
 def prefers_native(padded_sides: Sequence[int], kernel_shape: Sequence[int],
                    strides: Sequence[int]) -> bool:
   """Whether the native direct convolution (`native.conv`) beats XLA's formulations on CPU
-  (launch/benchmark_conv.py, forward + both gradients, batch 8): stride 1, a padded cube of side
-  >= 16, >= 8 input channels (with one, the FFT is faster), 1 or >= 8 output channels (its
-  vectors hold 8; a few more are padded up to 8) and a kernel of at most 256 Ki floats (its taps
-  stay in cache): 1.1-3.5x faster than the best XLA formulation on such layers; on smaller cubes
-  with more channels `depth_sum` is up to 1.5x faster."""
+  (launch/benchmark_conv.py, forward + both gradients, batch 8, and whole train steps): one
+  stride for all axes, a padded cube of side >= 16, 1 or >= 8 input and output channels (its
+  vectors hold 8 channels; a few more are padded up to 8) and a kernel of at most 256 Ki floats
+  (its taps stay in cache): 1.1-3.5x faster than the best XLA formulation on such layers (the
+  first encoder layer, 30^3 x 1 -> 16 at stride 2: 3.6 ms for forward and kernel gradient); on
+  smaller cubes with more channels `depth_sum` is up to 1.5x faster."""
   *taps, channels_in, channels_out = kernel_shape
-  return (all(stride == 1 for stride in strides) and min(padded_sides) >= 16
-          and channels_in >= 8 and (channels_out == 1 or channels_out >= 8)
+  return (len(set(strides)) == 1 and min(padded_sides) >= 16
+          and (channels_in == 1 or channels_in >= 8) and (channels_out == 1 or channels_out >= 8)
           and int(np.prod(taps)) * channels_in * channels_out <= 2 ** 18)
 
 
@@ -253,10 +254,10 @@ def conv3d(
   if impl == "auto":
     impl = _auto_impl(x.shape[1:4], pads, kernel.shape, strides)
   if impl == "native":
-    if any(stride != 1 for stride in strides) or jax.default_backend() != "cpu":
-      raise ValueError(f"the native convolution has stride 1 only, on the CPU only, not strides "
-                       f"{strides} on {jax.default_backend()}")
-    return native.conv(x, kernel, pads)
+    if len(set(strides)) != 1 or jax.default_backend() != "cpu":
+      raise ValueError(f"the native convolution runs on the CPU with one stride for all axes, "
+                       f"not strides {strides} on {jax.default_backend()}")
+    return native.conv(x, kernel, pads, strides[0])
   conv = {"xla": _conv_xla, "depth_sum": _conv_depth_sum, "fft": _conv_fft}[impl]
   return conv(x, kernel, strides, pads)
 
@@ -767,10 +768,10 @@ def _check_choices(model: ml_collections.ConfigDict) -> None:
                          ("decoder_output", DECODER_OUTPUTS)):
     if model[field] not in choices:
       raise ModelConfigError(f"model.{field} {model[field]!r} not in {choices}")
-  if model.conv_impl in ("fft", "native") and any(s != 1 for s in model.encoder_strides):
+  if model.conv_impl == "fft" and any(stride != 1 for stride in model.encoder_strides):
     raise ModelConfigError(
-        f"model.conv_impl {model.conv_impl!r} has stride 1 only and the encoder's strides are "
-        f"{tuple(model.encoder_strides)}; 'auto' takes it where it is faster")
+        f"model.conv_impl 'fft' has stride 1 only and the encoder's strides are "
+        f"{tuple(model.encoder_strides)}; 'auto' takes the fft where it is faster")
   if model.conv_impl == "native" and not native.available():
     raise ModelConfigError("model.conv_impl 'native' could not be built (see the warning above); "
                            "'auto' falls back to XLA's formulations")

@@ -1,18 +1,21 @@
 // CPU kernels of the model as XLA FFI custom calls, channels-last, float32 (crystal_vae/native.py
 // compiles this file on first use and registers the handlers):
 //
-//   CrystalVaeCorrelate:      x (B, Dp, Hp, Wp, C), k (KD, KH, KW, C, O) -> y (B, Dp-KD+1, ..., O)
-//                             y[b, p, o] = sum_{t, c} x[b, p + t, c] k[t, c, o]  (no padding: the
-//                             caller pads x; the input gradient is this call on the padded
-//                             cotangent with the flipped, transposed kernel)
+//   CrystalVaeCorrelate:      x (B, Dp, Hp, Wp, C), k (KD, KH, KW, C, O) -> y (B, Do, Ho, Wo, O)
+//                             y[b, p, o] = sum_{t, c} x[b, s * p + t, c] k[t, c, o]  (no padding:
+//                             the caller pads x; at stride s = 1 the input gradient is this call
+//                             on the padded cotangent with the flipped, transposed kernel)
 //   CrystalVaeKernelGradient: x (B, Dp, Hp, Wp, C), g (B, Do, Ho, Wo, O) -> dk (KD, KH, KW, C, O)
-//                             dk[t, c, o] = sum_{b, p} x[b, p + t, c] g[b, p, o]
+//                             dk[t, c, o] = sum_{b, p} x[b, s * p + t, c] g[b, p, o]
+//   CrystalVaeStridedInputGradient: g (B, Do, Ho, Wo, O), k as (KD, KH, KW, O, C) -> dx (B, Dp,
+//                             Hp, Wp, C), the input gradient at stride s > 1 (C % 8 = 0)
 //   CrystalVaeUpsample2:      x (B, D, H, W, C) -> (B, 2D, 2H, 2W, C), trilinear with half-pixel
 //                             centres and clamped edges (jax.image.resize's "trilinear" at x2)
 //   CrystalVaeUpsample2Transpose: its adjoint, (B, 2D, 2H, 2W, C) -> (B, D, H, W, C)
-// O must be 1 or a multiple of 8 (the caller pads the channels). Each output row keeps its partial
-// sums in vector registers over all kernel taps, so memory sees each output once; the work is
-// split over (batch, depth) between one thread per CPU the process may run on.
+// The first three take an attribute `stride` (s, the same along all three axes). O must be 1 or a
+// multiple of 8 (the caller pads the channels). Each output row keeps its partial sums in vector
+// registers over all kernel taps, so memory sees each output once; the work is split over
+// (batch, depth) between one thread per CPU the process may run on.
 
 #include <sched.h>
 
@@ -74,10 +77,11 @@ void ParallelFor(int64_t n, int64_t threads, Body body) {
 }
 
 struct Shape {  // of a correlation: input (padded) sides, taps, channels
-  int64_t batch, depth, height, width, in, taps_d, taps_h, taps_w, out;
-  int64_t out_depth() const { return depth - taps_d + 1; }
-  int64_t out_height() const { return height - taps_h + 1; }
-  int64_t out_width() const { return width - taps_w + 1; }
+  int64_t batch, depth, height, width, in, taps_d, taps_h, taps_w, out, stride;
+  int64_t out_depth() const { return (depth - taps_d) / stride + 1; }
+  int64_t out_height() const { return (height - taps_h) / stride + 1; }
+  int64_t out_width() const { return (width - taps_w) / stride + 1; }
+  int64_t step() const { return stride * in; }  // input floats between neighbouring outputs
 };
 
 // WB outputs of one row, 8 * OV output channels from `o0`, summed over all taps and channels.
@@ -96,7 +100,7 @@ void RowBlock(const Shape& s, const float* x, const float* k, float* y, int64_t 
           v8f kv[OV];
           for (int v = 0; v < OV; ++v) kv[v] = Load(kt + c * s.out + 8 * v);
           for (int w = 0; w < WB; ++w) {
-            const v8f xv = Splat(xt[w * sw + c]);
+            const v8f xv = Splat(xt[w * s.step() + c]);
             for (int v = 0; v < OV; ++v) acc[w][v] += xv * kv[v];
           }
         }
@@ -123,7 +127,7 @@ void RowBlockPairs(const Shape& s, const float* x, const float* pairs, float* y,
           v16f kv[OV];
           for (int v = 0; v < OV; ++v) kv[v] = Load16(kt + c * s.out + 16 * v);
           for (int w = 0; w < WB; ++w) {
-            const v16f xv = SplatPair(xt + w * sw + c);
+            const v16f xv = SplatPair(xt + w * s.step() + c);
             for (int v = 0; v < OV; ++v) acc[w][v] += xv * kv[v];
           }
         }
@@ -182,10 +186,10 @@ void SingleOutBlock(const Shape& s, const float* x, const float* k, float* y) {
         const float* xt = x + i * sd + j * sh + t * sw;
         for (int64_t c = 0; c < vectors; c += 8) {
           const v8f kv = Load(kt + c);
-          for (int w = 0; w < WB; ++w) acc[w] += Load(xt + w * sw + c) * kv;
+          for (int w = 0; w < WB; ++w) acc[w] += Load(xt + w * s.step() + c) * kv;
         }
         for (int64_t c = vectors; c < s.in; ++c)
-          for (int w = 0; w < WB; ++w) rest[w] += xt[w * sw + c] * kt[c];
+          for (int w = 0; w < WB; ++w) rest[w] += xt[w * s.step() + c] * kt[c];
       }
   for (int w = 0; w < WB; ++w) {
     for (int lane = 0; lane < 8; ++lane) rest[w] += acc[w][lane];
@@ -195,8 +199,8 @@ void SingleOutBlock(const Shape& s, const float* x, const float* k, float* y) {
 
 void RowSingleOut(const Shape& s, const float* x, const float* k, float* y, int64_t count) {
   int64_t w = 0;
-  for (; w + 8 <= count; w += 8) SingleOutBlock<8>(s, x + w * s.in, k, y + w);
-  for (; w < count; ++w) SingleOutBlock<1>(s, x + w * s.in, k, y + w);
+  for (; w + 8 <= count; w += 8) SingleOutBlock<8>(s, x + w * s.step(), k, y + w);
+  for (; w < count; ++w) SingleOutBlock<1>(s, x + w * s.step(), k, y + w);
 }
 
 void Correlate(const Shape& s, const float* x, const float* k, float* y) {
@@ -208,7 +212,8 @@ void Correlate(const Shape& s, const float* x, const float* k, float* y) {
       for (int64_t item = first; item < last; ++item) {
         const int64_t b = item / od, d = item % od;
         for (int64_t h = 0; h < oh; ++h) {
-          RowSingleOut(s, x + b * sb + d * sd + h * sh, k, y + (item * oh + h) * ow, ow);
+          RowSingleOut(s, x + b * sb + (d * sd + h * sh) * s.stride, k, y + (item * oh + h) * ow,
+                       ow);
         }
       }
     });
@@ -229,13 +234,13 @@ void Correlate(const Shape& s, const float* x, const float* k, float* y) {
     for (int64_t item = first; item < last; ++item) {
       const int64_t b = item / od, d = item % od;
       for (int64_t h = 0; h < oh; ++h) {
-        const float* xr = x + b * sb + d * sd + h * sh;
+        const float* xr = x + b * sb + (d * sd + h * sh) * s.stride;
         float* yr = y + ((item * oh + h) * ow) * s.out;
         int64_t w = 0;
         for (; w + 8 <= ow; w += 8) {
-          RowBlockChannels<8>(s, xr + w * s.in, k, yr + w * s.out, pairs);
+          RowBlockChannels<8>(s, xr + w * s.step(), k, yr + w * s.out, pairs);
         }
-        if (w < ow) RowTail(ow - w, s, xr + w * s.in, k, yr + w * s.out, pairs);
+        if (w < ow) RowTail(ow - w, s, xr + w * s.step(), k, yr + w * s.out, pairs);
       }
     }
   });
@@ -246,21 +251,31 @@ void Correlate(const Shape& s, const float* x, const float* k, float* y) {
 template <int CB>
 void PlaneTapByOut(const Shape& s, const float* x, const float* g, float* dk, int64_t c0,
                    int64_t o0) {
+  constexpr int CH = CB >= 4 ? 1 : 4 / CB;  // independent chains: at least 4 sums in flight
   const int64_t oh = s.out_height(), ow = s.out_width();
-  const int64_t sw = s.in, sh = s.width * s.in;
-  v8f acc[CB];
-  for (int c = 0; c < CB; ++c) acc[c] = Splat(0.f);
+  const int64_t sh = s.width * s.in, step = s.step();
+  v8f acc[CH][CB];
+  for (int u = 0; u < CH; ++u)
+    for (int c = 0; c < CB; ++c) acc[u][c] = Splat(0.f);
   for (int64_t h = 0; h < oh; ++h) {
-    const float* xr = x + h * sh + c0;
+    const float* xr = x + h * s.stride * sh + c0;
     const float* gr = g + h * ow * s.out + o0;
-    for (int64_t w = 0; w < ow; ++w) {
+    int64_t w = 0;
+    for (; w + CH <= ow; w += CH)
+      for (int u = 0; u < CH; ++u) {
+        const v8f gv = Load(gr + (w + u) * s.out);
+        for (int c = 0; c < CB; ++c) acc[u][c] += Splat(xr[(w + u) * step + c]) * gv;
+      }
+    for (; w < ow; ++w) {
       const v8f gv = Load(gr + w * s.out);
-      for (int c = 0; c < CB; ++c) acc[c] += Splat(xr[w * sw + c]) * gv;
+      for (int c = 0; c < CB; ++c) acc[0][c] += Splat(xr[w * step + c]) * gv;
     }
   }
   for (int c = 0; c < CB; ++c) {
+    v8f sum = acc[0][c];
+    for (int u = 1; u < CH; ++u) sum += acc[u][c];
     float* target = dk + (c0 + c) * s.out + o0;
-    Store(target, Load(target) + acc[c]);
+    Store(target, Load(target) + sum);
   }
 }
 
@@ -270,16 +285,16 @@ template <int CV>
 void PlaneTapByIn(const Shape& s, const float* x, const float* g, float* dk, int64_t c0,
                   int64_t o0) {
   const int64_t oh = s.out_height(), ow = s.out_width();
-  const int64_t sw = s.in, sh = s.width * s.in;
+  const int64_t sh = s.width * s.in;
   v8f acc[8][CV];
   for (int o = 0; o < 8; ++o)
     for (int v = 0; v < CV; ++v) acc[o][v] = Splat(0.f);
   for (int64_t h = 0; h < oh; ++h) {
-    const float* xr = x + h * sh + c0;
+    const float* xr = x + h * s.stride * sh + c0;
     const float* gr = g + h * ow * s.out + o0;
     for (int64_t w = 0; w < ow; ++w) {
       v8f xv[CV];
-      for (int v = 0; v < CV; ++v) xv[v] = Load(xr + w * sw + 8 * v);
+      for (int v = 0; v < CV; ++v) xv[v] = Load(xr + w * s.step() + 8 * v);
       for (int o = 0; o < 8; ++o) {
         const v8f gb = Splat(gr[w * s.out + o]);
         for (int v = 0; v < CV; ++v) acc[o][v] += gb * xv[v];
@@ -294,21 +309,22 @@ void PlaneTapByIn(const Shape& s, const float* x, const float* g, float* dk, int
 // dk[tap, :, 0] += one plane's sums for one output channel, the input channels in the lanes.
 void PlaneTapSingleOut(const Shape& s, const float* x, const float* g, float* dk) {
   const int64_t oh = s.out_height(), ow = s.out_width();
-  const int64_t sw = s.in, sh = s.width * s.in;
+  const int64_t sh = s.width * s.in;
   for (int64_t c0 = 0; c0 < s.in; c0 += 8) {
     if (c0 + 8 <= s.in) {
       v8f a0 = Splat(0.f), a1 = a0, a2 = a0, a3 = a0;  // four chains in flight
       for (int64_t h = 0; h < oh; ++h) {
         const float* gr = g + h * ow;
-        const float* xr = x + h * sh + c0;
+        const float* xr = x + h * s.stride * sh + c0;
+        const int64_t step = s.step();
         int64_t w = 0;
         for (; w + 4 <= ow; w += 4) {
-          a0 += Splat(gr[w]) * Load(xr + w * sw);
-          a1 += Splat(gr[w + 1]) * Load(xr + (w + 1) * sw);
-          a2 += Splat(gr[w + 2]) * Load(xr + (w + 2) * sw);
-          a3 += Splat(gr[w + 3]) * Load(xr + (w + 3) * sw);
+          a0 += Splat(gr[w]) * Load(xr + w * step);
+          a1 += Splat(gr[w + 1]) * Load(xr + (w + 1) * step);
+          a2 += Splat(gr[w + 2]) * Load(xr + (w + 2) * step);
+          a3 += Splat(gr[w + 3]) * Load(xr + (w + 3) * step);
         }
-        for (; w < ow; ++w) a0 += Splat(gr[w]) * Load(xr + w * sw);
+        for (; w < ow; ++w) a0 += Splat(gr[w]) * Load(xr + w * step);
       }
       Store(dk + c0, Load(dk + c0) + (a0 + a1) + (a2 + a3));
       continue;
@@ -316,7 +332,9 @@ void PlaneTapSingleOut(const Shape& s, const float* x, const float* g, float* dk
     for (int64_t c = c0; c < s.in; ++c) {
       float acc = 0.f;
       for (int64_t h = 0; h < oh; ++h)
-        for (int64_t w = 0; w < ow; ++w) acc += g[h * ow + w] * x[h * sh + w * sw + c];
+        for (int64_t w = 0; w < ow; ++w) {
+          acc += g[h * ow + w] * x[h * s.stride * sh + w * s.step() + c];
+        }
       dk[c] += acc;
     }
   }
@@ -349,7 +367,7 @@ void KernelGradient(const Shape& s, const float* x, const float* g, float* dk) {
       for (int64_t i = 0; i < s.taps_d; ++i)
         for (int64_t j = 0; j < s.taps_h; ++j)
           for (int64_t t = 0; t < s.taps_w; ++t) {
-            const float* xp = x + b * sb + (d + i) * sd + j * sh + t * s.in;
+            const float* xp = x + b * sb + (d * s.stride + i) * sd + j * sh + t * s.in;
             float* tap = local + ((i * s.taps_h + j) * s.taps_w + t) * s.in * s.out;
             if (s.out == 1) {
               PlaneTapSingleOut(s, xp, gp, tap);
@@ -477,6 +495,53 @@ void Upsample2Transpose(int64_t batch, int64_t depth, int64_t height, int64_t wi
   });
 }
 
+// The input gradient of a strided correlation (for stride 1 the caller correlates instead):
+// dx[b, q, c] = sum over taps t with q - t = stride * p, p an output, of sum_o g[b, p, o] kt[t, o, c]
+// (`kt`: the kernel as (tap, O, C)); CV vectors of 8 input channels per pass.
+template <int CV>
+void StridedInputGradientChunk(const Shape& s, const float* g, const float* kt, float* dx,
+                               int64_t item, int64_t c0) {
+  const int64_t od = s.out_depth(), oh = s.out_height(), ow = s.out_width();
+  const int64_t b = item / s.depth, q = item % s.depth;
+  for (int64_t qh = 0; qh < s.height; ++qh)
+    for (int64_t qw = 0; qw < s.width; ++qw) {
+      v8f acc[CV];
+      for (int v = 0; v < CV; ++v) acc[v] = Splat(0.f);
+      for (int64_t i = q % s.stride; i < s.taps_d; i += s.stride) {
+        const int64_t pd = (q - i) / s.stride;
+        if (q < i || pd >= od) continue;
+        for (int64_t j = qh % s.stride; j < s.taps_h; j += s.stride) {
+          const int64_t ph = (qh - j) / s.stride;
+          if (qh < j || ph >= oh) continue;
+          for (int64_t t = qw % s.stride; t < s.taps_w; t += s.stride) {
+            const int64_t pw = (qw - t) / s.stride;
+            if (qw < t || pw >= ow) continue;
+            const float* gp = g + (((b * od + pd) * oh + ph) * ow + pw) * s.out;
+            const float* kp = kt + ((i * s.taps_h + j) * s.taps_w + t) * s.out * s.in + c0;
+            for (int64_t o = 0; o < s.out; ++o) {
+              const v8f gv = Splat(gp[o]);
+              for (int v = 0; v < CV; ++v) acc[v] += gv * Load(kp + o * s.in + 8 * v);
+            }
+          }
+        }
+      }
+      float* out = dx + ((item * s.height + qh) * s.width + qw) * s.in + c0;
+      for (int v = 0; v < CV; ++v) Store(out + 8 * v, acc[v]);
+    }
+}
+
+void StridedInputGradient(const Shape& s, const float* g, const float* kt, float* dx) {
+  const int64_t items = s.batch * s.depth;
+  ParallelFor(items, std::min<int64_t>(CpuCount(), items), [&](int64_t, int64_t first,
+                                                               int64_t last) {
+    for (int64_t item = first; item < last; ++item) {
+      int64_t c0 = 0;
+      for (; c0 + 32 <= s.in; c0 += 32) StridedInputGradientChunk<4>(s, g, kt, dx, item, c0);
+      for (; c0 + 8 <= s.in; c0 += 8) StridedInputGradientChunk<1>(s, g, kt, dx, item, c0);
+    }
+  });
+}
+
 ffi::Error CheckOut(int64_t out) {
   if (out != 1 && out % 8 != 0) {
     return ffi::Error::InvalidArgument("crystal_vae conv3d: output channels must be 1 or a multiple of 8");
@@ -484,11 +549,11 @@ ffi::Error CheckOut(int64_t out) {
   return ffi::Error::Success();
 }
 
-ffi::Error CorrelateImpl(Array5 x, Array5 k,
-                         ffi::ResultBuffer<ffi::F32, 5> y) {
-  const auto xd = x.dimensions(), kd = k.dimensions();
-  const Shape s{xd[0], xd[1], xd[2], xd[3], xd[4], kd[0], kd[1], kd[2], kd[4]};
-  if (kd[3] != s.in || s.out_depth() < 1 || s.out_height() < 1 || s.out_width() < 1) {
+ffi::Error CorrelateImpl(Array5 x, Array5 k, ffi::ResultBuffer<ffi::F32, 5> y, int64_t stride) {
+  const auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
+  const Shape s{xd[0], xd[1], xd[2], xd[3], xd[4], kd[0], kd[1], kd[2], kd[4], stride};
+  if (kd[3] != s.in || stride < 1 || yd[1] != s.out_depth() || yd[2] != s.out_height() ||
+      yd[3] != s.out_width() || s.out_depth() < 1 || s.out_height() < 1 || s.out_width() < 1) {
     return ffi::Error::InvalidArgument("crystal_vae conv3d: kernel does not fit the input");
   }
   if (auto error = CheckOut(s.out); error.failure()) return error;
@@ -496,16 +561,29 @@ ffi::Error CorrelateImpl(Array5 x, Array5 k,
   return ffi::Error::Success();
 }
 
-ffi::Error KernelGradientImpl(Array5 x, Array5 g,
-                              ffi::ResultBuffer<ffi::F32, 5> dk) {
+ffi::Error KernelGradientImpl(Array5 x, Array5 g, ffi::ResultBuffer<ffi::F32, 5> dk,
+                              int64_t stride) {
   const auto xd = x.dimensions(), gd = g.dimensions(), kd = dk->dimensions();
-  const Shape s{xd[0], xd[1], xd[2], xd[3], xd[4], kd[0], kd[1], kd[2], kd[4]};
+  const Shape s{xd[0], xd[1], xd[2], xd[3], xd[4], kd[0], kd[1], kd[2], kd[4], stride};
   if (gd[0] != s.batch || gd[1] != s.out_depth() || gd[2] != s.out_height() ||
       gd[3] != s.out_width() || gd[4] != s.out || kd[3] != s.in) {
     return ffi::Error::InvalidArgument("crystal_vae conv3d: gradient shapes do not match");
   }
   if (auto error = CheckOut(s.out); error.failure()) return error;
   KernelGradient(s, x.typed_data(), g.typed_data(), dk->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error StridedInputGradientImpl(Array5 g, Array5 kt, ffi::ResultBuffer<ffi::F32, 5> dx,
+                                    int64_t stride) {
+  const auto gd = g.dimensions(), kd = kt.dimensions(), xd = dx->dimensions();
+  const Shape s{xd[0], xd[1], xd[2], xd[3], xd[4], kd[0], kd[1], kd[2], kd[3], stride};
+  if (gd[0] != s.batch || gd[1] != s.out_depth() || gd[2] != s.out_height() ||
+      gd[3] != s.out_width() || gd[4] != s.out || kd[4] != s.in || s.in % 8 != 0) {
+    return ffi::Error::InvalidArgument(
+        "crystal_vae conv3d: strided input gradient shapes do not match (or C % 8 != 0)");
+  }
+  StridedInputGradient(s, g.typed_data(), kt.typed_data(), dx->typed_data());
   return ffi::Error::Success();
 }
 
@@ -543,10 +621,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeCorrelate, CorrelateImpl,
                               ffi::Ffi::Bind()
                                   .Arg<Array5>()
                                   .Arg<Array5>()
-                                  .Ret<Array5>());
+                                  .Ret<Array5>()
+                                  .Attr<int64_t>("stride"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeKernelGradient, KernelGradientImpl,
                               ffi::Ffi::Bind()
                                   .Arg<Array5>()
                                   .Arg<Array5>()
-                                  .Ret<Array5>());
+                                  .Ret<Array5>()
+                                  .Attr<int64_t>("stride"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeStridedInputGradient, StridedInputGradientImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<Array5>()
+                                  .Arg<Array5>()
+                                  .Ret<Array5>()
+                                  .Attr<int64_t>("stride"));

@@ -24,11 +24,13 @@ import subprocess
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 _SOURCE = pathlib.Path(__file__).with_name("native.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
 _TARGETS = {"correlate": "CrystalVaeCorrelate", "kernel_gradient": "CrystalVaeKernelGradient",
+            "strided_input_gradient": "CrystalVaeStridedInputGradient",
             "upsample2": "CrystalVaeUpsample2",
             "upsample2_transpose": "CrystalVaeUpsample2Transpose"}
 _LANES = 8  # output channels per vector register (the handlers need 1 or a multiple of this)
@@ -101,64 +103,85 @@ def _round_up(channels: int) -> int:
   return 1 if channels == 1 else -(-channels // _LANES) * _LANES
 
 
-def correlate(padded: jax.Array, kernel: jax.Array) -> jax.Array:
-  """VALID stride-1 correlation of float32 `padded` (B, D, H, W, C) with `kernel`
-  (kd, kh, kw, C, O): y[b, p, o] = sum over taps t and c of padded[b, p + t, c] kernel[t, c, o]."""
+def correlate(padded: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+  """VALID correlation of float32 `padded` (B, D, H, W, C) with `kernel` (kd, kh, kw, C, O):
+  y[b, p, o] = sum over taps t and c of padded[b, stride * p + t, c] kernel[t, c, o]."""
   _require()
   out = kernel.shape[-1]
   kernel = jnp.pad(kernel, ((0, 0),) * 4 + ((0, _round_up(out) - out),))
-  shape = (padded.shape[0], *(side - taps + 1 for side, taps in
+  shape = (padded.shape[0], *((side - taps) // stride + 1 for side, taps in
                               zip(padded.shape[1:4], kernel.shape[:3])), kernel.shape[-1])
   y = jax.ffi.ffi_call("crystal_vae_correlate", jax.ShapeDtypeStruct(shape, jnp.float32))(
-      padded, kernel)
+      padded, kernel, stride=np.int64(stride))
   return y[..., :out]
 
 
-def kernel_gradient(padded: jax.Array, cotangent: jax.Array, taps: tuple[int, int, int]
-                    ) -> jax.Array:
-  """d(sum y * cotangent) / d kernel of `correlate(padded, kernel)`: (kd, kh, kw, C, O)."""
+def kernel_gradient(padded: jax.Array, cotangent: jax.Array, taps: tuple[int, int, int],
+                    stride: int = 1) -> jax.Array:
+  """d(sum y * cotangent) / d kernel of `correlate(padded, kernel, stride)`: (kd, kh, kw, C, O)."""
   _require()
   out = cotangent.shape[-1]
   cotangent = jnp.pad(cotangent, ((0, 0),) * 4 + ((0, _round_up(out) - out),))
   shape = (*taps, padded.shape[-1], cotangent.shape[-1])
   dk = jax.ffi.ffi_call("crystal_vae_kernel_gradient", jax.ShapeDtypeStruct(shape, jnp.float32))(
-      padded, cotangent)
+      padded, cotangent, stride=np.int64(stride))
   return dk[..., :out]
+
+
+def _input_gradient(cotangent: jax.Array, kernel: jax.Array, padded_shape: tuple[int, ...],
+                    pads: tuple[tuple[int, int], ...], stride: int) -> jax.Array:
+  """d(sum y * cotangent) / d x of the padded correlation, padding cut off."""
+  taps = kernel.shape[:3]
+  if stride == 1:
+    # dx[q] = sum_t g[q + low - t] k[t]: a correlation of g padded by (taps - 1 - pad) with the
+    # kernel flipped in space and transposed in channels.
+    flipped = jnp.swapaxes(kernel[::-1, ::-1, ::-1], -1, -2)
+    return correlate(_pad(cotangent, tuple((k - 1 - low, k - 1 - high) for k, (low, high)
+                                           in zip(taps, pads))), flipped)
+  channels = padded_shape[-1]
+  kernel = jnp.pad(jnp.swapaxes(kernel, -1, -2),  # (kd, kh, kw, O, C), C padded to a vector
+                   ((0, 0),) * 4 + ((0, -(-channels // _LANES) * _LANES - channels),))
+  shape = (*padded_shape[:4], kernel.shape[-1])
+  dx = jax.ffi.ffi_call("crystal_vae_strided_input_gradient",
+                        jax.ShapeDtypeStruct(shape, jnp.float32))(
+                            cotangent, kernel, stride=np.int64(stride))
+  return dx[(slice(None),) + tuple(slice(low, side - high) for (low, high), side
+                                   in zip(pads, padded_shape[1:4])) + (slice(0, channels),)]
 
 
 def _pad(x: jax.Array, pads: tuple[tuple[int, int], ...]) -> jax.Array:
   return jnp.pad(x, ((0, 0), *pads, (0, 0)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv(x: jax.Array, kernel: jax.Array, pads: tuple[tuple[int, int], ...]) -> jax.Array:
-  return _conv_forward(x, kernel, pads)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x: jax.Array, kernel: jax.Array, pads: tuple[tuple[int, int], ...], stride: int
+          ) -> jax.Array:
+  return _conv_forward(x, kernel, pads, stride)[0]
 
 
-def _conv_forward(x, kernel, pads):
+def _conv_forward(x, kernel, pads, stride):
   padded = _pad(x.astype(jnp.float32), pads)
-  return correlate(padded, kernel.astype(jnp.float32)).astype(x.dtype), (padded, kernel)
+  y = correlate(padded, kernel.astype(jnp.float32), stride)
+  return y.astype(x.dtype), (padded, kernel)
 
 
-def _conv_backward(pads, residuals, cotangent):
+def _conv_backward(pads, stride, residuals, cotangent):
   padded, kernel = residuals
-  taps = kernel.shape[:3]
   g = cotangent.astype(jnp.float32)
-  # dx[q] = sum_t g[q + low - t] k[t]: a correlation of g padded by (taps - 1 - pad) with the
-  # kernel flipped in space and transposed in channels.
-  flipped = jnp.swapaxes(kernel[::-1, ::-1, ::-1], -1, -2).astype(jnp.float32)
-  dx = correlate(_pad(g, tuple((k - 1 - low, k - 1 - high) for k, (low, high)
-                               in zip(taps, pads))), flipped)
-  return dx.astype(cotangent.dtype), kernel_gradient(padded, g, taps).astype(kernel.dtype)
+  dx = _input_gradient(g, kernel.astype(jnp.float32), padded.shape, pads, stride)
+  dk = kernel_gradient(padded, g, kernel.shape[:3], stride)
+  return dx.astype(cotangent.dtype), dk.astype(kernel.dtype)
 
 
 _conv.defvjp(_conv_forward, _conv_backward)
 
 
-def conv(x: jax.Array, kernel: jax.Array, pads: tuple[tuple[int, int], ...]) -> jax.Array:
-  """Stride-1 channels-last 3-D convolution (as `lax.conv_general_dilated`, explicit `pads` per
-  spatial axis), float32 inside whatever the dtype; reverse-mode differentiable (custom VJP)."""
-  return _conv(x, kernel, tuple(tuple(int(p) for p in pad) for pad in pads))
+def conv(x: jax.Array, kernel: jax.Array, pads: tuple[tuple[int, int], ...], stride: int = 1
+         ) -> jax.Array:
+  """Channels-last 3-D convolution (as `lax.conv_general_dilated`: explicit `pads` per spatial
+  axis, the same `stride` along each), float32 inside whatever the dtype; reverse-mode
+  differentiable (custom VJP)."""
+  return _conv(x, kernel, tuple(tuple(int(p) for p in pad) for pad in pads), int(stride))
 
 
 def _upsample_call(name: str, x: jax.Array, shape: tuple[int, ...]) -> jax.Array:

@@ -7,7 +7,7 @@ Candidates (all channels-last, same kernel layout as `nn.Conv`: (kd, kh, kw, in,
   depth_fold kernel-depth slices stacked into channels, then one 2-D convolution.
   im2col     all k^3 patches gathered into one matrix, then a matmul.
   fft        crystal_vae.models' FFT convolution (stride 1 only; nan for strided layers).
-  native     crystal_vae.native's direct convolution (C++, compiled on first use; stride 1).
+  native     crystal_vae.native's direct convolution (C++, compiled on first use).
   auto       crystal_vae.models.conv3d's own choice for the layer's shape.
   torch      PyTorch's conv3d, channels-last (an optional benchmark dependency:
              pip install torch==2.13.0+cpu), float32 only, its default threads (all cores).
@@ -122,8 +122,7 @@ def conv_fft(x, w, stride, pads):
 
 
 def conv_native(x, w, stride, pads):
-  del stride  # 1: time_layer skips strided layers
-  return native.conv(x, w, pads)
+  return native.conv(x, w, pads, stride)
 
 
 IMPLS = {"xla": conv_xla, "depth_sum": conv_depth_sum, "depth_fold": conv_depth_fold,
@@ -159,7 +158,7 @@ def time_torch_layer(batch, layer, repeats):
 def time_layer(impl, dtype_name, batch, layer, repeats):
   if impl == "torch":
     return time_torch_layer(batch, layer, repeats) if dtype_name == "f32" else float("nan")
-  if impl in ("fft", "native") and layer[5] != 1:
+  if impl == "fft" and layer[5] != 1:
     return float("nan")
   dtype = DTYPES[dtype_name]
   _, size, cin, cout, k, stride, padding = layer

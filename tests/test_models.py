@@ -143,7 +143,7 @@ def test_conv3d_matches_nn_conv(impl, kernel, stride, padding):
   if impl == "native":
     require_native()
   x = jax.random.normal(key(0), (2, 9, 8, 7, 3))
-  if impl in ("fft", "native") and stride != 1:
+  if impl == "fft" and stride != 1:
     with pytest.raises(ValueError, match="stride 1 only"):
       models.Conv3D(5, kernel, stride, padding, impl).init(key(1), x)
     return
@@ -178,30 +178,34 @@ def test_fft_convolution_in_bfloat16_and_on_a_big_cube():
                              models.conv3d(x, kernel, (1, 1, 1), "SAME", "xla"), atol=0.1)
 
 
-@pytest.mark.parametrize("channels_in,features,shape", [
-    (16, 8, (2, 12, 11, 13)),   # the cpu decoder's 16 -> 8; row tails of 3, 4 and 5 outputs
-    (32, 24, (1, 9, 10, 17)),   # input channels in the kernel gradient's lanes; 8 + 16 outputs
-    (1, 16, (2, 8, 8, 8)),      # one input channel (the U-Net's first layer)
-    (5, 3, (2, 7, 9, 8)),       # output channels padded to a vector of 8
-    (12, 1, (2, 9, 8, 11)),     # one output channel (the decoder's last layer), 12 = 8 + 4 inputs
+@pytest.mark.parametrize("channels_in,features,shape,stride", [
+    (16, 8, (2, 12, 11, 13), 1),   # the cpu decoder's 16 -> 8; row tails of 3, 4 and 5 outputs
+    (32, 24, (1, 9, 10, 17), 1),   # input channels in the kernel gradient's lanes; 8 + 16 out
+    (1, 16, (2, 8, 8, 8), 1),      # one input channel (the U-Net's first layer)
+    (5, 3, (2, 7, 9, 8), 1),       # output channels padded to a vector of 8
+    (12, 1, (2, 9, 8, 11), 1),     # one output channel (the decoder's last layer), 8 + 4 inputs
+    (1, 16, (2, 11, 10, 9), 2),    # the first encoder layer's stride 2
+    (40, 8, (1, 7, 9, 8), 2),      # stride 2, input gradient over 32 + 8 input channels
+    (8, 16, (2, 9, 7, 10), 3),     # stride 3
 ])
-def test_native_convolution_matches_lax_with_gradients(channels_in, features, shape):
+def test_native_convolution_matches_lax_with_gradients(channels_in, features, shape, stride):
   """The direct C++ convolution against lax's (float32 'highest'), the input and kernel gradients
   of a non-linear loss included, and bfloat16 in -> bfloat16 out."""
   require_native()
   x = jax.random.normal(key(0), shape + (channels_in,))
   kernel = jax.random.normal(key(1), (3, 3, 3, channels_in, features)) * 0.2
-  pads = ((1, 1), (0, 2), (1, 1))  # SAME in depth and width, lopsided in height
+  pads = ((1, 1), (0, 2), (1, 1))  # SAME at stride 1 in depth and width, lopsided in height
   reference = lambda x, k: jax.lax.conv_general_dilated(
-      x, k, (1, 1, 1), pads, dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision="highest")
-  own = lambda x, k: native.conv(x, k, pads)
+      x, k, (stride,) * 3, pads, dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+      precision="highest")
+  own = lambda x, k: native.conv(x, k, pads, stride)
   np.testing.assert_allclose(jax.jit(own)(x, kernel), reference(x, kernel), rtol=1e-5, atol=1e-5)
   loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k)))
   for got, want in zip(jax.jit(jax.grad(loss(own), argnums=(0, 1)))(x, kernel),
                        jax.grad(loss(reference), argnums=(0, 1))(x, kernel)):
     # float32 sums over up to 32 x 1,530 terms: rounding relative to the largest entry
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5 * float(np.abs(want).max()))
-  half = native.conv(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), pads)
+  half = native.conv(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), pads, stride)
   assert half.dtype == jnp.bfloat16
   np.testing.assert_allclose(half.astype(jnp.float32), reference(x, kernel), atol=0.1)
 
@@ -222,10 +226,13 @@ def test_native_convolution_builds_once_and_falls_back_without_a_compiler(tmp_pa
   script = ("import jax, jax.numpy as jnp; from crystal_vae import models, native as n; "
             "x = jnp.ones((1, 16, 16, 16, 8)); k = jnp.ones((3, 3, 3, 8, 8)); "
             "y = models.conv3d(x, k, (1, 1, 1), 'SAME', 'auto'); "
-            "print(n.available(), float(y[0, 8, 8, 8, 0]))")
+            "print(n.available(), float(y[0, 8, 8, 8, 0]))\n"
+            "try: models.conv3d(x, k, (1, 1, 1), 'SAME', 'native')\n"
+            "except RuntimeError as e: print('refused:', e)")
   run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                        timeout=600, check=True)
-  assert run.stdout.split() == ["False", "216.0"]  # 27 taps x 8 channels of ones
+  assert run.stdout.split()[:2] == ["False", "216.0"]  # 27 taps x 8 channels of ones
+  assert "refused: the native CPU kernels could not be built" in run.stdout
   assert "native CPU kernels unavailable" in run.stderr
 
 
@@ -238,8 +245,12 @@ def test_native_convolution_builds_once_and_falls_back_without_a_compiler(tmp_pa
     ((10, 10, 10), (3, 3, 3, 64, 32), (1, 1, 1), False),    # a small cube: depth_sum's
     ((20, 20, 20), (5, 5, 5, 64, 32), (1, 1, 1), True),     # paper decoder, k5 VALID, 64 -> 32
     ((24, 24, 24), (5, 5, 5, 128, 64), (1, 1, 1), False),   # a bigger kernel than the cache
-    ((32, 32, 32), (3, 3, 3, 1, 16), (1, 1, 1), False),     # one input channel: the FFT's
-    ((34, 34, 34), (5, 5, 5, 1, 16), (2, 2, 2), False),     # strided
+    ((32, 32, 32), (3, 3, 3, 1, 16), (1, 1, 1), True),      # the U-Net's first layer, 1 -> 16
+    ((32, 32, 32), (3, 3, 3, 4, 16), (1, 1, 1), False),     # 4 input channels: the FFT's
+    ((33, 33, 33), (5, 5, 5, 1, 16), (2, 2, 2), True),      # the first encoder layer, stride 2
+    ((17, 17, 17), (3, 3, 3, 64, 128), (2, 2, 2), True),    # paper encoder's last, stride 2
+    ((10, 10, 10), (3, 3, 3, 64, 64), (2, 2, 2), False),    # `cpu` encoder's last: small cube
+    ((17, 17, 17), (3, 3, 3, 32, 64), (2, 1, 1), False),    # strides differing by axis
 ])
 def test_cpu_auto_takes_the_native_convolution_where_it_is_faster(shape, kernel, strides,
                                                                   expected):
