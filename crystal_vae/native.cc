@@ -153,9 +153,9 @@ void RowBlockChannels(const Shape& s, const float* x, const float* k, float* y,
   for (; o0 < s.out; o0 += 8) RowBlock<WB, 1>(s, x, k, y, o0);
 }
 
-// The last `count` (< 8) outputs of a row, in one block.
-void RowTail(int64_t count, const Shape& s, const float* x, const float* k, float* y,
-             const float* pairs) {
+// `count` (<= 8) outputs of a row, in one block.
+void RowBlockOf(int64_t count, const Shape& s, const float* x, const float* k, float* y,
+                const float* pairs) {
   switch (count) {
     case 1: return RowBlockChannels<1>(s, x, k, y, pairs);
     case 2: return RowBlockChannels<2>(s, x, k, y, pairs);
@@ -163,7 +163,8 @@ void RowTail(int64_t count, const Shape& s, const float* x, const float* k, floa
     case 4: return RowBlockChannels<4>(s, x, k, y, pairs);
     case 5: return RowBlockChannels<5>(s, x, k, y, pairs);
     case 6: return RowBlockChannels<6>(s, x, k, y, pairs);
-    default: return RowBlockChannels<7>(s, x, k, y, pairs);
+    case 7: return RowBlockChannels<7>(s, x, k, y, pairs);
+    default: return RowBlockChannels<8>(s, x, k, y, pairs);
   }
 }
 
@@ -236,11 +237,14 @@ void Correlate(const Shape& s, const float* x, const float* k, float* y) {
       for (int64_t h = 0; h < oh; ++h) {
         const float* xr = x + b * sb + (d * sd + h * sh) * s.stride;
         float* yr = y + ((item * oh + h) * ow) * s.out;
-        int64_t w = 0;
-        for (; w + 8 <= ow; w += 8) {
-          RowBlockChannels<8>(s, xr + w * s.step(), k, yr + w * s.out, pairs);
+        // Blocks of at most 8 outputs, as even as the row allows (20 = 7 + 7 + 6, not 8 + 8 + 4:
+        // every block keeps enough independent sums in flight).
+        const int64_t blocks = (ow + 7) / 8;
+        for (int64_t block = 0, w = 0; block < blocks; ++block) {
+          const int64_t count = (ow - w + blocks - block - 1) / (blocks - block);
+          RowBlockOf(count, s, xr + w * s.step(), k, yr + w * s.out, pairs);
+          w += count;
         }
-        if (w < ow) RowTail(ow - w, s, xr + w * s.step(), k, yr + w * s.out, pairs);
       }
     }
   });
@@ -349,6 +353,7 @@ void PlaneTap(const Shape& s, const float* x, const float* g, float* dk, int64_t
     return;
   }
   for (; c0 + 16 <= s.in; c0 += 16) PlaneTapByOut<16>(s, x, g, dk, c0, o0);
+  for (; c0 + 8 <= s.in; c0 += 8) PlaneTapByOut<8>(s, x, g, dk, c0, o0);
   for (; c0 + 4 <= s.in; c0 += 4) PlaneTapByOut<4>(s, x, g, dk, c0, o0);
   for (; c0 < s.in; ++c0) PlaneTapByOut<1>(s, x, g, dk, c0, o0);
 }
