@@ -30,7 +30,7 @@ Config fields read by `model_from_config` (see `default_model_config` for the pa
                                the decoded density only (`eval.atoms_from=density`, repeat).
   config.model.species_head    'classes' (paper) or 'mask_z' (see above).
   config.model.decoder_output  'relu' (paper) or 'softplus': the decoder's last activation.
-  config.model.conv_impl       'auto', 'xla', 'depth_sum' or 'fft' (see `conv3d`).
+  config.model.conv_impl       'auto', 'xla', 'depth_sum', 'fft' or 'native' (see `conv3d`).
   config.model.dtype           computation dtype name ('float32', 'bfloat16'); params are float32.
 """
 
@@ -242,8 +242,8 @@ def conv3d(
   """Channels-last 3-D convolution, x (B, D, H, W, C), kernel (kd, kh, kw, C, F), no bias.
 
   impl: 'xla' (lax.conv_general_dilated, the fast path on GPU), 'depth_sum' (see
-  `_conv_depth_sum`), 'fft' (stride 1, see `_conv_fft`), 'native' (stride 1, CPU, a direct
-  convolution compiled on first use, see `native`), or 'auto': 'xla' off the CPU; on the CPU
+  `_conv_depth_sum`), 'fft' (stride 1, see `_conv_fft`), 'native' (CPU, one stride for all
+  axes, a direct convolution compiled on first use, see `native`), or 'auto': 'xla' off the CPU; on the CPU
   'native' where `prefers_native` says so and it could be built, else 'fft' where `prefers_fft`
   says so, else 'depth_sum'.
   """
