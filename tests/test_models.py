@@ -228,11 +228,16 @@ def test_native_convolution_builds_once_and_falls_back_without_a_compiler(tmp_pa
             "y = models.conv3d(x, k, (1, 1, 1), 'SAME', 'auto'); "
             "print(n.available(), float(y[0, 8, 8, 8, 0]))\n"
             "try: models.conv3d(x, k, (1, 1, 1), 'SAME', 'native')\n"
-            "except RuntimeError as e: print('refused:', e)")
+            "except RuntimeError as e: print('refused:', e)\n"
+            "model = models.default_model_config(); model.conv_impl = 'native'\n"
+            "try: models._check_choices(model)\n"
+            "except models.ModelConfigError as e: print('config refused:', e)")
   run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                        timeout=600, check=True)
   assert run.stdout.split()[:2] == ["False", "216.0"]  # 27 taps x 8 channels of ones
   assert "refused: the native CPU kernels could not be built" in run.stdout
+  # main turns a ModelConfigError into one line (tests/test_main.py)
+  assert "config refused: model.conv_impl 'native' could not be built" in run.stdout
   assert "native CPU kernels unavailable" in run.stderr
 
 
