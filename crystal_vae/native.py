@@ -1,14 +1,15 @@
 """CPU kernels of the model: `native.cc`, compiled on first use.
 
-The C++ file beside this one holds XLA FFI handlers (channels-last, float32): a direct stride-1
-3-D correlation, its kernel gradient, and trilinear x2 upsampling with its adjoint.
+The C++ file beside this one holds XLA FFI handlers (channels-last, float32): a direct 3-D
+correlation (one stride for all axes), its kernel and input gradients, and trilinear x2
+upsampling with its adjoint.
 `available()` compiles it once per source, jaxlib and CPU into a cache folder
 (`$CRYSTAL_VAE_CACHE`, else `~/.cache/crystal_vae`) with the C++ compiler in `$CXX` or on the
 PATH, loads it and registers the handlers with JAX. Where that fails (no compiler, say), it logs
 why once and `available()` is False: the model then keeps its XLA formulations.
-`conv(x, kernel, pads)` is the differentiable convolution (a custom VJP: the input gradient is
-the same correlation on the padded cotangent with the flipped kernel), `upsample2(x)` the
-differentiable upsampling (jax.image.resize's "trilinear" at twice the sides).
+`conv(x, kernel, pads, stride)` is the differentiable convolution (a custom VJP; at stride 1 the
+input gradient is the same correlation on the padded cotangent with the flipped kernel),
+`upsample2(x)` the differentiable upsampling (jax.image.resize's "trilinear" at twice the sides).
 """
 
 from __future__ import annotations
