@@ -614,6 +614,11 @@ ffi::Error Upsample2TransposeImpl(Array5 g, ffi::ResultBuffer<ffi::F32, 5> dx) {
   return ffi::Error::Success();
 }
 
+// The binding of the three convolution handlers: two arrays in, one out, the stride.
+auto TwoArraysAndStride() {
+  return ffi::Ffi::Bind().Arg<Array5>().Arg<Array5>().Ret<Array5>().Attr<int64_t>("stride");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeUpsample2, Upsample2Impl,
@@ -622,23 +627,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeUpsample2, Upsample2Impl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeUpsample2Transpose, Upsample2TransposeImpl,
                               ffi::Ffi::Bind().Arg<Array5>().Ret<Array5>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeCorrelate, CorrelateImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<Array5>()
-                                  .Arg<Array5>()
-                                  .Ret<Array5>()
-                                  .Attr<int64_t>("stride"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeCorrelate, CorrelateImpl, TwoArraysAndStride());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeKernelGradient, KernelGradientImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<Array5>()
-                                  .Arg<Array5>()
-                                  .Ret<Array5>()
-                                  .Attr<int64_t>("stride"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeKernelGradient, KernelGradientImpl, TwoArraysAndStride());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeStridedInputGradient, StridedInputGradientImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<Array5>()
-                                  .Arg<Array5>()
-                                  .Ret<Array5>()
-                                  .Attr<int64_t>("stride"));
+                              TwoArraysAndStride());

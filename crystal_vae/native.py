@@ -100,8 +100,14 @@ def _require() -> None:
                        "model.conv_impl 'auto', 'depth_sum', 'fft' or 'xla'")
 
 
+def _vectors(channels: int) -> int:
+  """`channels` rounded up to whole vectors."""
+  return -(-channels // _LANES) * _LANES
+
+
 def _round_up(channels: int) -> int:
-  return 1 if channels == 1 else -(-channels // _LANES) * _LANES
+  """Output channels as the handlers take them: 1, or whole vectors."""
+  return 1 if channels == 1 else _vectors(channels)
 
 
 def correlate(padded: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
@@ -141,7 +147,7 @@ def _input_gradient(cotangent: jax.Array, kernel: jax.Array, padded_shape: tuple
                                            in zip(taps, pads))), flipped)
   channels = padded_shape[-1]
   kernel = jnp.pad(jnp.swapaxes(kernel, -1, -2),  # (kd, kh, kw, O, C), C padded to a vector
-                   ((0, 0),) * 4 + ((0, -(-channels // _LANES) * _LANES - channels),))
+                   ((0, 0),) * 4 + ((0, _vectors(channels) - channels),))
   shape = (*padded_shape[:4], kernel.shape[-1])
   dx = jax.ffi.ffi_call("crystal_vae_strided_input_gradient",
                         jax.ShapeDtypeStruct(shape, jnp.float32))(
