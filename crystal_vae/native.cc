@@ -1,18 +1,20 @@
 // CPU kernels of the model as XLA FFI custom calls, channels-last, float32 (crystal_vae/native.py
 // compiles this file on first use and registers the handlers):
 //
-//   CrystalVaeCorrelate:      x (B, Dp, Hp, Wp, C), k (KD, KH, KW, C, O) -> y (B, Do, Ho, Wo, O)
-//                             y[b, p, o] = sum_{t, c} x[b, s * p + t, c] k[t, c, o]  (no padding:
-//                             the caller pads x; at stride s = 1 the input gradient is this call
-//                             on the padded cotangent with the flipped, transposed kernel)
-//   CrystalVaeKernelGradient: x (B, Dp, Hp, Wp, C), g (B, Do, Ho, Wo, O) -> dk (KD, KH, KW, C, O)
-//                             dk[t, c, o] = sum_{b, p} x[b, s * p + t, c] g[b, p, o]
+//   CrystalVaeCorrelate:      x (B, D, H, W, C), k (KD, KH, KW, C, O) -> y (B, Do, Ho, Wo, O)
+//                             y[b, p, o] = sum_{t, c} x[b, s * p + t - low, c] k[t, c, o], x read
+//                             as 0 outside its sides (implicit padding: `low` before, whatever
+//                             the output sides need after); at stride s = 1 the input gradient is
+//                             this call on the cotangent with the flipped, transposed kernel
+//   CrystalVaeKernelGradient: x (B, D, H, W, C), g (B, Do, Ho, Wo, O) -> dk (KD, KH, KW, C, O)
+//                             dk[t, c, o] = sum_{b, p} x[b, s * p + t - low, c] g[b, p, o]
 //   CrystalVaeStridedInputGradient: g (B, Do, Ho, Wo, O), k as (KD, KH, KW, O, C) -> dx (B, Dp,
 //                             Hp, Wp, C), the input gradient at stride s > 1 (C % 8 = 0)
 //   CrystalVaeUpsample2:      x (B, D, H, W, C) -> (B, 2D, 2H, 2W, C), trilinear with half-pixel
 //                             centres and clamped edges (jax.image.resize's "trilinear" at x2)
 //   CrystalVaeUpsample2Transpose: its adjoint, (B, 2D, 2H, 2W, C) -> (B, D, H, W, C)
-// The first three take an attribute `stride` (s, the same along all three axes). O must be 1 or a
+// The first three take an attribute `stride` (s, the same along all three axes), the first two
+// `low` (the padding before each spatial axis; the third's input is padded). O must be 1 or a
 // multiple of 8 (the caller pads the channels). Each output row keeps its partial sums in vector
 // registers over all kernel taps, so memory sees each output once; the work is split over
 // (batch, depth) between one thread per CPU the process may run on.
@@ -76,26 +78,44 @@ void ParallelFor(int64_t n, int64_t threads, Body body) {
   for (auto& helper : helpers) helper.join();
 }
 
-struct Shape {  // of a correlation: input (padded) sides, taps, channels
+struct Shape {  // of a correlation: input sides, taps, channels, padding before, output sides
   int64_t batch, depth, height, width, in, taps_d, taps_h, taps_w, out, stride;
-  int64_t out_depth() const { return (depth - taps_d) / stride + 1; }
-  int64_t out_height() const { return (height - taps_h) / stride + 1; }
-  int64_t out_width() const { return (width - taps_w) / stride + 1; }
+  int64_t low_d, low_h, low_w, out_d, out_h, out_w;
   int64_t step() const { return stride * in; }  // input floats between neighbouring outputs
+  int64_t tap_size() const { return in * out; }  // kernel floats per tap
+};
+
+// The outputs p < count whose input p * stride + offset lies in [0, size): [first, last).
+struct Range {
+  int64_t first, last;
+  int64_t size() const { return std::max<int64_t>(last - first, 0); }
+};
+Range Inside(int64_t offset, int64_t size, int64_t stride, int64_t count) {
+  const int64_t first = offset >= 0 ? 0 : (stride - 1 - offset) / stride;
+  const int64_t last = size - 1 - offset < 0 ? 0 : (size - 1 - offset) / stride + 1;
+  return {first, std::min(last, count)};
+}
+
+// The taps of one output row that read inside the input: `ni` x `nj` x taps_w of them from tap
+// (i0, j0, 0) on, where the row's first output reads `x` (input floats `plane` apart along the
+// depth, `row` along the height) and the kernel starts `kernel_offset` floats in.
+struct Window {
+  int64_t plane, row, ni, nj, kernel_offset;
 };
 
 // WB outputs of one row, 8 * OV output channels from `o0`, summed over all taps and channels.
 template <int WB, int OV>
-void RowBlock(const Shape& s, const float* x, const float* k, float* y, int64_t o0) {
-  const int64_t sw = s.in, sh = s.width * s.in, sd = s.height * sh;
+void RowBlock(const Shape& s, const Window& win, const float* x, const float* k, float* y,
+              int64_t o0) {
   v8f acc[WB][OV];
   for (int w = 0; w < WB; ++w)
     for (int v = 0; v < OV; ++v) acc[w][v] = Splat(0.f);
-  const float* kt = k + o0;
-  for (int64_t i = 0; i < s.taps_d; ++i)
-    for (int64_t j = 0; j < s.taps_h; ++j)
-      for (int64_t t = 0; t < s.taps_w; ++t, kt += s.in * s.out) {
-        const float* xt = x + i * sd + j * sh + t * sw;
+  for (int64_t i = 0; i < win.ni; ++i)
+    for (int64_t j = 0; j < win.nj; ++j)
+      for (int64_t t = 0; t < s.taps_w; ++t) {
+        const float* kt =
+            k + win.kernel_offset + ((i * s.taps_h + j) * s.taps_w + t) * s.tap_size() + o0;
+        const float* xt = x + i * win.plane + j * win.row + t * s.in;
         for (int64_t c = 0; c < s.in; ++c) {
           v8f kv[OV];
           for (int v = 0; v < OV; ++v) kv[v] = Load(kt + c * s.out + 8 * v);
@@ -113,16 +133,17 @@ void RowBlock(const Shape& s, const float* x, const float* k, float* y, int64_t 
 // parity): one broadcast of an input-channel pair feeds 16 products instead of 8. `pairs` is the
 // kernel as (tap, channel pair, output channel, parity).
 template <int WB, int OV>
-void RowBlockPairs(const Shape& s, const float* x, const float* pairs, float* y, int64_t o0) {
-  const int64_t sw = s.in, sh = s.width * s.in, sd = s.height * sh;
+void RowBlockPairs(const Shape& s, const Window& win, const float* x, const float* pairs,
+                   float* y, int64_t o0) {
   v16f acc[WB][OV];
   for (int w = 0; w < WB; ++w)
     for (int v = 0; v < OV; ++v) acc[w][v] = v16f{};
-  const float* kt = pairs + 2 * o0;
-  for (int64_t i = 0; i < s.taps_d; ++i)
-    for (int64_t j = 0; j < s.taps_h; ++j)
-      for (int64_t t = 0; t < s.taps_w; ++t, kt += s.in * s.out) {
-        const float* xt = x + i * sd + j * sh + t * sw;
+  for (int64_t i = 0; i < win.ni; ++i)
+    for (int64_t j = 0; j < win.nj; ++j)
+      for (int64_t t = 0; t < s.taps_w; ++t) {
+        const float* kt =
+            pairs + win.kernel_offset + ((i * s.taps_h + j) * s.taps_w + t) * s.tap_size() + 2 * o0;
+        const float* xt = x + i * win.plane + j * win.row + t * s.in;
         for (int64_t c = 0; c < s.in; c += 2) {
           v16f kv[OV];
           for (int v = 0; v < OV; ++v) kv[v] = Load16(kt + c * s.out + 16 * v);
@@ -141,38 +162,37 @@ void RowBlockPairs(const Shape& s, const float* x, const float* pairs, float* y,
 }
 
 template <int WB>
-void RowBlockChannels(const Shape& s, const float* x, const float* k, float* y,
-                      const float* pairs) {
+void RowBlockChannels(const Shape& s, const Window& win, const float* x, const float* k,
+                      float* y, const float* pairs) {
   int64_t o0 = 0;
   if (pairs != nullptr) {
-    for (; o0 + 16 <= s.out; o0 += 16) RowBlockPairs<WB, 2>(s, x, pairs, y, o0);
-    for (; o0 < s.out; o0 += 8) RowBlockPairs<WB, 1>(s, x, pairs, y, o0);
+    for (; o0 + 16 <= s.out; o0 += 16) RowBlockPairs<WB, 2>(s, win, x, pairs, y, o0);
+    for (; o0 < s.out; o0 += 8) RowBlockPairs<WB, 1>(s, win, x, pairs, y, o0);
     return;
   }
-  for (; o0 + 16 <= s.out; o0 += 16) RowBlock<WB, 2>(s, x, k, y, o0);
-  for (; o0 < s.out; o0 += 8) RowBlock<WB, 1>(s, x, k, y, o0);
+  for (; o0 + 16 <= s.out; o0 += 16) RowBlock<WB, 2>(s, win, x, k, y, o0);
+  for (; o0 < s.out; o0 += 8) RowBlock<WB, 1>(s, win, x, k, y, o0);
 }
 
 // `count` (<= 8) outputs of a row, in one block.
-void RowBlockOf(int64_t count, const Shape& s, const float* x, const float* k, float* y,
-                const float* pairs) {
+void RowBlockOf(int64_t count, const Shape& s, const Window& win, const float* x, const float* k,
+                float* y, const float* pairs) {
   switch (count) {
-    case 1: return RowBlockChannels<1>(s, x, k, y, pairs);
-    case 2: return RowBlockChannels<2>(s, x, k, y, pairs);
-    case 3: return RowBlockChannels<3>(s, x, k, y, pairs);
-    case 4: return RowBlockChannels<4>(s, x, k, y, pairs);
-    case 5: return RowBlockChannels<5>(s, x, k, y, pairs);
-    case 6: return RowBlockChannels<6>(s, x, k, y, pairs);
-    case 7: return RowBlockChannels<7>(s, x, k, y, pairs);
-    default: return RowBlockChannels<8>(s, x, k, y, pairs);
+    case 1: return RowBlockChannels<1>(s, win, x, k, y, pairs);
+    case 2: return RowBlockChannels<2>(s, win, x, k, y, pairs);
+    case 3: return RowBlockChannels<3>(s, win, x, k, y, pairs);
+    case 4: return RowBlockChannels<4>(s, win, x, k, y, pairs);
+    case 5: return RowBlockChannels<5>(s, win, x, k, y, pairs);
+    case 6: return RowBlockChannels<6>(s, win, x, k, y, pairs);
+    case 7: return RowBlockChannels<7>(s, win, x, k, y, pairs);
+    default: return RowBlockChannels<8>(s, win, x, k, y, pairs);
   }
 }
 
 // One output channel: WB outputs of a row, each a dot product over taps and input channels, with
 // the input channels in the lanes (one horizontal sum per output).
 template <int WB>
-void SingleOutBlock(const Shape& s, const float* x, const float* k, float* y) {
-  const int64_t sw = s.in, sh = s.width * s.in, sd = s.height * sh;
+void SingleOutBlock(const Shape& s, const Window& win, const float* x, const float* k, float* y) {
   const int64_t vectors = s.in / 8 * 8;
   v8f acc[WB];
   float rest[WB];
@@ -180,11 +200,11 @@ void SingleOutBlock(const Shape& s, const float* x, const float* k, float* y) {
     acc[w] = Splat(0.f);
     rest[w] = 0.f;
   }
-  const float* kt = k;
-  for (int64_t i = 0; i < s.taps_d; ++i)
-    for (int64_t j = 0; j < s.taps_h; ++j)
-      for (int64_t t = 0; t < s.taps_w; ++t, kt += s.in) {
-        const float* xt = x + i * sd + j * sh + t * sw;
+  for (int64_t i = 0; i < win.ni; ++i)
+    for (int64_t j = 0; j < win.nj; ++j)
+      for (int64_t t = 0; t < s.taps_w; ++t) {
+        const float* kt = k + win.kernel_offset + ((i * s.taps_h + j) * s.taps_w + t) * s.in;
+        const float* xt = x + i * win.plane + j * win.row + t * s.in;
         for (int64_t c = 0; c < vectors; c += 8) {
           const v8f kv = Load(kt + c);
           for (int w = 0; w < WB; ++w) acc[w] += Load(xt + w * s.step() + c) * kv;
@@ -198,30 +218,36 @@ void SingleOutBlock(const Shape& s, const float* x, const float* k, float* y) {
   }
 }
 
-void RowSingleOut(const Shape& s, const float* x, const float* k, float* y, int64_t count) {
+void RowSingleOut(const Shape& s, const Window& win, const float* x, const float* k, float* y) {
   int64_t w = 0;
-  for (; w + 8 <= count; w += 8) SingleOutBlock<8>(s, x + w * s.step(), k, y + w);
-  for (; w < count; ++w) SingleOutBlock<1>(s, x + w * s.step(), k, y + w);
+  for (; w + 8 <= s.out_w; w += 8) SingleOutBlock<8>(s, win, x + w * s.step(), k, y + w);
+  for (; w < s.out_w; ++w) SingleOutBlock<1>(s, win, x + w * s.step(), k, y + w);
 }
 
-void Correlate(const Shape& s, const float* x, const float* k, float* y) {
-  const int64_t od = s.out_depth(), oh = s.out_height(), ow = s.out_width();
-  const int64_t sh = s.width * s.in, sd = s.height * sh, sb = s.depth * sd;
-  if (s.out == 1) {
-    ParallelFor(s.batch * od, std::min<int64_t>(CpuCount(), s.batch * od),
-                [&](int64_t, int64_t first, int64_t last) {
-      for (int64_t item = first; item < last; ++item) {
-        const int64_t b = item / od, d = item % od;
-        for (int64_t h = 0; h < oh; ++h) {
-          RowSingleOut(s, x + b * sb + (d * sd + h * sh) * s.stride, k, y + (item * oh + h) * ow,
-                       ow);
-        }
-      }
-    });
-    return;
+// One output row: blocks of at most 8 outputs, as even as the row allows (20 = 7 + 7 + 6, not
+// 8 + 8 + 4: every block keeps enough independent sums in flight).
+void Row(const Shape& s, const Window& win, const float* x, const float* k, float* y,
+         const float* pairs) {
+  if (s.out == 1) return RowSingleOut(s, win, x, k, y);
+  const int64_t blocks = (s.out_w + 7) / 8;
+  for (int64_t block = 0, w = 0; block < blocks; ++block) {
+    const int64_t count = (s.out_w - w + blocks - block - 1) / (blocks - block);
+    RowBlockOf(count, s, win, x + w * s.step(), k, y + w * s.out, pairs);
+    w += count;
   }
+}
+
+// The depth and height padding is skipped (the taps that read it are left out of each row's
+// window); the width padding is made of zeros: each (batch, depth) item copies the input planes
+// it reads into a buffer with zero columns on both sides, unless the width needs no padding.
+void Correlate(const Shape& s, const float* x, const float* k, float* y) {
+  const int64_t high_w = (s.out_w - 1) * s.stride + s.taps_w - s.low_w - s.width;
+  const bool pad_w = s.low_w > 0 || high_w > 0;
+  const int64_t padded_w = s.width + (pad_w ? s.low_w + std::max<int64_t>(high_w, 0) : 0);
+  const int64_t row = padded_w * s.in, plane = s.height * row;
+  const int64_t item_size = s.out_h * s.out_w * s.out;
   std::vector<float> paired;  // the kernel for RowBlockPairs, where it applies
-  if (s.in % 2 == 0) {
+  if (s.in % 2 == 0 && s.out > 1) {
     const int64_t taps = s.taps_d * s.taps_h * s.taps_w;
     paired.resize(taps * s.in * s.out);
     for (int64_t tap = 0; tap < taps; ++tap)
@@ -230,47 +256,72 @@ void Correlate(const Shape& s, const float* x, const float* k, float* y) {
           paired[(tap * s.in + c - c % 2) * s.out + 2 * o + c % 2] = k[(tap * s.in + c) * s.out + o];
   }
   const float* pairs = paired.empty() ? nullptr : paired.data();
-  ParallelFor(s.batch * od, std::min<int64_t>(CpuCount(), s.batch * od),
-              [&](int64_t, int64_t first, int64_t last) {
+  const int64_t items = s.batch * s.out_d;
+  ParallelFor(items, std::min<int64_t>(CpuCount(), items), [&](int64_t, int64_t first,
+                                                               int64_t last) {
+    std::vector<float> buffer(pad_w ? s.taps_d * plane : 0, 0.f);
     for (int64_t item = first; item < last; ++item) {
-      const int64_t b = item / od, d = item % od;
-      for (int64_t h = 0; h < oh; ++h) {
-        const float* xr = x + b * sb + (d * sd + h * sh) * s.stride;
-        float* yr = y + ((item * oh + h) * ow) * s.out;
-        // Blocks of at most 8 outputs, as even as the row allows (20 = 7 + 7 + 6, not 8 + 8 + 4:
-        // every block keeps enough independent sums in flight).
-        const int64_t blocks = (ow + 7) / 8;
-        for (int64_t block = 0, w = 0; block < blocks; ++block) {
-          const int64_t count = (ow - w + blocks - block - 1) / (blocks - block);
-          RowBlockOf(count, s, xr + w * s.step(), k, yr + w * s.out, pairs);
-          w += count;
+      const int64_t b = item / s.out_d, d = item % s.out_d;
+      const Range taps_d = Inside(d * s.stride - s.low_d, s.depth, 1, s.taps_d);
+      float* yi = y + item * item_size;
+      if (taps_d.size() == 0) {
+        std::fill(yi, yi + item_size, 0.f);
+        continue;
+      }
+      // The input plane under tap taps_d.first, then the next ones.
+      const float* planes = x + (b * s.depth + d * s.stride - s.low_d + taps_d.first) * s.height *
+                                    s.width * s.in;
+      if (pad_w) {
+        for (int64_t i = 0; i < taps_d.size(); ++i)
+          for (int64_t r = 0; r < s.height; ++r) {
+            std::memcpy(buffer.data() + i * plane + r * row + s.low_w * s.in,
+                        planes + (i * s.height + r) * s.width * s.in,
+                        s.width * s.in * sizeof(float));
+          }
+        planes = buffer.data();
+      }
+      for (int64_t h = 0; h < s.out_h; ++h) {
+        const Range taps_h = Inside(h * s.stride - s.low_h, s.height, 1, s.taps_h);
+        float* yr = yi + h * s.out_w * s.out;
+        if (taps_h.size() == 0) {
+          std::fill(yr, yr + s.out_w * s.out, 0.f);
+          continue;
         }
+        const Window win{plane, row, taps_d.size(), taps_h.size(),
+                         (taps_d.first * s.taps_h + taps_h.first) * s.taps_w * s.tap_size()};
+        Row(s, win, planes + (h * s.stride - s.low_h + taps_h.first) * row, k, yr, pairs);
       }
     }
   });
 }
 
-// Adds to dk[tap, c0:c0+CB, o0:o0+8] the sums over one (batch, depth) plane of x * g, with the
-// output channels in the vector lanes (one broadcast of x per 8 products).
+// One (batch, depth) plane's outputs that read inside the input at one tap: `rows` x `cols` of
+// them from `g`, reading from `x` on (input floats stride * width * in apart between rows).
+struct PlaneSpan {
+  const float* x;
+  const float* g;
+  int64_t rows, cols;
+};
+
+// Adds to dk[tap, c0:c0+CB, o0:o0+8] the sums over one plane of x * g, with the output channels
+// in the vector lanes (one broadcast of x per 8 products).
 template <int CB>
-void PlaneTapByOut(const Shape& s, const float* x, const float* g, float* dk, int64_t c0,
-                   int64_t o0) {
+void PlaneTapByOut(const Shape& s, const PlaneSpan& p, float* dk, int64_t c0, int64_t o0) {
   constexpr int CH = CB >= 4 ? 1 : 4 / CB;  // independent chains: at least 4 sums in flight
-  const int64_t oh = s.out_height(), ow = s.out_width();
-  const int64_t sh = s.width * s.in, step = s.step();
+  const int64_t sh = s.stride * s.width * s.in, step = s.step();
   v8f acc[CH][CB];
   for (int u = 0; u < CH; ++u)
     for (int c = 0; c < CB; ++c) acc[u][c] = Splat(0.f);
-  for (int64_t h = 0; h < oh; ++h) {
-    const float* xr = x + h * s.stride * sh + c0;
-    const float* gr = g + h * ow * s.out + o0;
+  for (int64_t h = 0; h < p.rows; ++h) {
+    const float* xr = p.x + h * sh + c0;
+    const float* gr = p.g + h * s.out_w * s.out + o0;
     int64_t w = 0;
-    for (; w + CH <= ow; w += CH)
+    for (; w + CH <= p.cols; w += CH)
       for (int u = 0; u < CH; ++u) {
         const v8f gv = Load(gr + (w + u) * s.out);
         for (int c = 0; c < CB; ++c) acc[u][c] += Splat(xr[(w + u) * step + c]) * gv;
       }
-    for (; w < ow; ++w) {
+    for (; w < p.cols; ++w) {
       const v8f gv = Load(gr + w * s.out);
       for (int c = 0; c < CB; ++c) acc[0][c] += Splat(xr[w * step + c]) * gv;
     }
@@ -286,17 +337,15 @@ void PlaneTapByOut(const Shape& s, const float* x, const float* g, float* dk, in
 // The same for dk[tap, c0:c0+8*CV, o0:o0+8] with the input channels in the lanes (one broadcast
 // of g per 8 * CV products): fewer loads where there are more input than output channels.
 template <int CV>
-void PlaneTapByIn(const Shape& s, const float* x, const float* g, float* dk, int64_t c0,
-                  int64_t o0) {
-  const int64_t oh = s.out_height(), ow = s.out_width();
-  const int64_t sh = s.width * s.in;
+void PlaneTapByIn(const Shape& s, const PlaneSpan& p, float* dk, int64_t c0, int64_t o0) {
+  const int64_t sh = s.stride * s.width * s.in;
   v8f acc[8][CV];
   for (int o = 0; o < 8; ++o)
     for (int v = 0; v < CV; ++v) acc[o][v] = Splat(0.f);
-  for (int64_t h = 0; h < oh; ++h) {
-    const float* xr = x + h * s.stride * sh + c0;
-    const float* gr = g + h * ow * s.out + o0;
-    for (int64_t w = 0; w < ow; ++w) {
+  for (int64_t h = 0; h < p.rows; ++h) {
+    const float* xr = p.x + h * sh + c0;
+    const float* gr = p.g + h * s.out_w * s.out + o0;
+    for (int64_t w = 0; w < p.cols; ++w) {
       v8f xv[CV];
       for (int v = 0; v < CV; ++v) xv[v] = Load(xr + w * s.step() + 8 * v);
       for (int o = 0; o < 8; ++o) {
@@ -311,75 +360,82 @@ void PlaneTapByIn(const Shape& s, const float* x, const float* g, float* dk, int
 }
 
 // dk[tap, :, 0] += one plane's sums for one output channel, the input channels in the lanes.
-void PlaneTapSingleOut(const Shape& s, const float* x, const float* g, float* dk) {
-  const int64_t oh = s.out_height(), ow = s.out_width();
-  const int64_t sh = s.width * s.in;
+void PlaneTapSingleOut(const Shape& s, const PlaneSpan& p, float* dk) {
+  const int64_t sh = s.stride * s.width * s.in, step = s.step();
   for (int64_t c0 = 0; c0 < s.in; c0 += 8) {
     if (c0 + 8 <= s.in) {
       v8f a0 = Splat(0.f), a1 = a0, a2 = a0, a3 = a0;  // four chains in flight
-      for (int64_t h = 0; h < oh; ++h) {
-        const float* gr = g + h * ow;
-        const float* xr = x + h * s.stride * sh + c0;
-        const int64_t step = s.step();
+      for (int64_t h = 0; h < p.rows; ++h) {
+        const float* gr = p.g + h * s.out_w;
+        const float* xr = p.x + h * sh + c0;
         int64_t w = 0;
-        for (; w + 4 <= ow; w += 4) {
+        for (; w + 4 <= p.cols; w += 4) {
           a0 += Splat(gr[w]) * Load(xr + w * step);
           a1 += Splat(gr[w + 1]) * Load(xr + (w + 1) * step);
           a2 += Splat(gr[w + 2]) * Load(xr + (w + 2) * step);
           a3 += Splat(gr[w + 3]) * Load(xr + (w + 3) * step);
         }
-        for (; w < ow; ++w) a0 += Splat(gr[w]) * Load(xr + w * step);
+        for (; w < p.cols; ++w) a0 += Splat(gr[w]) * Load(xr + w * step);
       }
       Store(dk + c0, Load(dk + c0) + (a0 + a1) + (a2 + a3));
       continue;
     }
     for (int64_t c = c0; c < s.in; ++c) {
       float acc = 0.f;
-      for (int64_t h = 0; h < oh; ++h)
-        for (int64_t w = 0; w < ow; ++w) {
-          acc += g[h * ow + w] * x[h * s.stride * sh + w * s.step() + c];
-        }
+      for (int64_t h = 0; h < p.rows; ++h)
+        for (int64_t w = 0; w < p.cols; ++w) acc += p.g[h * s.out_w + w] * p.x[h * sh + w * step + c];
       dk[c] += acc;
     }
   }
 }
 
 // dk[tap, :, o0:o0+8] += one plane's sums, by whichever lane layout needs fewer loads.
-void PlaneTap(const Shape& s, const float* x, const float* g, float* dk, int64_t o0) {
+void PlaneTap(const Shape& s, const PlaneSpan& p, float* dk, int64_t o0) {
   int64_t c0 = 0;
   if (s.in > 8 && s.in % 8 == 0) {
-    for (; c0 + 16 <= s.in; c0 += 16) PlaneTapByIn<2>(s, x, g, dk, c0, o0);
-    for (; c0 < s.in; c0 += 8) PlaneTapByIn<1>(s, x, g, dk, c0, o0);
+    for (; c0 + 16 <= s.in; c0 += 16) PlaneTapByIn<2>(s, p, dk, c0, o0);
+    for (; c0 < s.in; c0 += 8) PlaneTapByIn<1>(s, p, dk, c0, o0);
     return;
   }
-  for (; c0 + 16 <= s.in; c0 += 16) PlaneTapByOut<16>(s, x, g, dk, c0, o0);
-  for (; c0 + 8 <= s.in; c0 += 8) PlaneTapByOut<8>(s, x, g, dk, c0, o0);
-  for (; c0 + 4 <= s.in; c0 += 4) PlaneTapByOut<4>(s, x, g, dk, c0, o0);
-  for (; c0 < s.in; ++c0) PlaneTapByOut<1>(s, x, g, dk, c0, o0);
+  for (; c0 + 16 <= s.in; c0 += 16) PlaneTapByOut<16>(s, p, dk, c0, o0);
+  for (; c0 + 8 <= s.in; c0 += 8) PlaneTapByOut<8>(s, p, dk, c0, o0);
+  for (; c0 + 4 <= s.in; c0 += 4) PlaneTapByOut<4>(s, p, dk, c0, o0);
+  for (; c0 < s.in; ++c0) PlaneTapByOut<1>(s, p, dk, c0, o0);
 }
 
+// Each tap sums over the outputs that read inside the input (the padding adds nothing).
 void KernelGradient(const Shape& s, const float* x, const float* g, float* dk) {
-  const int64_t od = s.out_depth(), oh = s.out_height(), ow = s.out_width();
-  const int64_t sh = s.width * s.in, sd = s.height * sh, sb = s.depth * sd;
-  const int64_t taps = s.taps_d * s.taps_h * s.taps_w, size = taps * s.in * s.out;
-  const int64_t threads = std::min<int64_t>(CpuCount(), s.batch * od);
+  const int64_t sh = s.width * s.in, sd = s.height * sh;
+  const int64_t taps = s.taps_d * s.taps_h * s.taps_w, size = taps * s.tap_size();
+  const int64_t items = s.batch * s.out_d;
+  const int64_t threads = std::min<int64_t>(CpuCount(), items);
   std::vector<std::vector<float>> partial(threads, std::vector<float>(size, 0.f));
-  ParallelFor(s.batch * od, threads, [&](int64_t thread, int64_t first, int64_t last) {
+  ParallelFor(items, threads, [&](int64_t thread, int64_t first, int64_t last) {
     float* local = partial[thread].data();
     for (int64_t item = first; item < last; ++item) {
-      const int64_t b = item / od, d = item % od;
-      const float* gp = g + item * oh * ow * s.out;
-      for (int64_t i = 0; i < s.taps_d; ++i)
-        for (int64_t j = 0; j < s.taps_h; ++j)
+      const int64_t b = item / s.out_d, d = item % s.out_d;
+      const float* gp = g + item * s.out_h * s.out_w * s.out;
+      for (int64_t i = 0; i < s.taps_d; ++i) {
+        const int64_t q = d * s.stride + i - s.low_d;
+        if (q < 0 || q >= s.depth) continue;
+        for (int64_t j = 0; j < s.taps_h; ++j) {
+          const Range rows = Inside(j - s.low_h, s.height, s.stride, s.out_h);
           for (int64_t t = 0; t < s.taps_w; ++t) {
-            const float* xp = x + b * sb + (d * s.stride + i) * sd + j * sh + t * s.in;
-            float* tap = local + ((i * s.taps_h + j) * s.taps_w + t) * s.in * s.out;
+            const Range cols = Inside(t - s.low_w, s.width, s.stride, s.out_w);
+            if (rows.size() == 0 || cols.size() == 0) continue;
+            const PlaneSpan p{
+                x + b * s.depth * sd + q * sd + (rows.first * s.stride + j - s.low_h) * sh +
+                    (cols.first * s.stride + t - s.low_w) * s.in,
+                gp + (rows.first * s.out_w + cols.first) * s.out, rows.size(), cols.size()};
+            float* tap = local + ((i * s.taps_h + j) * s.taps_w + t) * s.tap_size();
             if (s.out == 1) {
-              PlaneTapSingleOut(s, xp, gp, tap);
+              PlaneTapSingleOut(s, p, tap);
               continue;
             }
-            for (int64_t o0 = 0; o0 < s.out; o0 += 8) PlaneTap(s, xp, gp, tap, o0);
+            for (int64_t o0 = 0; o0 < s.out; o0 += 8) PlaneTap(s, p, tap, o0);
           }
+        }
+      }
     }
   });
   std::fill(dk, dk + size, 0.f);
@@ -506,7 +562,7 @@ void Upsample2Transpose(int64_t batch, int64_t depth, int64_t height, int64_t wi
 template <int CV>
 void StridedInputGradientChunk(const Shape& s, const float* g, const float* kt, float* dx,
                                int64_t item, int64_t c0) {
-  const int64_t od = s.out_depth(), oh = s.out_height(), ow = s.out_width();
+  const int64_t od = s.out_d, oh = s.out_h, ow = s.out_w;
   const int64_t b = item / s.depth, q = item % s.depth;
   for (int64_t qh = 0; qh < s.height; ++qh)
     for (int64_t qw = 0; qw < s.width; ++qw) {
@@ -547,34 +603,41 @@ void StridedInputGradient(const Shape& s, const float* g, const float* kt, float
   });
 }
 
-ffi::Error CheckOut(int64_t out) {
-  if (out != 1 && out % 8 != 0) {
+// The correlation's shape from its input, kernel (taps, C, O) and output (batch, sides, O) dims.
+template <typename Dims>
+Shape ShapeOf(const Dims& xd, const Dims& kd, const Dims& yd, int64_t stride,
+              ffi::Span<const int64_t> low) {
+  return Shape{xd[0], xd[1], xd[2], xd[3], xd[4], kd[0], kd[1], kd[2], kd[4], stride,
+               low[0], low[1], low[2], yd[1], yd[2], yd[3]};
+}
+
+ffi::Error CheckShape(const Shape& s, int64_t kernel_in, int64_t out_batch, int64_t out_channels) {
+  if (s.stride < 1 || s.low_d < 0 || s.low_h < 0 || s.low_w < 0 || s.out_d < 1 || s.out_h < 1 ||
+      s.out_w < 1 || kernel_in != s.in || out_batch != s.batch || out_channels != s.out) {
+    return ffi::Error::InvalidArgument("crystal_vae conv3d: shapes, stride or padding do not fit");
+  }
+  if (s.out != 1 && s.out % 8 != 0) {
     return ffi::Error::InvalidArgument("crystal_vae conv3d: output channels must be 1 or a multiple of 8");
   }
   return ffi::Error::Success();
 }
 
-ffi::Error CorrelateImpl(Array5 x, Array5 k, ffi::ResultBuffer<ffi::F32, 5> y, int64_t stride) {
+ffi::Error CorrelateImpl(Array5 x, Array5 k, ffi::ResultBuffer<ffi::F32, 5> y, int64_t stride,
+                         ffi::Span<const int64_t> low) {
   const auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
-  const Shape s{xd[0], xd[1], xd[2], xd[3], xd[4], kd[0], kd[1], kd[2], kd[4], stride};
-  if (kd[3] != s.in || stride < 1 || yd[1] != s.out_depth() || yd[2] != s.out_height() ||
-      yd[3] != s.out_width() || s.out_depth() < 1 || s.out_height() < 1 || s.out_width() < 1) {
-    return ffi::Error::InvalidArgument("crystal_vae conv3d: kernel does not fit the input");
-  }
-  if (auto error = CheckOut(s.out); error.failure()) return error;
+  if (low.size() != 3) return ffi::Error::InvalidArgument("crystal_vae conv3d: 3 low pads");
+  const Shape s = ShapeOf(xd, kd, yd, stride, low);
+  if (auto error = CheckShape(s, kd[3], yd[0], yd[4]); error.failure()) return error;
   Correlate(s, x.typed_data(), k.typed_data(), y->typed_data());
   return ffi::Error::Success();
 }
 
 ffi::Error KernelGradientImpl(Array5 x, Array5 g, ffi::ResultBuffer<ffi::F32, 5> dk,
-                              int64_t stride) {
+                              int64_t stride, ffi::Span<const int64_t> low) {
   const auto xd = x.dimensions(), gd = g.dimensions(), kd = dk->dimensions();
-  const Shape s{xd[0], xd[1], xd[2], xd[3], xd[4], kd[0], kd[1], kd[2], kd[4], stride};
-  if (gd[0] != s.batch || gd[1] != s.out_depth() || gd[2] != s.out_height() ||
-      gd[3] != s.out_width() || gd[4] != s.out || kd[3] != s.in) {
-    return ffi::Error::InvalidArgument("crystal_vae conv3d: gradient shapes do not match");
-  }
-  if (auto error = CheckOut(s.out); error.failure()) return error;
+  if (low.size() != 3) return ffi::Error::InvalidArgument("crystal_vae conv3d: 3 low pads");
+  const Shape s = ShapeOf(xd, kd, gd, stride, low);
+  if (auto error = CheckShape(s, kd[3], gd[0], gd[4]); error.failure()) return error;
   KernelGradient(s, x.typed_data(), g.typed_data(), dk->typed_data());
   return ffi::Error::Success();
 }
@@ -582,9 +645,11 @@ ffi::Error KernelGradientImpl(Array5 x, Array5 g, ffi::ResultBuffer<ffi::F32, 5>
 ffi::Error StridedInputGradientImpl(Array5 g, Array5 kt, ffi::ResultBuffer<ffi::F32, 5> dx,
                                     int64_t stride) {
   const auto gd = g.dimensions(), kd = kt.dimensions(), xd = dx->dimensions();
-  const Shape s{xd[0], xd[1], xd[2], xd[3], xd[4], kd[0], kd[1], kd[2], kd[3], stride};
-  if (gd[0] != s.batch || gd[1] != s.out_depth() || gd[2] != s.out_height() ||
-      gd[3] != s.out_width() || gd[4] != s.out || kd[4] != s.in || s.in % 8 != 0) {
+  const Shape s{xd[0], xd[1], xd[2], xd[3], xd[4], kd[0], kd[1], kd[2], kd[3], stride,
+                0, 0, 0, gd[1], gd[2], gd[3]};
+  if (stride < 1 || gd[0] != s.batch || gd[4] != s.out || kd[4] != s.in || s.in % 8 != 0 ||
+      s.out_d != (s.depth - s.taps_d) / stride + 1 || s.out_h != (s.height - s.taps_h) / stride + 1 ||
+      s.out_w != (s.width - s.taps_w) / stride + 1) {
     return ffi::Error::InvalidArgument(
         "crystal_vae conv3d: strided input gradient shapes do not match (or C % 8 != 0)");
   }
@@ -627,9 +692,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeUpsample2, Upsample2Impl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeUpsample2Transpose, Upsample2TransposeImpl,
                               ffi::Ffi::Bind().Arg<Array5>().Ret<Array5>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeCorrelate, CorrelateImpl, TwoArraysAndStride());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeCorrelate, CorrelateImpl,
+                              TwoArraysAndStride().Attr<ffi::Span<const int64_t>>("low"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeKernelGradient, KernelGradientImpl, TwoArraysAndStride());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeKernelGradient, KernelGradientImpl,
+                              TwoArraysAndStride().Attr<ffi::Span<const int64_t>>("low"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeStridedInputGradient, StridedInputGradientImpl,
                               TwoArraysAndStride());

@@ -7,8 +7,9 @@ upsampling with its adjoint.
 (`$CRYSTAL_VAE_CACHE`, else `~/.cache/crystal_vae`) with the C++ compiler in `$CXX` or on the
 PATH, loads it and registers the handlers with JAX. Where that fails (no compiler, say), it logs
 why once and `available()` is False: the model then keeps its XLA formulations.
-`conv(x, kernel, pads, stride)` is the differentiable convolution (a custom VJP; at stride 1 the
-input gradient is the same correlation on the padded cotangent with the flipped kernel),
+`conv(x, kernel, pads, stride)` is the differentiable convolution (a custom VJP; the padding is
+implicit, no padded copy is made; at stride 1 the input gradient is the same correlation on the
+cotangent with the flipped kernel),
 `upsample2(x)` the differentiable upsampling (jax.image.resize's "trilinear" at twice the sides).
 """
 
@@ -110,85 +111,96 @@ def _round_up(channels: int) -> int:
   return 1 if channels == 1 else _vectors(channels)
 
 
-def correlate(padded: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
-  """VALID correlation of float32 `padded` (B, D, H, W, C) with `kernel` (kd, kh, kw, C, O):
-  y[b, p, o] = sum over taps t and c of padded[b, stride * p + t, c] kernel[t, c, o]."""
+Pads = tuple[tuple[int, int], ...]
+
+
+def _out_sides(sides, taps, pads: Pads, stride: int) -> tuple[int, ...]:
+  return tuple((side + low + high - tap) // stride + 1
+               for side, tap, (low, high) in zip(sides, taps, pads))
+
+
+def _lows(pads: Pads) -> np.ndarray:
+  return np.array([low for low, _ in pads], np.int64)
+
+
+def correlate(x: jax.Array, kernel: jax.Array, pads: Pads, stride: int = 1) -> jax.Array:
+  """Correlation of float32 `x` (B, D, H, W, C) with `kernel` (kd, kh, kw, C, O), x read as 0
+  over `pads` (low, high) around each spatial axis (no padded copy is made):
+  y[b, p, o] = sum over taps t and c of x[b, stride * p + t - low, c] kernel[t, c, o]."""
   _require()
   out = kernel.shape[-1]
   kernel = jnp.pad(kernel, ((0, 0),) * 4 + ((0, _round_up(out) - out),))
-  shape = (padded.shape[0], *((side - taps) // stride + 1 for side, taps in
-                              zip(padded.shape[1:4], kernel.shape[:3])), kernel.shape[-1])
+  shape = (x.shape[0], *_out_sides(x.shape[1:4], kernel.shape[:3], pads, stride),
+           kernel.shape[-1])
   y = jax.ffi.ffi_call("crystal_vae_correlate", jax.ShapeDtypeStruct(shape, jnp.float32))(
-      padded, kernel, stride=np.int64(stride))
+      x, kernel, stride=np.int64(stride), low=_lows(pads))
   return y[..., :out]
 
 
-def kernel_gradient(padded: jax.Array, cotangent: jax.Array, taps: tuple[int, int, int],
+def kernel_gradient(x: jax.Array, cotangent: jax.Array, taps: tuple[int, int, int], pads: Pads,
                     stride: int = 1) -> jax.Array:
-  """d(sum y * cotangent) / d kernel of `correlate(padded, kernel, stride)`: (kd, kh, kw, C, O)."""
+  """d(sum y * cotangent) / d kernel of `correlate(x, kernel, pads, stride)`: (kd, kh, kw, C, O)."""
   _require()
   out = cotangent.shape[-1]
   cotangent = jnp.pad(cotangent, ((0, 0),) * 4 + ((0, _round_up(out) - out),))
-  shape = (*taps, padded.shape[-1], cotangent.shape[-1])
+  shape = (*taps, x.shape[-1], cotangent.shape[-1])
   dk = jax.ffi.ffi_call("crystal_vae_kernel_gradient", jax.ShapeDtypeStruct(shape, jnp.float32))(
-      padded, cotangent, stride=np.int64(stride))
+      x, cotangent, stride=np.int64(stride), low=_lows(pads))
   return dk[..., :out]
 
 
-def _input_gradient(cotangent: jax.Array, kernel: jax.Array, padded_shape: tuple[int, ...],
-                    pads: tuple[tuple[int, int], ...], stride: int) -> jax.Array:
-  """d(sum y * cotangent) / d x of the padded correlation, padding cut off."""
+def _input_gradient(cotangent: jax.Array, kernel: jax.Array, x_shape: tuple[int, ...],
+                    pads: Pads, stride: int) -> jax.Array:
+  """d(sum y * cotangent) / d x of `correlate(x, kernel, pads, stride)`."""
   taps = kernel.shape[:3]
   if stride == 1:
     # dx[q] = sum_t g[q + low - t] k[t]: a correlation of g padded by (taps - 1 - pad) with the
     # kernel flipped in space and transposed in channels.
     flipped = jnp.swapaxes(kernel[::-1, ::-1, ::-1], -1, -2)
-    return correlate(_pad(cotangent, tuple((k - 1 - low, k - 1 - high) for k, (low, high)
-                                           in zip(taps, pads))), flipped)
-  channels = padded_shape[-1]
+    return correlate(cotangent, flipped, tuple((k - 1 - low, k - 1 - high)
+                                               for k, (low, high) in zip(taps, pads)))
+  channels = x_shape[-1]
   kernel = jnp.pad(jnp.swapaxes(kernel, -1, -2),  # (kd, kh, kw, O, C), C padded to a vector
                    ((0, 0),) * 4 + ((0, _vectors(channels) - channels),))
-  shape = (*padded_shape[:4], kernel.shape[-1])
+  padded_sides = tuple(side + low + high for side, (low, high) in zip(x_shape[1:4], pads))
+  shape = (x_shape[0], *padded_sides, kernel.shape[-1])
   dx = jax.ffi.ffi_call("crystal_vae_strided_input_gradient",
                         jax.ShapeDtypeStruct(shape, jnp.float32))(
                             cotangent, kernel, stride=np.int64(stride))
   return dx[(slice(None),) + tuple(slice(low, side - high) for (low, high), side
-                                   in zip(pads, padded_shape[1:4])) + (slice(0, channels),)]
-
-
-def _pad(x: jax.Array, pads: tuple[tuple[int, int], ...]) -> jax.Array:
-  return jnp.pad(x, ((0, 0), *pads, (0, 0)))
+                                   in zip(pads, padded_sides)) + (slice(0, channels),)]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv(x: jax.Array, kernel: jax.Array, pads: tuple[tuple[int, int], ...], stride: int
-          ) -> jax.Array:
+def _conv(x: jax.Array, kernel: jax.Array, pads: Pads, stride: int) -> jax.Array:
   return _conv_forward(x, kernel, pads, stride)[0]
 
 
 def _conv_forward(x, kernel, pads, stride):
-  padded = _pad(x.astype(jnp.float32), pads)
-  y = correlate(padded, kernel.astype(jnp.float32), stride)
-  return y.astype(x.dtype), (padded, kernel)
+  x32, kernel32 = x.astype(jnp.float32), kernel.astype(jnp.float32)
+  return correlate(x32, kernel32, pads, stride).astype(x.dtype), (x32, kernel32)
 
 
 def _conv_backward(pads, stride, residuals, cotangent):
-  padded, kernel = residuals
+  x, kernel = residuals
   g = cotangent.astype(jnp.float32)
-  dx = _input_gradient(g, kernel.astype(jnp.float32), padded.shape, pads, stride)
-  dk = kernel_gradient(padded, g, kernel.shape[:3], stride)
+  dx = _input_gradient(g, kernel, x.shape, pads, stride)
+  dk = kernel_gradient(x, g, kernel.shape[:3], pads, stride)
   return dx.astype(cotangent.dtype), dk.astype(kernel.dtype)
 
 
 _conv.defvjp(_conv_forward, _conv_backward)
 
 
-def conv(x: jax.Array, kernel: jax.Array, pads: tuple[tuple[int, int], ...], stride: int = 1
-         ) -> jax.Array:
+def conv(x: jax.Array, kernel: jax.Array, pads: Pads, stride: int = 1) -> jax.Array:
   """Channels-last 3-D convolution (as `lax.conv_general_dilated`: explicit `pads` per spatial
-  axis, the same `stride` along each), float32 inside whatever the dtype; reverse-mode
-  differentiable (custom VJP)."""
-  return _conv(x, kernel, tuple(tuple(int(p) for p in pad) for pad in pads), int(stride))
+  axis, each between 0 and the kernel's side - 1, the same `stride` along each), float32 inside
+  whatever the dtype; reverse-mode differentiable (custom VJP)."""
+  pads = tuple((int(low), int(high)) for low, high in pads)
+  for taps, (low, high) in zip(kernel.shape[:3], pads):
+    if not (0 <= low < taps and 0 <= high < taps):
+      raise ValueError(f"native conv pads {pads} outside [0, kernel side {taps})")
+  return _conv(x, kernel, pads, int(stride))
 
 
 def _upsample_call(name: str, x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
