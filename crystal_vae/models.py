@@ -324,6 +324,76 @@ def _resize(x: jax.Array, spatial: Sequence[int]) -> jax.Array:
   return jax.image.resize(x, (x.shape[0], *spatial, x.shape[-1]), "trilinear")
 
 
+def _channel_sums(a: jax.Array, b: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The sums of `a` and of `a * (b - shift)` over all but the last axis (float32 in): one
+  native pass on the CPU (XLA's reductions to a few channels are slow there), else jnp."""
+  if jax.default_backend() == "cpu" and native.available():
+    sums = native.channel_sums(a, b, shift)
+    return sums[0], sums[1]
+  axes = tuple(range(a.ndim - 1))
+  return jnp.sum(a, axes), jnp.sum(a * (b - shift), axes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Training-mode batch normalisation of float32 `x` over all but the last axis: (y, mean, var),
+  var = E[x^2] - E[x]^2 clipped at 0 (flax's fast variance)."""
+  return _batch_norm_forward(x, scale, bias, epsilon)[0]
+
+
+def _batch_norm_forward(x, scale, bias, epsilon):
+  count = x.size // x.shape[-1]
+  total, squares = _channel_sums(x, x, jnp.zeros(x.shape[-1], x.dtype))
+  mean = total / count
+  var = jnp.maximum(squares / count - mean ** 2, 0.0)
+  rstd = lax.rsqrt(var + epsilon)
+  return ((x - mean) * (scale * rstd) + bias, mean, var), (x, scale, mean, rstd)
+
+
+def _batch_norm_backward(epsilon, residuals, cotangents):
+  del epsilon
+  x, scale, mean, rstd = residuals
+  g, g_mean, g_var = cotangents
+  count = x.size // x.shape[-1]
+  g_sum, g_centred = _channel_sums(g, x, mean)  # sum g, sum g (x - mean)
+  centred = x - mean
+  dx = (scale * rstd * (g - g_sum / count - centred * (rstd ** 2 * g_centred / count))
+        + (g_mean + 2.0 * g_var * centred) / count)
+  return dx, g_centred * rstd, g_sum
+
+
+_batch_norm.defvjp(_batch_norm_forward, _batch_norm_backward)
+
+
+class BatchNorm(nn.Module):
+  """`nn.BatchNorm` over all but the last axis (the same variables, statistics and outputs; its
+  defaults: momentum 0.99, epsilon 1e-5), with a hand-written backward pass whose per-channel
+  sums, like the forward statistics, take one pass each (`_channel_sums`)."""
+
+  use_running_average: bool
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = (x.shape[-1],)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+    scale = self.param("scale", nn.initializers.ones_init(), features, jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), features, jnp.float32)
+    x32 = x.astype(jnp.float32)
+    if self.use_running_average:
+      y = (x32 - ra_mean.value) * (scale * lax.rsqrt(ra_var.value + self.epsilon)) + bias
+    else:
+      y, mean, var = _batch_norm(x32, scale, bias, self.epsilon)
+      if not self.is_initializing():
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return y.astype(self.dtype or jnp.float32)
+
+
 def _check_condition(conditional: bool, condition: jax.Array | None) -> None:
   if conditional and condition is None:
     raise ValueError("conditional model needs a per-sample `condition` (B,)")
@@ -362,7 +432,7 @@ class Encoder(nn.Module):
     x = density[..., None].astype(self.dtype)
     for features, kernel, stride in zip(self.features, self.kernels, self.strides, strict=True):
       x = Conv3D(features, kernel, stride, "SAME", self.conv_impl, self.dtype, use_bias=False)(x)
-      x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
+      x = BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
       x = nn.leaky_relu(x)
     x = x.reshape(x.shape[0], -1)
     if self.conditional:
@@ -451,7 +521,7 @@ class ConvBlock(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     for _ in range(2):
       x = Conv3D(self.features, 3, 1, "SAME", self.conv_impl, self.dtype, use_bias=False)(x)
-      x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
+      x = BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
       x = nn.relu(x)
     return x
 

@@ -10,6 +10,8 @@
 //                             dk[t, c, o] = sum_{b, p} x[b, s * p + t - low, c] g[b, p, o]
 //   CrystalVaeStridedInputGradient: g (B, Do, Ho, Wo, O), k as (KD, KH, KW, O, C) -> dx (B, Dp,
 //                             Hp, Wp, C), the input gradient at stride s > 1 (C % 8 = 0)
+//   CrystalVaeChannelSums:    a (N, C), b (N, C), shift (C) -> (2, C): sum_n a[n, c] and
+//                             sum_n a[n, c] * (b[n, c] - shift[c]) (batch normalisation's sums)
 //   CrystalVaeUpsample2:      x (B, D, H, W, C) -> (B, 2D, 2H, 2W, C), trilinear with half-pixel
 //                             centres and clamped edges (jax.image.resize's "trilinear" at x2)
 //   CrystalVaeUpsample2Transpose: its adjoint, (B, 2D, 2H, 2W, C) -> (B, D, H, W, C)
@@ -30,7 +32,9 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
-using Array5 = ffi::Buffer<ffi::F32, 5>;  // a name without a comma, for the macros below
+using Array5 = ffi::Buffer<ffi::F32, 5>;  // names without a comma, for the macros below
+using Array2 = ffi::Buffer<ffi::F32, 2>;
+using Array1 = ffi::Buffer<ffi::F32, 1>;
 
 namespace {
 
@@ -443,6 +447,37 @@ void KernelGradient(const Shape& s, const float* x, const float* g, float* dk) {
     for (int64_t n = 0; n < size; ++n) dk[n] += part[n];
 }
 
+// Rows are summed in float over blocks of 256, the blocks in double: one pass, float32 accuracy.
+void ChannelSums(int64_t rows, int64_t channels, const float* a, const float* b,
+                 const float* shift, float* sums) {
+  constexpr int64_t kBlock = 256;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(CpuCount(), rows / kBlock));
+  std::vector<std::vector<double>> partial(threads, std::vector<double>(2 * channels, 0.0));
+  ParallelFor(rows, threads, [&](int64_t thread, int64_t first, int64_t last) {
+    std::vector<float> block(2 * channels);
+    double* total = partial[thread].data();
+    for (int64_t r0 = first; r0 < last; r0 += kBlock) {
+      std::fill(block.begin(), block.end(), 0.f);
+      float* plain = block.data();
+      float* products = plain + channels;
+      for (int64_t r = r0; r < std::min(last, r0 + kBlock); ++r) {
+        const float* ar = a + r * channels;
+        const float* br = b + r * channels;
+        for (int64_t c = 0; c < channels; ++c) {
+          plain[c] += ar[c];
+          products[c] += ar[c] * (br[c] - shift[c]);
+        }
+      }
+      for (int64_t c = 0; c < 2 * channels; ++c) total[c] += block[c];
+    }
+  });
+  for (int64_t c = 0; c < 2 * channels; ++c) {
+    double sum = 0.0;
+    for (const auto& part : partial) sum += part[c];
+    sums[c] = static_cast<float>(sum);
+  }
+}
+
 // Per output index j along an axis of n inputs: y[j] = 0.75 x[j / 2] + 0.25 x[its neighbour on
 // j's side], the neighbour clamped to [0, n).
 struct Taps1D {
@@ -657,6 +692,17 @@ ffi::Error StridedInputGradientImpl(Array5 g, Array5 kt, ffi::ResultBuffer<ffi::
   return ffi::Error::Success();
 }
 
+ffi::Error ChannelSumsImpl(Array2 a, Array2 b, Array1 shift, ffi::ResultBuffer<ffi::F32, 2> sums) {
+  const auto ad = a.dimensions(), bd = b.dimensions(), sd = sums->dimensions();
+  if (bd[0] != ad[0] || bd[1] != ad[1] || shift.dimensions()[0] != ad[1] || sd[0] != 2 ||
+      sd[1] != ad[1]) {
+    return ffi::Error::InvalidArgument("crystal_vae channel sums: shapes do not match");
+  }
+  ChannelSums(ad[0], ad[1], a.typed_data(), b.typed_data(), shift.typed_data(),
+              sums->typed_data());
+  return ffi::Error::Success();
+}
+
 ffi::Error Upsample2Impl(Array5 x, ffi::ResultBuffer<ffi::F32, 5> y) {
   const auto xd = x.dimensions(), yd = y->dimensions();
   for (int axis = 1; axis < 4; ++axis) {
@@ -685,6 +731,9 @@ auto TwoArraysAndStride() {
 }
 
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeChannelSums, ChannelSumsImpl,
+                              ffi::Ffi::Bind().Arg<Array2>().Arg<Array2>().Arg<Array1>().Ret<Array2>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeUpsample2, Upsample2Impl,
                               ffi::Ffi::Bind().Arg<Array5>().Ret<Array5>());

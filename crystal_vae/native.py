@@ -1,8 +1,8 @@
 """CPU kernels of the model: `native.cc`, compiled on first use.
 
 The C++ file beside this one holds XLA FFI handlers (channels-last, float32): a direct 3-D
-correlation (one stride for all axes), its kernel and input gradients, and trilinear x2
-upsampling with its adjoint.
+correlation (one stride for all axes), its kernel and input gradients, trilinear x2
+upsampling with its adjoint, and the per-channel sums of batch normalisation.
 `available()` compiles it once per source, jaxlib and CPU into a cache folder
 (`$CRYSTAL_VAE_CACHE`, else `~/.cache/crystal_vae`) with the C++ compiler in `$CXX` or on the
 PATH, loads it and registers the handlers with JAX. Where that fails (no compiler, say), it logs
@@ -10,7 +10,8 @@ why once and `available()` is False: the model then keeps its XLA formulations.
 `conv(x, kernel, pads, stride)` is the differentiable convolution (a custom VJP; the padding is
 implicit, no padded copy is made; at stride 1 the input gradient is the same correlation on the
 cotangent with the flipped kernel),
-`upsample2(x)` the differentiable upsampling (jax.image.resize's "trilinear" at twice the sides).
+`upsample2(x)` the differentiable upsampling (jax.image.resize's "trilinear" at twice the sides),
+`channel_sums(a, b, shift)` the sums behind `models.BatchNorm`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ _SOURCE = pathlib.Path(__file__).with_name("native.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
 _TARGETS = {"correlate": "CrystalVaeCorrelate", "kernel_gradient": "CrystalVaeKernelGradient",
             "strided_input_gradient": "CrystalVaeStridedInputGradient",
+            "channel_sums": "CrystalVaeChannelSums",
             "upsample2": "CrystalVaeUpsample2",
             "upsample2_transpose": "CrystalVaeUpsample2Transpose"}
 _LANES = 8  # output channels per vector register (the handlers need 1 or a multiple of this)
@@ -201,6 +203,17 @@ def conv(x: jax.Array, kernel: jax.Array, pads: Pads, stride: int = 1) -> jax.Ar
     if not (0 <= low < taps and 0 <= high < taps):
       raise ValueError(f"native conv pads {pads} outside [0, kernel side {taps})")
   return _conv(x, kernel, pads, int(stride))
+
+
+def channel_sums(a: jax.Array, b: jax.Array, shift: jax.Array) -> jax.Array:
+  """(2, C) float32: the sums of `a` and of `a * (b - shift)` over all but the last axis of the
+  float32 arrays `a` and `b` (..., C), in one pass (batch normalisation's statistics and
+  gradients)."""
+  _require()
+  channels = a.shape[-1]
+  return jax.ffi.ffi_call("crystal_vae_channel_sums",
+                          jax.ShapeDtypeStruct((2, channels), jnp.float32))(
+                              a.reshape(-1, channels), b.reshape(-1, channels), shift)
 
 
 def _upsample_call(name: str, x: jax.Array, shape: tuple[int, ...]) -> jax.Array:

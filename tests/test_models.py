@@ -467,3 +467,40 @@ def test_cpu_convolutions_are_xlas_unless_the_user_says_otherwise(user_flags):
     assert flags == user_flags
   else:
     assert hlo == "XLA_CONVOLUTION"
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_batch_norm_is_flax_batch_norm_with_its_gradients(use_native, monkeypatch):
+  """models.BatchNorm against nn.BatchNorm: the same variables, training outputs, running
+  statistics, evaluation outputs and gradients (input, scale, bias) of a non-linear loss, with
+  the native sums and without them (the jnp reductions other backends take)."""
+  if use_native:
+    require_native()
+  else:
+    monkeypatch.setattr(native, "available", lambda: False)
+  x = jax.random.normal(key(0), (3, 5, 6, 4, 24)) * 2.0 + jnp.arange(24) * 0.5
+  ours, flax_bn = (models.BatchNorm(use_running_average=False),
+                   nn.BatchNorm(use_running_average=False))
+  variables = flax_bn.init(key(1), x)
+  assert (jax.tree.map(jnp.shape, ours.init(key(1), x)) == jax.tree.map(jnp.shape, variables))
+  variables = {"params": {"scale": 1.0 + jax.random.normal(key(2), (24,)) * 0.3,
+                          "bias": jax.random.normal(key(3), (24,))},
+               "batch_stats": {"mean": jnp.linspace(-1, 1, 24), "var": jnp.linspace(0.5, 2, 24)}}
+  run = lambda module: lambda params, x: module.apply(
+      {"params": params, "batch_stats": variables["batch_stats"]}, x, mutable=["batch_stats"])
+  (y, stats), (y_flax, stats_flax) = run(ours)(variables["params"], x), run(flax_bn)(
+      variables["params"], x)
+  np.testing.assert_allclose(y, y_flax, rtol=1e-5, atol=1e-5)
+  for name in ("mean", "var"):
+    np.testing.assert_allclose(stats["batch_stats"][name], stats_flax["batch_stats"][name],
+                               rtol=1e-5, atol=1e-6)
+  loss = lambda module: lambda params, x: jnp.sum(jnp.sin(run(module)(params, x)[0]) * x)
+  grads = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(variables["params"], x)
+  grads_flax = jax.grad(loss(flax_bn), argnums=(0, 1))(variables["params"], x)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_flax)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+  evaluate = lambda module: module.clone(use_running_average=True).apply(variables, x)
+  np.testing.assert_allclose(evaluate(ours), evaluate(flax_bn), rtol=1e-5, atol=1e-5)
+  half = models.BatchNorm(use_running_average=False, dtype=jnp.bfloat16)
+  assert half.apply(variables, x.astype(jnp.bfloat16), mutable=["batch_stats"])[0].dtype == \
+      jnp.bfloat16
