@@ -221,15 +221,14 @@ def prefers_native(padded_sides: Sequence[int], kernel_shape: Sequence[int],
                    strides: Sequence[int]) -> bool:
   """Whether the native direct convolution (`native.conv`) beats XLA's formulations on CPU
   (launch/benchmark_conv.py, forward + both gradients, batch 8, and whole train steps): one
-  stride for all axes, a padded cube of side >= 16, 1 or >= 8 input and output channels (its
-  vectors hold 8 channels; a few more are padded up to 8) and a kernel of at most 256 Ki floats
-  (its taps stay in cache): 1.1-3.5x faster than the best XLA formulation on such layers (the
-  first encoder layer, 30^3 x 1 -> 16 at stride 2: 3.6 ms for forward and kernel gradient); on
-  smaller cubes with more channels `depth_sum` is up to 1.5x faster."""
-  *taps, channels_in, channels_out = kernel_shape
-  return (len(set(strides)) == 1 and min(padded_sides) >= 16
-          and (channels_in == 1 or channels_in >= 8) and (channels_out == 1 or channels_out >= 8)
-          and int(np.prod(taps)) * channels_in * channels_out <= 2 ** 18)
+  stride for all axes, a padded cube of side >= 12 and 1 or >= 8 input and output channels (its
+  vectors hold 8 channels; a few more are padded up to 8): 1.1-3.5x faster than the best XLA
+  formulation on such layers (the paper decoder's first, 10^3 x 128 -> 64 k5: 228 against
+  296 ms; the first encoder layer, 30^3 x 1 -> 16 at stride 2: 3.6 ms for forward and kernel
+  gradient); on smaller cubes `depth_sum` is up to 2x faster."""
+  *_, channels_in, channels_out = kernel_shape
+  return (len(set(strides)) == 1 and min(padded_sides) >= 12
+          and (channels_in == 1 or channels_in >= 8) and (channels_out == 1 or channels_out >= 8))
 
 
 def conv3d(
@@ -392,6 +391,14 @@ class BatchNorm(nn.Module):
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
     return y.astype(self.dtype or jnp.float32)
+
+
+def _max_pool2(x: jax.Array) -> jax.Array:
+  """nn.max_pool over 2x2x2 windows at stride 2, 'SAME'; on the CPU by the native kernel (XLA's
+  gradient of a max pool there builds index arrays: ~130 ms of the paper model's step)."""
+  if jax.default_backend() == "cpu" and native.available():
+    return native.max_pool2(x)
+  return nn.max_pool(x, (2, 2, 2), (2, 2, 2), "SAME")
 
 
 def _check_condition(conditional: bool, condition: jax.Array | None) -> None:
@@ -567,7 +574,7 @@ class AttentionUNet(nn.Module):
     skips = []
     for level, features in enumerate(self.features):
       if level:
-        x = nn.max_pool(x, (2, 2, 2), (2, 2, 2), "SAME")
+        x = _max_pool2(x)
       x = ConvBlock(features, self.conv_impl, self.dtype)(x, train=train)
       skips.append(x)
     for level in reversed(range(len(self.features) - 1)):

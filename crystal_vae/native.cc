@@ -10,6 +10,10 @@
 //                             dk[t, c, o] = sum_{b, p} x[b, s * p + t - low, c] g[b, p, o]
 //   CrystalVaeStridedInputGradient: g (B, Do, Ho, Wo, O), k as (KD, KH, KW, O, C) -> dx (B, Dp,
 //                             Hp, Wp, C), the input gradient at stride s > 1 (C % 8 = 0)
+//   CrystalVaeMaxPool2:       x (B, D, H, W, C) -> y (B, D', H', W', C), the maxima over 2x2x2
+//                             windows at stride 2 (D' = ceil(D / 2): SAME), and (u8, same shape)
+//                             which of the window's 8 voxels held it (the first, in (d, h, w) order)
+//   CrystalVaeMaxPool2Transpose: g (y's shape), that index -> dx (x's shape), g at the maxima
 //   CrystalVaeChannelSums:    a (N, C), b (N, C), shift (C) -> (2, C): sum_n a[n, c] and
 //                             sum_n a[n, c] * (b[n, c] - shift[c]) (batch normalisation's sums)
 //   CrystalVaeUpsample2:      x (B, D, H, W, C) -> (B, 2D, 2H, 2W, C), trilinear with half-pixel
@@ -110,10 +114,10 @@ struct Window {
 // WB outputs of one row, 8 * OV output channels from `o0`, summed over all taps and channels.
 template <int WB, int OV>
 void RowBlock(const Shape& s, const Window& win, const float* x, const float* k, float* y,
-              int64_t o0) {
+              int64_t o0, bool accumulate) {
   v8f acc[WB][OV];
   for (int w = 0; w < WB; ++w)
-    for (int v = 0; v < OV; ++v) acc[w][v] = Splat(0.f);
+    for (int v = 0; v < OV; ++v) acc[w][v] = accumulate ? Load(y + w * s.out + o0 + 8 * v) : Splat(0.f);
   for (int64_t i = 0; i < win.ni; ++i)
     for (int64_t j = 0; j < win.nj; ++j)
       for (int64_t t = 0; t < s.taps_w; ++t) {
@@ -138,7 +142,7 @@ void RowBlock(const Shape& s, const Window& win, const float* x, const float* k,
 // kernel as (tap, channel pair, output channel, parity).
 template <int WB, int OV>
 void RowBlockPairs(const Shape& s, const Window& win, const float* x, const float* pairs,
-                   float* y, int64_t o0) {
+                   float* y, int64_t o0, bool accumulate) {
   v16f acc[WB][OV];
   for (int w = 0; w < WB; ++w)
     for (int v = 0; v < OV; ++v) acc[w][v] = v16f{};
@@ -160,36 +164,42 @@ void RowBlockPairs(const Shape& s, const Window& win, const float* x, const floa
   const v16i even = {0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14};
   for (int w = 0; w < WB; ++w)
     for (int v = 0; v < OV; ++v) {
-      const v16f sum = __builtin_shuffle(acc[w][v], even) + __builtin_shuffle(acc[w][v], even + 1);
-      std::memcpy(y + w * s.out + o0 + 8 * v, &sum, 8 * sizeof(float));
+      v16f sum = __builtin_shuffle(acc[w][v], even) + __builtin_shuffle(acc[w][v], even + 1);
+      float* target = y + w * s.out + o0 + 8 * v;
+      if (accumulate) {
+        const v8f before = Load(target);
+        for (int lane = 0; lane < 8; ++lane) sum[lane] += before[lane];
+      }
+      std::memcpy(target, &sum, 8 * sizeof(float));
     }
 }
 
+// Output channels [o0, o1) of a block of WB outputs, 16 (then 8) at a time.
 template <int WB>
 void RowBlockChannels(const Shape& s, const Window& win, const float* x, const float* k,
-                      float* y, const float* pairs) {
-  int64_t o0 = 0;
+                      float* y, const float* pairs, int64_t o0, int64_t o1, bool accumulate) {
   if (pairs != nullptr) {
-    for (; o0 + 16 <= s.out; o0 += 16) RowBlockPairs<WB, 2>(s, win, x, pairs, y, o0);
-    for (; o0 < s.out; o0 += 8) RowBlockPairs<WB, 1>(s, win, x, pairs, y, o0);
+    for (; o0 + 16 <= o1; o0 += 16) RowBlockPairs<WB, 2>(s, win, x, pairs, y, o0, accumulate);
+    for (; o0 < o1; o0 += 8) RowBlockPairs<WB, 1>(s, win, x, pairs, y, o0, accumulate);
     return;
   }
-  for (; o0 + 16 <= s.out; o0 += 16) RowBlock<WB, 2>(s, win, x, k, y, o0);
-  for (; o0 < s.out; o0 += 8) RowBlock<WB, 1>(s, win, x, k, y, o0);
+  for (; o0 + 16 <= o1; o0 += 16) RowBlock<WB, 2>(s, win, x, k, y, o0, accumulate);
+  for (; o0 < o1; o0 += 8) RowBlock<WB, 1>(s, win, x, k, y, o0, accumulate);
 }
 
-// `count` (<= 8) outputs of a row, in one block.
+constexpr int64_t kMaxBlock = 12;  // outputs per block: 12 x 2 accumulators + 3 of 32 registers
+
+// `count` (<= kMaxBlock) outputs of a row, in one block.
 void RowBlockOf(int64_t count, const Shape& s, const Window& win, const float* x, const float* k,
-                float* y, const float* pairs) {
+                float* y, const float* pairs, int64_t o0, int64_t o1, bool accumulate) {
   switch (count) {
-    case 1: return RowBlockChannels<1>(s, win, x, k, y, pairs);
-    case 2: return RowBlockChannels<2>(s, win, x, k, y, pairs);
-    case 3: return RowBlockChannels<3>(s, win, x, k, y, pairs);
-    case 4: return RowBlockChannels<4>(s, win, x, k, y, pairs);
-    case 5: return RowBlockChannels<5>(s, win, x, k, y, pairs);
-    case 6: return RowBlockChannels<6>(s, win, x, k, y, pairs);
-    case 7: return RowBlockChannels<7>(s, win, x, k, y, pairs);
-    default: return RowBlockChannels<8>(s, win, x, k, y, pairs);
+#define CRYSTAL_VAE_BLOCK(n) \
+  case n: return RowBlockChannels<n>(s, win, x, k, y, pairs, o0, o1, accumulate);
+    CRYSTAL_VAE_BLOCK(1) CRYSTAL_VAE_BLOCK(2) CRYSTAL_VAE_BLOCK(3) CRYSTAL_VAE_BLOCK(4)
+    CRYSTAL_VAE_BLOCK(5) CRYSTAL_VAE_BLOCK(6) CRYSTAL_VAE_BLOCK(7) CRYSTAL_VAE_BLOCK(8)
+    CRYSTAL_VAE_BLOCK(9) CRYSTAL_VAE_BLOCK(10) CRYSTAL_VAE_BLOCK(11)
+#undef CRYSTAL_VAE_BLOCK
+    default: return RowBlockChannels<kMaxBlock>(s, win, x, k, y, pairs, o0, o1, accumulate);
   }
 }
 
@@ -228,15 +238,15 @@ void RowSingleOut(const Shape& s, const Window& win, const float* x, const float
   for (; w < s.out_w; ++w) SingleOutBlock<1>(s, win, x + w * s.step(), k, y + w);
 }
 
-// One output row: blocks of at most 8 outputs, as even as the row allows (20 = 7 + 7 + 6, not
-// 8 + 8 + 4: every block keeps enough independent sums in flight).
+// Output channels [o0, o1) of one row (added to y if `accumulate`): blocks of at most kMaxBlock
+// outputs, as even as the row allows (20 = 10 + 10, not 12 + 8: every block keeps enough
+// independent sums in flight).
 void Row(const Shape& s, const Window& win, const float* x, const float* k, float* y,
-         const float* pairs) {
-  if (s.out == 1) return RowSingleOut(s, win, x, k, y);
-  const int64_t blocks = (s.out_w + 7) / 8;
+         const float* pairs, int64_t o0, int64_t o1, bool accumulate) {
+  const int64_t blocks = (s.out_w + kMaxBlock - 1) / kMaxBlock;
   for (int64_t block = 0, w = 0; block < blocks; ++block) {
     const int64_t count = (s.out_w - w + blocks - block - 1) / (blocks - block);
-    RowBlockOf(count, s, win, x + w * s.step(), k, y + w * s.out, pairs);
+    RowBlockOf(count, s, win, x + w * s.step(), k, y + w * s.out, pairs, o0, o1, accumulate);
     w += count;
   }
 }
@@ -260,6 +270,10 @@ void Correlate(const Shape& s, const float* x, const float* k, float* y) {
           paired[(tap * s.in + c - c % 2) * s.out + 2 * o + c % 2] = k[(tap * s.in + c) * s.out + o];
   }
   const float* pairs = paired.empty() ? nullptr : paired.data();
+  // Kernel depth planes per group: 16 output channels of a group's taps fit in kSliceBytes.
+  constexpr int64_t kSliceBytes = 256 << 10;
+  const int64_t group = std::clamp<int64_t>(
+      kSliceBytes / (s.taps_h * s.taps_w * s.in * 16 * sizeof(float)), 1, s.taps_d);
   const int64_t items = s.batch * s.out_d;
   ParallelFor(items, std::min<int64_t>(CpuCount(), items), [&](int64_t, int64_t first,
                                                                int64_t last) {
@@ -284,16 +298,41 @@ void Correlate(const Shape& s, const float* x, const float* k, float* y) {
           }
         planes = buffer.data();
       }
-      for (int64_t h = 0; h < s.out_h; ++h) {
-        const Range taps_h = Inside(h * s.stride - s.low_h, s.height, 1, s.taps_h);
-        float* yr = yi + h * s.out_w * s.out;
-        if (taps_h.size() == 0) {
-          std::fill(yr, yr + s.out_w * s.out, 0.f);
-          continue;
+      if (s.out == 1) {
+        for (int64_t h = 0; h < s.out_h; ++h) {
+          const Range taps_h = Inside(h * s.stride - s.low_h, s.height, 1, s.taps_h);
+          float* yr = yi + h * s.out_w;
+          if (taps_h.size() == 0) {
+            std::fill(yr, yr + s.out_w, 0.f);
+            continue;
+          }
+          const Window win{plane, row, taps_d.size(), taps_h.size(),
+                           (taps_d.first * s.taps_h + taps_h.first) * s.taps_w * s.in};
+          RowSingleOut(s, win, planes + (h * s.stride - s.low_h + taps_h.first) * row, k, yr);
         }
-        const Window win{plane, row, taps_d.size(), taps_h.size(),
-                         (taps_d.first * s.taps_h + taps_h.first) * s.taps_w * s.tap_size()};
-        Row(s, win, planes + (h * s.stride - s.low_h + taps_h.first) * row, k, yr, pairs);
+        continue;
+      }
+      // 16 output channels at a time over all rows, their kernel taps in groups of depth planes
+      // that stay in cache (partial sums added up in y between groups).
+      for (int64_t o0 = 0; o0 < s.out; o0 += 16) {
+        const int64_t o1 = std::min(s.out, o0 + 16);
+        for (int64_t i0 = taps_d.first; i0 < taps_d.last; i0 += group) {
+          const int64_t i1 = std::min(taps_d.last, i0 + group);
+          for (int64_t h = 0; h < s.out_h; ++h) {
+            const Range taps_h = Inside(h * s.stride - s.low_h, s.height, 1, s.taps_h);
+            float* yr = yi + h * s.out_w * s.out;
+            if (taps_h.size() == 0) {
+              if (i0 == taps_d.first) {
+                for (int64_t w = 0; w < s.out_w; ++w) std::fill(yr + w * s.out + o0, yr + w * s.out + o1, 0.f);
+              }
+              continue;
+            }
+            const Window win{plane, row, i1 - i0, taps_h.size(),
+                             (i0 * s.taps_h + taps_h.first) * s.taps_w * s.tap_size()};
+            Row(s, win, planes + (i0 - taps_d.first) * plane + (h * s.stride - s.low_h + taps_h.first) * row,
+                k, yr, pairs, o0, o1, i0 > taps_d.first);
+          }
+        }
       }
     }
   });
@@ -445,6 +484,71 @@ void KernelGradient(const Shape& s, const float* x, const float* g, float* dk) {
   std::fill(dk, dk + size, 0.f);
   for (const auto& part : partial)
     for (int64_t n = 0; n < size; ++n) dk[n] += part[n];
+}
+
+// The window of output (p, q, r) is x[2p + a, 2q + b, 2r + c], a, b, c in {0, 1}, inside x;
+// its index is 4a + 2b + c.
+struct PoolShape {
+  int64_t batch, depth, height, width, channels, out_d, out_h, out_w;
+};
+
+void MaxPool2(const PoolShape& s, const float* x, float* y, uint8_t* which) {
+  const int64_t sh = s.width * s.channels, sd = s.height * sh;
+  const int64_t items = s.batch * s.out_d;
+  ParallelFor(items, std::min<int64_t>(CpuCount(), items), [&](int64_t, int64_t first,
+                                                               int64_t last) {
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t b = item / s.out_d, p = item % s.out_d;
+      for (int64_t q = 0; q < s.out_h; ++q)
+        for (int64_t r = 0; r < s.out_w; ++r) {
+          float* best = y + ((item * s.out_h + q) * s.out_w + r) * s.channels;
+          uint8_t* index = which + (best - y);
+          bool started = false;
+          for (int a = 0; a < 2 && 2 * p + a < s.depth; ++a)
+            for (int e = 0; e < 2 && 2 * q + e < s.height; ++e)
+              for (int f = 0; f < 2 && 2 * r + f < s.width; ++f) {
+                const float* v =
+                    x + (b * s.depth + 2 * p + a) * sd + (2 * q + e) * sh + (2 * r + f) * s.channels;
+                const uint8_t here = static_cast<uint8_t>(4 * a + 2 * e + f);
+                if (!started) {
+                  std::memcpy(best, v, s.channels * sizeof(float));
+                  std::fill(index, index + s.channels, here);
+                  started = true;
+                  continue;
+                }
+                for (int64_t c = 0; c < s.channels; ++c) {
+                  const bool larger = v[c] > best[c];  // ties keep the first
+                  best[c] = larger ? v[c] : best[c];
+                  index[c] = larger ? here : index[c];
+                }
+              }
+        }
+    }
+  });
+}
+
+void MaxPool2Transpose(const PoolShape& s, const float* g, const uint8_t* which, float* dx) {
+  const int64_t sh = s.width * s.channels, sd = s.height * sh;
+  const int64_t items = s.batch * s.out_d;
+  ParallelFor(items, std::min<int64_t>(CpuCount(), items), [&](int64_t, int64_t first,
+                                                               int64_t last) {
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t b = item / s.out_d, p = item % s.out_d;
+      for (int64_t a = 0; a < 2 && 2 * p + a < s.depth; ++a) {
+        float* plane = dx + (b * s.depth + 2 * p + a) * sd;
+        std::fill(plane, plane + sd, 0.f);
+      }
+      for (int64_t q = 0; q < s.out_h; ++q)
+        for (int64_t r = 0; r < s.out_w; ++r) {
+          const int64_t out = ((item * s.out_h + q) * s.out_w + r) * s.channels;
+          for (int64_t c = 0; c < s.channels; ++c) {
+            const int index = which[out + c], a = index / 4, e = index / 2 % 2, f = index % 2;
+            dx[(b * s.depth + 2 * p + a) * sd + (2 * q + e) * sh + (2 * r + f) * s.channels + c] =
+                g[out + c];
+          }
+        }
+    }
+  });
 }
 
 // Rows are summed in float over blocks of 256, the blocks in double: one pass, float32 accuracy.
@@ -692,6 +796,33 @@ ffi::Error StridedInputGradientImpl(Array5 g, Array5 kt, ffi::ResultBuffer<ffi::
   return ffi::Error::Success();
 }
 
+using Indices5 = ffi::Buffer<ffi::U8, 5>;
+
+ffi::Error CheckPool(const PoolShape& s) {
+  if (s.out_d != (s.depth + 1) / 2 || s.out_h != (s.height + 1) / 2 ||
+      s.out_w != (s.width + 1) / 2) {
+    return ffi::Error::InvalidArgument("crystal_vae max pool: output sides must be ceil(side / 2)");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error MaxPool2Impl(Array5 x, ffi::ResultBuffer<ffi::F32, 5> y,
+                        ffi::ResultBuffer<ffi::U8, 5> which) {
+  const auto xd = x.dimensions(), yd = y->dimensions();
+  const PoolShape s{xd[0], xd[1], xd[2], xd[3], xd[4], yd[1], yd[2], yd[3]};
+  if (auto error = CheckPool(s); error.failure()) return error;
+  MaxPool2(s, x.typed_data(), y->typed_data(), which->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error MaxPool2TransposeImpl(Array5 g, Indices5 which, ffi::ResultBuffer<ffi::F32, 5> dx) {
+  const auto gd = g.dimensions(), xd = dx->dimensions();
+  const PoolShape s{xd[0], xd[1], xd[2], xd[3], xd[4], gd[1], gd[2], gd[3]};
+  if (auto error = CheckPool(s); error.failure()) return error;
+  MaxPool2Transpose(s, g.typed_data(), which.typed_data(), dx->typed_data());
+  return ffi::Error::Success();
+}
+
 ffi::Error ChannelSumsImpl(Array2 a, Array2 b, Array1 shift, ffi::ResultBuffer<ffi::F32, 2> sums) {
   const auto ad = a.dimensions(), bd = b.dimensions(), sd = sums->dimensions();
   if (bd[0] != ad[0] || bd[1] != ad[1] || shift.dimensions()[0] != ad[1] || sd[0] != 2 ||
@@ -731,6 +862,12 @@ auto TwoArraysAndStride() {
 }
 
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeMaxPool2, MaxPool2Impl,
+                              ffi::Ffi::Bind().Arg<Array5>().Ret<Array5>().Ret<Indices5>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeMaxPool2Transpose, MaxPool2TransposeImpl,
+                              ffi::Ffi::Bind().Arg<Array5>().Arg<Indices5>().Ret<Array5>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeChannelSums, ChannelSumsImpl,
                               ffi::Ffi::Bind().Arg<Array2>().Arg<Array2>().Arg<Array1>().Ret<Array2>());

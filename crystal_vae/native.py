@@ -2,7 +2,8 @@
 
 The C++ file beside this one holds XLA FFI handlers (channels-last, float32): a direct 3-D
 correlation (one stride for all axes), its kernel and input gradients, trilinear x2
-upsampling with its adjoint, and the per-channel sums of batch normalisation.
+upsampling with its adjoint, 2x2x2 max pooling with its adjoint, and the per-channel sums of
+batch normalisation.
 `available()` compiles it once per source, jaxlib and CPU into a cache folder
 (`$CRYSTAL_VAE_CACHE`, else `~/.cache/crystal_vae`) with the C++ compiler in `$CXX` or on the
 PATH, loads it and registers the handlers with JAX. Where that fails (no compiler, say), it logs
@@ -11,7 +12,8 @@ why once and `available()` is False: the model then keeps its XLA formulations.
 implicit, no padded copy is made; at stride 1 the input gradient is the same correlation on the
 cotangent with the flipped kernel),
 `upsample2(x)` the differentiable upsampling (jax.image.resize's "trilinear" at twice the sides),
-`channel_sums(a, b, shift)` the sums behind `models.BatchNorm`.
+`max_pool2(x)` the differentiable max pooling, `channel_sums(a, b, shift)` the sums behind
+`models.BatchNorm`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", 
 _TARGETS = {"correlate": "CrystalVaeCorrelate", "kernel_gradient": "CrystalVaeKernelGradient",
             "strided_input_gradient": "CrystalVaeStridedInputGradient",
             "channel_sums": "CrystalVaeChannelSums",
+            "max_pool2": "CrystalVaeMaxPool2",
+            "max_pool2_transpose": "CrystalVaeMaxPool2Transpose",
             "upsample2": "CrystalVaeUpsample2",
             "upsample2_transpose": "CrystalVaeUpsample2Transpose"}
 _LANES = 8  # output channels per vector register (the handlers need 1 or a multiple of this)
@@ -203,6 +207,35 @@ def conv(x: jax.Array, kernel: jax.Array, pads: Pads, stride: int = 1) -> jax.Ar
     if not (0 <= low < taps and 0 <= high < taps):
       raise ValueError(f"native conv pads {pads} outside [0, kernel side {taps})")
   return _conv(x, kernel, pads, int(stride))
+
+
+@jax.custom_vjp
+def max_pool2(x: jax.Array) -> jax.Array:
+  """Max pooling of a (B, D, H, W, C) array over 2x2x2 windows at stride 2, 'SAME' (odd sides
+  padded after: nn.max_pool(x, (2, 2, 2), (2, 2, 2), "SAME")), float32 inside; the gradient
+  goes to the first maximum of each window."""
+  return _max_pool2_forward(x)[0]
+
+
+def _max_pool2_forward(x):
+  _require()
+  b, d, h, w, c = x.shape
+  shape = (b, (d + 1) // 2, (h + 1) // 2, (w + 1) // 2, c)
+  y, which = jax.ffi.ffi_call("crystal_vae_max_pool2", (
+      jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.uint8)))(
+          x.astype(jnp.float32))
+  return y.astype(x.dtype), (which, x.shape)
+
+
+def _max_pool2_backward(residuals, cotangent):
+  which, shape = residuals
+  dx = jax.ffi.ffi_call("crystal_vae_max_pool2_transpose",
+                        jax.ShapeDtypeStruct(shape, jnp.float32))(
+                            cotangent.astype(jnp.float32), which)
+  return (dx.astype(cotangent.dtype),)
+
+
+max_pool2.defvjp(_max_pool2_forward, _max_pool2_backward)
 
 
 def channel_sums(a: jax.Array, b: jax.Array, shift: jax.Array) -> jax.Array:

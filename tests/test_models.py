@@ -258,7 +258,8 @@ def test_native_convolution_builds_once_and_falls_back_without_a_compiler(tmp_pa
     ((32, 32, 32), (3, 3, 3, 8, 4), (1, 1, 1), False),      # 4 outputs: the FFT's
     ((10, 10, 10), (3, 3, 3, 64, 32), (1, 1, 1), False),    # a small cube: depth_sum's
     ((20, 20, 20), (5, 5, 5, 64, 32), (1, 1, 1), True),     # paper decoder, k5 VALID, 64 -> 32
-    ((24, 24, 24), (5, 5, 5, 128, 64), (1, 1, 1), False),   # a bigger kernel than the cache
+    ((14, 14, 14), (5, 5, 5, 128, 64), (1, 1, 1), True),    # paper decoder's first: 1 Mi floats
+    ((10, 10, 10), (3, 3, 3, 64, 64), (1, 1, 1), False),    # paper U-Net at 8^3: depth_sum's
     ((32, 32, 32), (3, 3, 3, 1, 16), (1, 1, 1), True),      # the U-Net's first layer, 1 -> 16
     ((32, 32, 32), (3, 3, 3, 4, 16), (1, 1, 1), False),     # 4 input channels: the FFT's
     ((33, 33, 33), (5, 5, 5, 1, 16), (2, 2, 2), True),      # the first encoder layer, stride 2
@@ -504,3 +505,21 @@ def test_batch_norm_is_flax_batch_norm_with_its_gradients(use_native, monkeypatc
   half = models.BatchNorm(use_running_average=False, dtype=jnp.bfloat16)
   assert half.apply(variables, x.astype(jnp.bfloat16), mutable=["batch_stats"])[0].dtype == \
       jnp.bfloat16
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 7, 5, 16), (1, 15, 15, 15, 3)])
+def test_native_max_pooling_is_flax_max_pool_with_its_gradient(shape):
+  """native.max_pool2 (the U-Net's pooling on CPU) against nn.max_pool 2x2x2 stride 2 SAME, odd
+  sides included, and their gradients; after a ReLU (ties at 0) the gradient through the ReLU
+  agrees too."""
+  require_native()
+  x = jax.random.normal(key(0), shape)
+  reference = lambda x: nn.max_pool(x, (2, 2, 2), (2, 2, 2), "SAME")
+  np.testing.assert_array_equal(jax.jit(native.max_pool2)(x), reference(x))
+  loss = lambda pool: lambda x: jnp.sum(jnp.sin(pool(jax.nn.relu(x))) * jnp.arange(shape[-1]))
+  np.testing.assert_allclose(jax.jit(jax.grad(loss(native.max_pool2)))(x),
+                             jax.grad(loss(reference))(x), rtol=1e-6, atol=1e-6)
+  loss = lambda pool: lambda x: jnp.sum(jnp.sin(pool(x)))
+  np.testing.assert_allclose(jax.jit(jax.grad(loss(native.max_pool2)))(x),
+                             jax.grad(loss(reference))(x), rtol=1e-6, atol=1e-6)
+  assert native.max_pool2(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
