@@ -174,13 +174,72 @@ void RowBlockPairs(const Shape& s, const Window& win, const float* x, const floa
     }
 }
 
+// RowBlockPairs at stride 1 for a kernel TW taps wide: each broadcast of an input pair feeds
+// every output of the block that reads it (up to TW of them, one kernel tap each), not one.
+template <int WB, int OV, int TW>
+void RowBlockPairsShared(const Shape& s, const Window& win, const float* x, const float* pairs,
+                         float* y, int64_t o0, bool accumulate) {
+  v16f acc[WB][OV];
+  for (int w = 0; w < WB; ++w)
+    for (int v = 0; v < OV; ++v) acc[w][v] = v16f{};
+  for (int64_t i = 0; i < win.ni; ++i)
+    for (int64_t j = 0; j < win.nj; ++j) {
+      const float* kt =
+          pairs + win.kernel_offset + (i * s.taps_h + j) * TW * s.tap_size() + 2 * o0;
+      const float* xt = x + i * win.plane + j * win.row;
+      for (int64_t c = 0; c < s.in; c += 2) {
+        v16f kv[TW][OV];
+        for (int t = 0; t < TW; ++t)
+          for (int v = 0; v < OV; ++v) kv[t][v] = Load16(kt + t * s.tap_size() + c * s.out + 16 * v);
+        for (int col = 0; col < WB + TW - 1; ++col) {
+          const v16f xv = SplatPair(xt + col * s.in + c);
+          for (int t = 0; t < TW; ++t) {
+            const int w = col - t;
+            if (w < 0 || w >= WB) continue;
+            for (int v = 0; v < OV; ++v) acc[w][v] += xv * kv[t][v];
+          }
+        }
+      }
+    }
+  const v16i even = {0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14};
+  for (int w = 0; w < WB; ++w)
+    for (int v = 0; v < OV; ++v) {
+      v16f sum = __builtin_shuffle(acc[w][v], even) + __builtin_shuffle(acc[w][v], even + 1);
+      float* target = y + w * s.out + o0 + 8 * v;
+      if (accumulate) {
+        const v8f before = Load(target);
+        for (int lane = 0; lane < 8; ++lane) sum[lane] += before[lane];
+      }
+      std::memcpy(target, &sum, 8 * sizeof(float));
+    }
+}
+
+// RowBlockPairs, or for 8 output channels at stride 1 RowBlockPairsShared (with one vector of
+// outputs a broadcast feeds a single product otherwise; with two it is slower: 2-3x, spilling).
+template <int WB, int OV>
+void RowBlockPairsBest(const Shape& s, const Window& win, const float* x, const float* pairs,
+                       float* y, int64_t o0, bool accumulate) {
+  if constexpr (OV == 1) {
+    if (s.stride == 1 && s.taps_w == 3) {
+      return RowBlockPairsShared<WB, 1, 3>(s, win, x, pairs, y, o0, accumulate);
+    }
+    if (s.stride == 1 && s.taps_w == 4) {
+      return RowBlockPairsShared<WB, 1, 4>(s, win, x, pairs, y, o0, accumulate);
+    }
+    if (s.stride == 1 && s.taps_w == 5) {
+      return RowBlockPairsShared<WB, 1, 5>(s, win, x, pairs, y, o0, accumulate);
+    }
+  }
+  RowBlockPairs<WB, OV>(s, win, x, pairs, y, o0, accumulate);
+}
+
 // Output channels [o0, o1) of a block of WB outputs, 16 (then 8) at a time.
 template <int WB>
 void RowBlockChannels(const Shape& s, const Window& win, const float* x, const float* k,
                       float* y, const float* pairs, int64_t o0, int64_t o1, bool accumulate) {
   if (pairs != nullptr) {
-    for (; o0 + 16 <= o1; o0 += 16) RowBlockPairs<WB, 2>(s, win, x, pairs, y, o0, accumulate);
-    for (; o0 < o1; o0 += 8) RowBlockPairs<WB, 1>(s, win, x, pairs, y, o0, accumulate);
+    for (; o0 + 16 <= o1; o0 += 16) RowBlockPairsBest<WB, 2>(s, win, x, pairs, y, o0, accumulate);
+    for (; o0 < o1; o0 += 8) RowBlockPairsBest<WB, 1>(s, win, x, pairs, y, o0, accumulate);
     return;
   }
   for (; o0 + 16 <= o1; o0 += 16) RowBlock<WB, 2>(s, win, x, k, y, o0, accumulate);
