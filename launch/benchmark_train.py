@@ -288,6 +288,8 @@ def jax_worker(job: dict) -> dict:
 
 def torch_worker(job: dict) -> dict:
   """Times the twin's step (one warm-up step, counted by torch's FlopCounterMode, then `steps`)."""
+  import crystal_vae  # pylint: disable=g-import-not-at-top,unused-import  (its malloc settings,
+  # as in the JAX rows: see crystal_vae/__init__.py)
   import torch  # pylint: disable=g-import-not-at-top
   import torch_twin  # pylint: disable=g-import-not-at-top  (launch/ is sys.path[0])
   from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=g-import-not-at-top

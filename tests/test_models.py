@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -468,6 +469,38 @@ def test_cpu_convolutions_are_xlas_unless_the_user_says_otherwise(user_flags):
     assert flags == user_flags
   else:
     assert hlo == "XLA_CONVOLUTION"
+
+
+_REUSE = """
+import ctypes, resource, crystal_vae
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+size = 64 << 20
+block = libc.malloc(size); ctypes.memset(block, 1, size); libc.free(block)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+block = libc.malloc(size); ctypes.memset(block, 1, size)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+"""
+
+
+@pytest.mark.parametrize("keep", ["", "0"])
+def test_importing_crystal_vae_keeps_freed_memory_for_reuse(keep):
+  """After `import crystal_vae` a freed 64 MiB block is reused without page faults (glibc would
+  unmap it and fault 16 Ki pages in again); CRYSTAL_VAE_KEEP_FREED_MEMORY=0 leaves malloc as it
+  is."""
+  try:
+    glibc = os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+  except (ValueError, OSError):
+    glibc = False
+  if not glibc:
+    pytest.skip("glibc's malloc only")
+  env = dict(os.environ, CRYSTAL_VAE_KEEP_FREED_MEMORY=keep)
+  faults = int(subprocess.run([sys.executable, "-c", _REUSE], env=env, capture_output=True,
+                              text=True, timeout=120, check=True).stdout)
+  if not keep:
+    assert faults < 100
+  elif "[always]" not in pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
+    assert faults > (64 << 20) // 4096 // 2  # at least half the block's 4 KiB pages
 
 
 @pytest.mark.parametrize("use_native", [True, False])
