@@ -18,6 +18,8 @@ RSS (`ru_maxrss`, whole process: imports, XLA compilation, the steps) is its own
 "steps peak" column is the RSS high-water mark of the timed steps alone (VmHWM reset after the
 warm-up step). Every row of a model is credited with the same FLOPs: XLA's cost analysis of the
 JAX step with `depth_sum` convolutions. PyTorch is optional: without it the twin is skipped.
+Both frameworks run with the malloc settings importing crystal_vae makes (freed memory kept for
+reuse, see crystal_vae/__init__.py: ~15% of either's `cpu` step).
 
 JAX variants (--jax_variants, joined with '+', e.g. no_native+onednn): see `JAX_VARIANTS`.
 --xla_flags adds XLA flags to every JAX row.
