@@ -137,6 +137,24 @@ void RowBlock(const Shape& s, const Window& win, const float* x, const float* k,
     for (int v = 0; v < OV; ++v) Store(y + w * s.out + o0 + 8 * v, acc[w][v]);
 }
 
+// Writes (or with `accumulate` adds) the sums of a pairs block: each register's even and odd
+// lanes (the two input-channel parities) added, 8 output channels per register.
+template <int WB, int OV>
+void StorePairSums(const Shape& s, const v16f (&acc)[WB][OV], float* y, int64_t o0,
+                   bool accumulate) {
+  const v16i even = {0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14};
+  for (int w = 0; w < WB; ++w)
+    for (int v = 0; v < OV; ++v) {
+      v16f sum = __builtin_shuffle(acc[w][v], even) + __builtin_shuffle(acc[w][v], even + 1);
+      float* target = y + w * s.out + o0 + 8 * v;
+      if (accumulate) {
+        const v8f before = Load(target);
+        for (int lane = 0; lane < 8; ++lane) sum[lane] += before[lane];
+      }
+      std::memcpy(target, &sum, 8 * sizeof(float));
+    }
+}
+
 // RowBlock for an even number of input channels, with lanes (output channel, input channel
 // parity): one broadcast of an input-channel pair feeds 16 products instead of 8. `pairs` is the
 // kernel as (tap, channel pair, output channel, parity).
@@ -161,57 +179,34 @@ void RowBlockPairs(const Shape& s, const Window& win, const float* x, const floa
           }
         }
       }
-  const v16i even = {0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14};
-  for (int w = 0; w < WB; ++w)
-    for (int v = 0; v < OV; ++v) {
-      v16f sum = __builtin_shuffle(acc[w][v], even) + __builtin_shuffle(acc[w][v], even + 1);
-      float* target = y + w * s.out + o0 + 8 * v;
-      if (accumulate) {
-        const v8f before = Load(target);
-        for (int lane = 0; lane < 8; ++lane) sum[lane] += before[lane];
-      }
-      std::memcpy(target, &sum, 8 * sizeof(float));
-    }
+  StorePairSums<WB, OV>(s, acc, y, o0, accumulate);
 }
 
-// RowBlockPairs at stride 1 for a kernel TW taps wide: each broadcast of an input pair feeds
-// every output of the block that reads it (up to TW of them, one kernel tap each), not one.
-template <int WB, int OV, int TW>
+// RowBlockPairs<WB, 1> at stride 1 for a kernel TW taps wide: each broadcast of an input pair
+// feeds every output of the block that reads it (up to TW of them, one kernel tap each).
+template <int WB, int TW>
 void RowBlockPairsShared(const Shape& s, const Window& win, const float* x, const float* pairs,
                          float* y, int64_t o0, bool accumulate) {
-  v16f acc[WB][OV];
-  for (int w = 0; w < WB; ++w)
-    for (int v = 0; v < OV; ++v) acc[w][v] = v16f{};
+  v16f acc[WB][1];
+  for (int w = 0; w < WB; ++w) acc[w][0] = v16f{};
   for (int64_t i = 0; i < win.ni; ++i)
     for (int64_t j = 0; j < win.nj; ++j) {
       const float* kt =
           pairs + win.kernel_offset + (i * s.taps_h + j) * TW * s.tap_size() + 2 * o0;
       const float* xt = x + i * win.plane + j * win.row;
       for (int64_t c = 0; c < s.in; c += 2) {
-        v16f kv[TW][OV];
-        for (int t = 0; t < TW; ++t)
-          for (int v = 0; v < OV; ++v) kv[t][v] = Load16(kt + t * s.tap_size() + c * s.out + 16 * v);
+        v16f kv[TW];
+        for (int t = 0; t < TW; ++t) kv[t] = Load16(kt + t * s.tap_size() + c * s.out);
         for (int col = 0; col < WB + TW - 1; ++col) {
           const v16f xv = SplatPair(xt + col * s.in + c);
           for (int t = 0; t < TW; ++t) {
             const int w = col - t;
-            if (w < 0 || w >= WB) continue;
-            for (int v = 0; v < OV; ++v) acc[w][v] += xv * kv[t][v];
+            if (w >= 0 && w < WB) acc[w][0] += xv * kv[t];
           }
         }
       }
     }
-  const v16i even = {0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14};
-  for (int w = 0; w < WB; ++w)
-    for (int v = 0; v < OV; ++v) {
-      v16f sum = __builtin_shuffle(acc[w][v], even) + __builtin_shuffle(acc[w][v], even + 1);
-      float* target = y + w * s.out + o0 + 8 * v;
-      if (accumulate) {
-        const v8f before = Load(target);
-        for (int lane = 0; lane < 8; ++lane) sum[lane] += before[lane];
-      }
-      std::memcpy(target, &sum, 8 * sizeof(float));
-    }
+  StorePairSums<WB, 1>(s, acc, y, o0, accumulate);
 }
 
 // RowBlockPairs, or for 8 output channels at stride 1 RowBlockPairsShared (with one vector of
@@ -221,13 +216,13 @@ void RowBlockPairsBest(const Shape& s, const Window& win, const float* x, const 
                        float* y, int64_t o0, bool accumulate) {
   if constexpr (OV == 1) {
     if (s.stride == 1 && s.taps_w == 3) {
-      return RowBlockPairsShared<WB, 1, 3>(s, win, x, pairs, y, o0, accumulate);
+      return RowBlockPairsShared<WB, 3>(s, win, x, pairs, y, o0, accumulate);
     }
     if (s.stride == 1 && s.taps_w == 4) {
-      return RowBlockPairsShared<WB, 1, 4>(s, win, x, pairs, y, o0, accumulate);
+      return RowBlockPairsShared<WB, 4>(s, win, x, pairs, y, o0, accumulate);
     }
     if (s.stride == 1 && s.taps_w == 5) {
-      return RowBlockPairsShared<WB, 1, 5>(s, win, x, pairs, y, o0, accumulate);
+      return RowBlockPairsShared<WB, 5>(s, win, x, pairs, y, o0, accumulate);
     }
   }
   RowBlockPairs<WB, OV>(s, win, x, pairs, y, o0, accumulate);
