@@ -86,6 +86,15 @@ void ParallelFor(int64_t n, int64_t threads, Body body) {
   for (auto& helper : helpers) helper.join();
 }
 
+// body(item) for each item of [0, items), the items split between the threads.
+template <typename Body>
+void ForEachItem(int64_t items, Body body) {
+  ParallelFor(items, std::min<int64_t>(CpuCount(), items), [&](int64_t, int64_t first,
+                                                               int64_t last) {
+    for (int64_t item = first; item < last; ++item) body(item);
+  });
+}
+
 struct Shape {  // of a correlation: input sides, taps, channels, padding before, output sides
   int64_t batch, depth, height, width, in, taps_d, taps_h, taps_w, out, stride;
   int64_t low_d, low_h, low_w, out_d, out_h, out_w;
@@ -548,60 +557,52 @@ struct PoolShape {
 
 void MaxPool2(const PoolShape& s, const float* x, float* y, uint8_t* which) {
   const int64_t sh = s.width * s.channels, sd = s.height * sh;
-  const int64_t items = s.batch * s.out_d;
-  ParallelFor(items, std::min<int64_t>(CpuCount(), items), [&](int64_t, int64_t first,
-                                                               int64_t last) {
-    for (int64_t item = first; item < last; ++item) {
-      const int64_t b = item / s.out_d, p = item % s.out_d;
-      for (int64_t q = 0; q < s.out_h; ++q)
-        for (int64_t r = 0; r < s.out_w; ++r) {
-          float* best = y + ((item * s.out_h + q) * s.out_w + r) * s.channels;
-          uint8_t* index = which + (best - y);
-          bool started = false;
-          for (int a = 0; a < 2 && 2 * p + a < s.depth; ++a)
-            for (int e = 0; e < 2 && 2 * q + e < s.height; ++e)
-              for (int f = 0; f < 2 && 2 * r + f < s.width; ++f) {
-                const float* v =
-                    x + (b * s.depth + 2 * p + a) * sd + (2 * q + e) * sh + (2 * r + f) * s.channels;
-                const uint8_t here = static_cast<uint8_t>(4 * a + 2 * e + f);
-                if (!started) {
-                  std::memcpy(best, v, s.channels * sizeof(float));
-                  std::fill(index, index + s.channels, here);
-                  started = true;
-                  continue;
-                }
-                for (int64_t c = 0; c < s.channels; ++c) {
-                  const bool larger = v[c] > best[c];  // ties keep the first
-                  best[c] = larger ? v[c] : best[c];
-                  index[c] = larger ? here : index[c];
-                }
+  ForEachItem(s.batch * s.out_d, [&](int64_t item) {
+    const int64_t b = item / s.out_d, p = item % s.out_d;
+    for (int64_t q = 0; q < s.out_h; ++q)
+      for (int64_t r = 0; r < s.out_w; ++r) {
+        float* best = y + ((item * s.out_h + q) * s.out_w + r) * s.channels;
+        uint8_t* index = which + (best - y);
+        bool started = false;
+        for (int a = 0; a < 2 && 2 * p + a < s.depth; ++a)
+          for (int e = 0; e < 2 && 2 * q + e < s.height; ++e)
+            for (int f = 0; f < 2 && 2 * r + f < s.width; ++f) {
+              const float* v =
+                  x + (b * s.depth + 2 * p + a) * sd + (2 * q + e) * sh + (2 * r + f) * s.channels;
+              const uint8_t here = static_cast<uint8_t>(4 * a + 2 * e + f);
+              if (!started) {
+                std::memcpy(best, v, s.channels * sizeof(float));
+                std::fill(index, index + s.channels, here);
+                started = true;
+                continue;
               }
-        }
-    }
+              for (int64_t c = 0; c < s.channels; ++c) {
+                const bool larger = v[c] > best[c];  // ties keep the first
+                best[c] = larger ? v[c] : best[c];
+                index[c] = larger ? here : index[c];
+              }
+            }
+      }
   });
 }
 
 void MaxPool2Transpose(const PoolShape& s, const float* g, const uint8_t* which, float* dx) {
   const int64_t sh = s.width * s.channels, sd = s.height * sh;
-  const int64_t items = s.batch * s.out_d;
-  ParallelFor(items, std::min<int64_t>(CpuCount(), items), [&](int64_t, int64_t first,
-                                                               int64_t last) {
-    for (int64_t item = first; item < last; ++item) {
-      const int64_t b = item / s.out_d, p = item % s.out_d;
-      for (int64_t a = 0; a < 2 && 2 * p + a < s.depth; ++a) {
-        float* plane = dx + (b * s.depth + 2 * p + a) * sd;
-        std::fill(plane, plane + sd, 0.f);
-      }
-      for (int64_t q = 0; q < s.out_h; ++q)
-        for (int64_t r = 0; r < s.out_w; ++r) {
-          const int64_t out = ((item * s.out_h + q) * s.out_w + r) * s.channels;
-          for (int64_t c = 0; c < s.channels; ++c) {
-            const int index = which[out + c], a = index / 4, e = index / 2 % 2, f = index % 2;
-            dx[(b * s.depth + 2 * p + a) * sd + (2 * q + e) * sh + (2 * r + f) * s.channels + c] =
-                g[out + c];
-          }
-        }
+  ForEachItem(s.batch * s.out_d, [&](int64_t item) {
+    const int64_t b = item / s.out_d, p = item % s.out_d;
+    for (int64_t a = 0; a < 2 && 2 * p + a < s.depth; ++a) {
+      float* plane = dx + (b * s.depth + 2 * p + a) * sd;
+      std::fill(plane, plane + sd, 0.f);
     }
+    for (int64_t q = 0; q < s.out_h; ++q)
+      for (int64_t r = 0; r < s.out_w; ++r) {
+        const int64_t out = ((item * s.out_h + q) * s.out_w + r) * s.channels;
+        for (int64_t c = 0; c < s.channels; ++c) {
+          const int index = which[out + c], a = index / 4, e = index / 2 % 2, f = index % 2;
+          dx[(b * s.depth + 2 * p + a) * sd + (2 * q + e) * sh + (2 * r + f) * s.channels + c] =
+              g[out + c];
+        }
+      }
   });
 }
 
