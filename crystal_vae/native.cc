@@ -889,24 +889,27 @@ ffi::Error ChannelSumsImpl(Array2 a, Array2 b, Array1 shift, ffi::ResultBuffer<f
   return ffi::Error::Success();
 }
 
-ffi::Error Upsample2Impl(Array5 x, ffi::ResultBuffer<ffi::F32, 5> y) {
-  const auto xd = x.dimensions(), yd = y->dimensions();
+// Whether the large array's sides are twice the small one's.
+template <typename Dims>
+ffi::Error CheckDoubled(const Dims& small, const Dims& large) {
   for (int axis = 1; axis < 4; ++axis) {
-    if (yd[axis] != 2 * xd[axis]) {
+    if (large[axis] != 2 * small[axis]) {
       return ffi::Error::InvalidArgument("crystal_vae upsample2: output sides must be twice");
     }
   }
+  return ffi::Error::Success();
+}
+
+ffi::Error Upsample2Impl(Array5 x, ffi::ResultBuffer<ffi::F32, 5> y) {
+  const auto xd = x.dimensions();
+  if (auto error = CheckDoubled(xd, y->dimensions()); error.failure()) return error;
   Upsample2(xd[0], xd[1], xd[2], xd[3], xd[4], x.typed_data(), y->typed_data());
   return ffi::Error::Success();
 }
 
 ffi::Error Upsample2TransposeImpl(Array5 g, ffi::ResultBuffer<ffi::F32, 5> dx) {
-  const auto gd = g.dimensions(), xd = dx->dimensions();
-  for (int axis = 1; axis < 4; ++axis) {
-    if (gd[axis] != 2 * xd[axis]) {
-      return ffi::Error::InvalidArgument("crystal_vae upsample2: output sides must be twice");
-    }
-  }
+  const auto xd = dx->dimensions();
+  if (auto error = CheckDoubled(xd, g.dimensions()); error.failure()) return error;
   Upsample2Transpose(xd[0], xd[1], xd[2], xd[3], xd[4], g.typed_data(), dx->typed_data());
   return ffi::Error::Success();
 }
