@@ -556,3 +556,12 @@ def test_native_max_pooling_is_flax_max_pool_with_its_gradient(shape):
   np.testing.assert_allclose(jax.jit(jax.grad(loss(native.max_pool2)))(x),
                              jax.grad(loss(reference))(x), rtol=1e-6, atol=1e-6)
   assert native.max_pool2(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def test_native_convolution_refuses_padding_outside_the_kernel():
+  """Pads must lie in [0, kernel side): the input gradient's padding (side - 1 - pad) is then
+  never negative; a wrong value is a clear error, not a wrong result."""
+  x, kernel = jnp.ones((1, 6, 6, 6, 8)), jnp.ones((3, 3, 3, 8, 8))
+  for pads in (((3, 0), (1, 1), (1, 1)), ((1, 1), (-1, 1), (1, 1))):
+    with pytest.raises(ValueError, match="outside"):
+      native.conv(x, kernel, pads)
