@@ -98,9 +98,20 @@ void ForEachItem(int64_t items, Body body) {
 struct Shape {  // of a correlation: input sides, taps, channels, padding before, output sides
   int64_t batch, depth, height, width, in, taps_d, taps_h, taps_w, out, stride;
   int64_t low_d, low_h, low_w, out_d, out_h, out_w;
+  // Floats between neighbouring outputs of y along the width, height, depth and batch: dense
+  // (WithDenseOutput), or every stride-th place of a bigger grid (StridedInputGradient).
+  int64_t y_w, y_h, y_d, y_b;
   int64_t step() const { return stride * in; }  // input floats between neighbouring outputs
   int64_t tap_size() const { return in * out; }  // kernel floats per tap
 };
+
+Shape WithDenseOutput(Shape s) {
+  s.y_w = s.out;
+  s.y_h = s.out_w * s.y_w;
+  s.y_d = s.out_h * s.y_h;
+  s.y_b = s.out_d * s.y_d;
+  return s;
+}
 
 // The outputs p < count whose input p * stride + offset lies in [0, size): [first, last).
 struct Range {
@@ -126,24 +137,23 @@ void RowBlock(const Shape& s, const Window& win, const float* x, const float* k,
               int64_t o0, bool accumulate) {
   v8f acc[WB][OV];
   for (int w = 0; w < WB; ++w)
-    for (int v = 0; v < OV; ++v) acc[w][v] = accumulate ? Load(y + w * s.out + o0 + 8 * v) : Splat(0.f);
+    for (int v = 0; v < OV; ++v) acc[w][v] = accumulate ? Load(y + w * s.y_w + o0 + 8 * v) : Splat(0.f);
+  const int64_t span = s.taps_w * s.in;  // a row of taps: (tap, channel) runs on in x and k
   for (int64_t i = 0; i < win.ni; ++i)
-    for (int64_t j = 0; j < win.nj; ++j)
-      for (int64_t t = 0; t < s.taps_w; ++t) {
-        const float* kt =
-            k + win.kernel_offset + ((i * s.taps_h + j) * s.taps_w + t) * s.tap_size() + o0;
-        const float* xt = x + i * win.plane + j * win.row + t * s.in;
-        for (int64_t c = 0; c < s.in; ++c) {
-          v8f kv[OV];
-          for (int v = 0; v < OV; ++v) kv[v] = Load(kt + c * s.out + 8 * v);
-          for (int w = 0; w < WB; ++w) {
-            const v8f xv = Splat(xt[w * s.step() + c]);
-            for (int v = 0; v < OV; ++v) acc[w][v] += xv * kv[v];
-          }
+    for (int64_t j = 0; j < win.nj; ++j) {
+      const float* kt = k + win.kernel_offset + (i * s.taps_h + j) * span * s.out + o0;
+      const float* xt = x + i * win.plane + j * win.row;
+      for (int64_t c = 0; c < span; ++c) {
+        v8f kv[OV];
+        for (int v = 0; v < OV; ++v) kv[v] = Load(kt + c * s.out + 8 * v);
+        for (int w = 0; w < WB; ++w) {
+          const v8f xv = Splat(xt[w * s.step() + c]);
+          for (int v = 0; v < OV; ++v) acc[w][v] += xv * kv[v];
         }
       }
+    }
   for (int w = 0; w < WB; ++w)
-    for (int v = 0; v < OV; ++v) Store(y + w * s.out + o0 + 8 * v, acc[w][v]);
+    for (int v = 0; v < OV; ++v) Store(y + w * s.y_w + o0 + 8 * v, acc[w][v]);
 }
 
 // Writes (or with `accumulate` adds) the sums of a pairs block: each register's even and odd
@@ -155,7 +165,7 @@ void StorePairSums(const Shape& s, const v16f (&acc)[WB][OV], float* y, int64_t 
   for (int w = 0; w < WB; ++w)
     for (int v = 0; v < OV; ++v) {
       v16f sum = __builtin_shuffle(acc[w][v], even) + __builtin_shuffle(acc[w][v], even + 1);
-      float* target = y + w * s.out + o0 + 8 * v;
+      float* target = y + w * s.y_w + o0 + 8 * v;
       if (accumulate) {
         const v8f before = Load(target);
         for (int lane = 0; lane < 8; ++lane) sum[lane] += before[lane];
@@ -173,21 +183,20 @@ void RowBlockPairs(const Shape& s, const Window& win, const float* x, const floa
   v16f acc[WB][OV];
   for (int w = 0; w < WB; ++w)
     for (int v = 0; v < OV; ++v) acc[w][v] = v16f{};
+  const int64_t span = s.taps_w * s.in;  // a row of taps: (tap, channel) runs on in x and k
   for (int64_t i = 0; i < win.ni; ++i)
-    for (int64_t j = 0; j < win.nj; ++j)
-      for (int64_t t = 0; t < s.taps_w; ++t) {
-        const float* kt =
-            pairs + win.kernel_offset + ((i * s.taps_h + j) * s.taps_w + t) * s.tap_size() + 2 * o0;
-        const float* xt = x + i * win.plane + j * win.row + t * s.in;
-        for (int64_t c = 0; c < s.in; c += 2) {
-          v16f kv[OV];
-          for (int v = 0; v < OV; ++v) kv[v] = Load16(kt + c * s.out + 16 * v);
-          for (int w = 0; w < WB; ++w) {
-            const v16f xv = SplatPair(xt + w * s.step() + c);
-            for (int v = 0; v < OV; ++v) acc[w][v] += xv * kv[v];
-          }
+    for (int64_t j = 0; j < win.nj; ++j) {
+      const float* kt = pairs + win.kernel_offset + (i * s.taps_h + j) * span * s.out + 2 * o0;
+      const float* xt = x + i * win.plane + j * win.row;
+      for (int64_t c = 0; c < span; c += 2) {
+        v16f kv[OV];
+        for (int v = 0; v < OV; ++v) kv[v] = Load16(kt + c * s.out + 16 * v);
+        for (int w = 0; w < WB; ++w) {
+          const v16f xv = SplatPair(xt + w * s.step() + c);
+          for (int v = 0; v < OV; ++v) acc[w][v] += xv * kv[v];
         }
       }
+    }
   StorePairSums<WB, OV>(s, acc, y, o0, accumulate);
 }
 
@@ -270,7 +279,7 @@ void RowBlockOf(int64_t count, const Shape& s, const Window& win, const float* x
 // the input channels in the lanes (one horizontal sum per output).
 template <int WB>
 void SingleOutBlock(const Shape& s, const Window& win, const float* x, const float* k, float* y) {
-  const int64_t vectors = s.in / 8 * 8;
+  const int64_t span = s.taps_w * s.in, vectors = span / 8 * 8;  // (tap, channel) runs on
   v8f acc[WB];
   float rest[WB];
   for (int w = 0; w < WB; ++w) {
@@ -278,27 +287,26 @@ void SingleOutBlock(const Shape& s, const Window& win, const float* x, const flo
     rest[w] = 0.f;
   }
   for (int64_t i = 0; i < win.ni; ++i)
-    for (int64_t j = 0; j < win.nj; ++j)
-      for (int64_t t = 0; t < s.taps_w; ++t) {
-        const float* kt = k + win.kernel_offset + ((i * s.taps_h + j) * s.taps_w + t) * s.in;
-        const float* xt = x + i * win.plane + j * win.row + t * s.in;
-        for (int64_t c = 0; c < vectors; c += 8) {
-          const v8f kv = Load(kt + c);
-          for (int w = 0; w < WB; ++w) acc[w] += Load(xt + w * s.step() + c) * kv;
-        }
-        for (int64_t c = vectors; c < s.in; ++c)
-          for (int w = 0; w < WB; ++w) rest[w] += xt[w * s.step() + c] * kt[c];
+    for (int64_t j = 0; j < win.nj; ++j) {
+      const float* kt = k + win.kernel_offset + (i * s.taps_h + j) * span;
+      const float* xt = x + i * win.plane + j * win.row;
+      for (int64_t c = 0; c < vectors; c += 8) {
+        const v8f kv = Load(kt + c);
+        for (int w = 0; w < WB; ++w) acc[w] += Load(xt + w * s.step() + c) * kv;
       }
+      for (int64_t c = vectors; c < span; ++c)
+        for (int w = 0; w < WB; ++w) rest[w] += xt[w * s.step() + c] * kt[c];
+    }
   for (int w = 0; w < WB; ++w) {
     for (int lane = 0; lane < 8; ++lane) rest[w] += acc[w][lane];
-    y[w] = rest[w];
+    y[w * s.y_w] = rest[w];
   }
 }
 
 void RowSingleOut(const Shape& s, const Window& win, const float* x, const float* k, float* y) {
   int64_t w = 0;
-  for (; w + 8 <= s.out_w; w += 8) SingleOutBlock<8>(s, win, x + w * s.step(), k, y + w);
-  for (; w < s.out_w; ++w) SingleOutBlock<1>(s, win, x + w * s.step(), k, y + w);
+  for (; w + 8 <= s.out_w; w += 8) SingleOutBlock<8>(s, win, x + w * s.step(), k, y + w * s.y_w);
+  for (; w < s.out_w; ++w) SingleOutBlock<1>(s, win, x + w * s.step(), k, y + w * s.y_w);
 }
 
 // Output channels [o0, o1) of one row (added to y if `accumulate`): blocks of at most kMaxBlock
@@ -309,20 +317,20 @@ void Row(const Shape& s, const Window& win, const float* x, const float* k, floa
   const int64_t blocks = (s.out_w + kMaxBlock - 1) / kMaxBlock;
   for (int64_t block = 0, w = 0; block < blocks; ++block) {
     const int64_t count = (s.out_w - w + blocks - block - 1) / (blocks - block);
-    RowBlockOf(count, s, win, x + w * s.step(), k, y + w * s.out, pairs, o0, o1, accumulate);
+    RowBlockOf(count, s, win, x + w * s.step(), k, y + w * s.y_w, pairs, o0, o1, accumulate);
     w += count;
   }
 }
 
 // The depth and height padding is skipped (the taps that read it are left out of each row's
-// window); the width padding is made of zeros: each (batch, depth) item copies the input planes
-// it reads into a buffer with zero columns on both sides, unless the width needs no padding.
+// window); the width padding is made of zeros: each thread copies the input planes its items read
+// into a buffer with zero columns on both sides (each plane once per batch item, just before
+// its first use), unless the width needs no padding.
 void Correlate(const Shape& s, const float* x, const float* k, float* y) {
   const int64_t high_w = (s.out_w - 1) * s.stride + s.taps_w - s.low_w - s.width;
   const bool pad_w = s.low_w > 0 || high_w > 0;
   const int64_t padded_w = s.width + (pad_w ? s.low_w + std::max<int64_t>(high_w, 0) : 0);
   const int64_t row = padded_w * s.in, plane = s.height * row;
-  const int64_t item_size = s.out_h * s.out_w * s.out;
   std::vector<float> paired;  // the kernel for RowBlockPairs, where it applies
   if (s.in % 2 == 0 && s.out > 1) {
     const int64_t taps = s.taps_d * s.taps_h * s.taps_w;
@@ -340,33 +348,40 @@ void Correlate(const Shape& s, const float* x, const float* k, float* y) {
   const int64_t items = s.batch * s.out_d;
   ParallelFor(items, std::min<int64_t>(CpuCount(), items), [&](int64_t, int64_t first,
                                                                int64_t last) {
-    std::vector<float> buffer(pad_w ? s.taps_d * plane : 0, 0.f);
+    std::vector<float> buffer(pad_w ? s.depth * plane : 0, 0.f);
+    int64_t copied_b = -1, copied_to = 0;  // the buffer holds planes [.., copied_to) of item copied_b
     for (int64_t item = first; item < last; ++item) {
       const int64_t b = item / s.out_d, d = item % s.out_d;
       const Range taps_d = Inside(d * s.stride - s.low_d, s.depth, 1, s.taps_d);
-      float* yi = y + item * item_size;
+      float* yi = y + b * s.y_b + d * s.y_d;
       if (taps_d.size() == 0) {
-        std::fill(yi, yi + item_size, 0.f);
+        for (int64_t h = 0; h < s.out_h; ++h)
+          for (int64_t w = 0; w < s.out_w; ++w) {
+            float* yw = yi + h * s.y_h + w * s.y_w;
+            std::fill(yw, yw + s.out, 0.f);
+          }
         continue;
       }
       // The input plane under tap taps_d.first, then the next ones.
-      const float* planes = x + (b * s.depth + d * s.stride - s.low_d + taps_d.first) * s.height *
-                                    s.width * s.in;
+      const int64_t q0 = d * s.stride - s.low_d + taps_d.first, q1 = q0 + taps_d.size();
+      const float* planes = x + (b * s.depth + q0) * s.height * s.width * s.in;
       if (pad_w) {
-        for (int64_t i = 0; i < taps_d.size(); ++i)
+        if (b != copied_b) copied_b = b, copied_to = 0;
+        for (int64_t q = std::max(q0, copied_to); q < q1; ++q)
           for (int64_t r = 0; r < s.height; ++r) {
-            std::memcpy(buffer.data() + i * plane + r * row + s.low_w * s.in,
-                        planes + (i * s.height + r) * s.width * s.in,
+            std::memcpy(buffer.data() + q * plane + r * row + s.low_w * s.in,
+                        x + ((b * s.depth + q) * s.height + r) * s.width * s.in,
                         s.width * s.in * sizeof(float));
           }
-        planes = buffer.data();
+        copied_to = std::max(copied_to, q1);
+        planes = buffer.data() + q0 * plane;
       }
       if (s.out == 1) {
         for (int64_t h = 0; h < s.out_h; ++h) {
           const Range taps_h = Inside(h * s.stride - s.low_h, s.height, 1, s.taps_h);
-          float* yr = yi + h * s.out_w;
+          float* yr = yi + h * s.y_h;
           if (taps_h.size() == 0) {
-            std::fill(yr, yr + s.out_w, 0.f);
+            for (int64_t w = 0; w < s.out_w; ++w) yr[w * s.y_w] = 0.f;
             continue;
           }
           const Window win{plane, row, taps_d.size(), taps_h.size(),
@@ -383,10 +398,10 @@ void Correlate(const Shape& s, const float* x, const float* k, float* y) {
           const int64_t i1 = std::min(taps_d.last, i0 + group);
           for (int64_t h = 0; h < s.out_h; ++h) {
             const Range taps_h = Inside(h * s.stride - s.low_h, s.height, 1, s.taps_h);
-            float* yr = yi + h * s.out_w * s.out;
+            float* yr = yi + h * s.y_h;
             if (taps_h.size() == 0) {
               if (i0 == taps_d.first) {
-                for (int64_t w = 0; w < s.out_w; ++w) std::fill(yr + w * s.out + o0, yr + w * s.out + o1, 0.f);
+                for (int64_t w = 0; w < s.out_w; ++w) std::fill(yr + w * s.y_w + o0, yr + w * s.y_w + o1, 0.f);
               }
               continue;
             }
@@ -461,9 +476,15 @@ void PlaneTapByIn(const Shape& s, const PlaneSpan& p, float* dk, int64_t c0, int
     }
   }
   for (int o = 0; o < 8; ++o)
-    for (int v = 0; v < CV; ++v)
-      for (int lane = 0; lane < 8; ++lane) dk[(c0 + 8 * v + lane) * s.out + o0 + o] += acc[o][v][lane];
+    for (int v = 0; v < CV; ++v) {
+      float* target = dk + (o0 + o) * s.in + c0 + 8 * v;  // dk is (tap, out, in) here
+      Store(target, Load(target) + acc[o][v]);
+    }
 }
+
+// Whether the kernel gradient puts the input channels in the vector lanes (PlaneTapByIn, partial
+// sums laid out (tap, out, in)): more than 8 of them, in whole vectors.
+bool InputChannelLanes(const Shape& s) { return s.out > 1 && s.in > 8 && s.in % 8 == 0; }
 
 // dk[tap, :, 0] += one plane's sums for one output channel, the input channels in the lanes.
 void PlaneTapSingleOut(const Shape& s, const PlaneSpan& p, float* dk) {
@@ -498,7 +519,7 @@ void PlaneTapSingleOut(const Shape& s, const PlaneSpan& p, float* dk) {
 // dk[tap, :, o0:o0+8] += one plane's sums, by whichever lane layout needs fewer loads.
 void PlaneTap(const Shape& s, const PlaneSpan& p, float* dk, int64_t o0) {
   int64_t c0 = 0;
-  if (s.in > 8 && s.in % 8 == 0) {
+  if (InputChannelLanes(s)) {
     for (; c0 + 16 <= s.in; c0 += 16) PlaneTapByIn<2>(s, p, dk, c0, o0);
     for (; c0 < s.in; c0 += 8) PlaneTapByIn<1>(s, p, dk, c0, o0);
     return;
@@ -545,8 +566,16 @@ void KernelGradient(const Shape& s, const float* x, const float* g, float* dk) {
     }
   });
   std::fill(dk, dk + size, 0.f);
-  for (const auto& part : partial)
-    for (int64_t n = 0; n < size; ++n) dk[n] += part[n];
+  for (const auto& part : partial) {
+    if (!InputChannelLanes(s)) {
+      for (int64_t n = 0; n < size; ++n) dk[n] += part[n];
+      continue;
+    }
+    for (int64_t tap = 0; tap < taps; ++tap)  // the partial sums are (tap, out, in)
+      for (int64_t o = 0; o < s.out; ++o)
+        for (int64_t c = 0; c < s.in; ++c)
+          dk[(tap * s.in + c) * s.out + o] += part[(tap * s.out + o) * s.in + c];
+  }
 }
 
 // The window of output (p, q, r) is x[2p + a, 2q + b, 2r + c], a, b, c in {0, 1}, inside x;
@@ -753,56 +782,55 @@ void Upsample2Transpose(int64_t batch, int64_t depth, int64_t height, int64_t wi
 // The input gradient of a strided correlation (for stride 1 the caller correlates instead):
 // dx[b, q, c] = sum over taps t with q - t = stride * p, p an output, of sum_o g[b, p, o] kt[t, o, c]
 // (`kt`: the kernel as (tap, O, C)); CV vectors of 8 input channels per pass.
-template <int CV>
-void StridedInputGradientChunk(const Shape& s, const float* g, const float* kt, float* dx,
-                               int64_t item, int64_t c0) {
-  const int64_t od = s.out_d, oh = s.out_h, ow = s.out_w;
-  const int64_t b = item / s.depth, q = item % s.depth;
-  for (int64_t qh = 0; qh < s.height; ++qh)
-    for (int64_t qw = 0; qw < s.width; ++qw) {
-      v8f acc[CV];
-      for (int v = 0; v < CV; ++v) acc[v] = Splat(0.f);
-      for (int64_t i = q % s.stride; i < s.taps_d; i += s.stride) {
-        const int64_t pd = (q - i) / s.stride;
-        if (q < i || pd >= od) continue;
-        for (int64_t j = qh % s.stride; j < s.taps_h; j += s.stride) {
-          const int64_t ph = (qh - j) / s.stride;
-          if (qh < j || ph >= oh) continue;
-          for (int64_t t = qw % s.stride; t < s.taps_w; t += s.stride) {
-            const int64_t pw = (qw - t) / s.stride;
-            if (qw < t || pw >= ow) continue;
-            const float* gp = g + (((b * od + pd) * oh + ph) * ow + pw) * s.out;
-            const float* kp = kt + ((i * s.taps_h + j) * s.taps_w + t) * s.out * s.in + c0;
-            for (int64_t o = 0; o < s.out; ++o) {
-              const v8f gv = Splat(gp[o]);
-              for (int v = 0; v < CV; ++v) acc[v] += gv * Load(kp + o * s.in + 8 * v);
-            }
-          }
-        }
-      }
-      float* out = dx + ((item * s.height + qh) * s.width + qw) * s.in + c0;
-      for (int v = 0; v < CV; ++v) Store(out + 8 * v, acc[v]);
-    }
-}
-
+// dx (padded sides, as s.depth etc.) of a correlation at stride s.stride with kernel `kt` (taps,
+// O, C), g its output gradient. The places q = stride * a + r of one class r (per axis) read
+// taps r + stride * m only: dx[stride * a + r] = sum_m g[a - m] kt[r + stride * m], a stride-1
+// correlation of g (fully padded) with that class's taps reversed, written every stride-th place.
 void StridedInputGradient(const Shape& s, const float* g, const float* kt, float* dx) {
-  const int64_t items = s.batch * s.depth;
-  ParallelFor(items, std::min<int64_t>(CpuCount(), items), [&](int64_t, int64_t first,
-                                                               int64_t last) {
-    for (int64_t item = first; item < last; ++item) {
-      int64_t c0 = 0;
-      for (; c0 + 32 <= s.in; c0 += 32) StridedInputGradientChunk<4>(s, g, kt, dx, item, c0);
-      for (; c0 + 8 <= s.in; c0 += 8) StridedInputGradientChunk<1>(s, g, kt, dx, item, c0);
-    }
-  });
+  const int64_t st = s.stride, row = s.width * s.in, plane = s.height * row;
+  for (int64_t rd = 0; rd < st; ++rd)
+    for (int64_t rh = 0; rh < st; ++rh)
+      for (int64_t rw = 0; rw < st; ++rw) {
+        // Taps of the class per axis (none where the stride exceeds the kernel), places per axis.
+        auto taps = [&](int64_t r, int64_t side) { return r < side ? (side - 1 - r) / st + 1 : 0; };
+        auto places = [&](int64_t r, int64_t side) { return (side - r + st - 1) / st; };
+        const int64_t nd = taps(rd, s.taps_d), nh = taps(rh, s.taps_h), nw = taps(rw, s.taps_w);
+        Shape c = s;
+        c.depth = s.out_d, c.height = s.out_h, c.width = s.out_w, c.in = s.out, c.out = s.in;
+        c.taps_d = nd, c.taps_h = nh, c.taps_w = nw, c.stride = 1;
+        c.low_d = nd - 1, c.low_h = nh - 1, c.low_w = nw - 1;
+        c.out_d = places(rd, s.depth), c.out_h = places(rh, s.height), c.out_w = places(rw, s.width);
+        c.y_w = st * s.in, c.y_h = st * row, c.y_d = st * plane, c.y_b = s.depth * plane;
+        float* y = dx + (rd * s.height + rh) * row + rw * s.in;
+        if (nd == 0 || nh == 0 || nw == 0) {
+          for (int64_t b = 0; b < c.batch; ++b)
+            for (int64_t d = 0; d < c.out_d; ++d)
+              for (int64_t h = 0; h < c.out_h; ++h)
+                for (int64_t w = 0; w < c.out_w; ++w) {
+                  float* place = y + b * c.y_b + d * c.y_d + h * c.y_h + w * c.y_w;
+                  std::fill(place, place + s.in, 0.f);
+                }
+          continue;
+        }
+        std::vector<float> kernel(nd * nh * nw * c.tap_size());
+        for (int64_t i = 0; i < nd; ++i)
+          for (int64_t j = 0; j < nh; ++j)
+            for (int64_t t = 0; t < nw; ++t) {
+              const int64_t tap = ((rd + st * (nd - 1 - i)) * s.taps_h + rh + st * (nh - 1 - j)) *
+                                      s.taps_w + rw + st * (nw - 1 - t);
+              std::copy_n(kt + tap * c.tap_size(), c.tap_size(),
+                          kernel.data() + ((i * nh + j) * nw + t) * c.tap_size());
+            }
+        Correlate(c, g, kernel.data(), y);
+      }
 }
 
 // The correlation's shape from its input, kernel (taps, C, O) and output (batch, sides, O) dims.
 template <typename Dims>
 Shape ShapeOf(const Dims& xd, const Dims& kd, const Dims& yd, int64_t stride,
               ffi::Span<const int64_t> low) {
-  return Shape{xd[0], xd[1], xd[2], xd[3], xd[4], kd[0], kd[1], kd[2], kd[4], stride,
-               low[0], low[1], low[2], yd[1], yd[2], yd[3]};
+  return WithDenseOutput(Shape{xd[0], xd[1], xd[2], xd[3], xd[4], kd[0], kd[1], kd[2], kd[4],
+                               stride, low[0], low[1], low[2], yd[1], yd[2], yd[3]});
 }
 
 ffi::Error CheckShape(const Shape& s, int64_t kernel_in, int64_t out_batch, int64_t out_channels) {
