@@ -293,7 +293,9 @@ class Conv3D(nn.Module):
     if not self.use_bias:
       return y
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
-    return y + bias.astype(y.dtype)
+    return _add_bias(y, bias.astype(y.dtype))
+
+
 
 
 @jax.custom_vjp
@@ -336,6 +338,26 @@ def _channel_sums(a: jax.Array, b: jax.Array, shift: jax.Array) -> tuple[jax.Arr
     return sums[0], sums[1]
   axes = tuple(range(a.ndim - 1))
   return jnp.sum(a, axes), jnp.sum(a * (b - shift), axes)
+
+
+@jax.custom_vjp
+def _add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+  """y + bias (per last-axis channel); the bias gradient, the cotangent summed over all voxels, by
+  `_channel_sums` (XLA's reduction to the U-Net's 101 channels took 3% of the paper model's CPU
+  step)."""
+  return y + bias
+
+
+def _add_bias_forward(y, bias):
+  return y + bias, None
+
+
+def _add_bias_backward(_, cotangent):
+  g = cotangent.astype(jnp.float32)
+  return cotangent, _channel_sums(g, g, jnp.zeros(g.shape[-1], g.dtype))[0].astype(cotangent.dtype)
+
+
+_add_bias.defvjp(_add_bias_forward, _add_bias_backward)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
