@@ -40,6 +40,16 @@ def voxel_mean(values: jax.Array, atoms: jax.Array, balanced: bool) -> jax.Array
   return 0.5 * (_per_example(values, atoms) + _per_example(values, ~atoms))
 
 
+def class_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Softmax cross-entropy of `logits` (..., C) against integer `labels` (...), as
+  optax.softmax_cross_entropy_with_integer_labels, its maximum shared with the species grid's
+  argmax (`models.class_max`)."""
+  top = models.class_max(logits)[0]
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  label_logits = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+  return top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1)) - label_logits
+
+
 def species_loss(outputs: jax.Array, species: jax.Array, *, species_head: str, balanced: bool,
                  z_weight: float) -> jax.Array:
   """Per-example loss of segmentation `outputs` (B, G, G, G, C) against species (B, G, G, G).
@@ -50,8 +60,7 @@ def species_loss(outputs: jax.Array, species: jax.Array, *, species_head: str, b
   """
   atoms = species > 0
   if species_head == "classes":
-    ce = optax.softmax_cross_entropy_with_integer_labels(outputs, species)
-    return voxel_mean(ce, atoms, balanced)
+    return voxel_mean(class_cross_entropy(outputs, species), atoms, balanced)
   if species_head != "mask_z":
     raise ValueError(f"species head {species_head!r} not in {models.SPECIES_HEADS}")
   mask = optax.sigmoid_binary_cross_entropy(outputs[..., 0], atoms.astype(outputs.dtype))

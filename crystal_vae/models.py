@@ -64,11 +64,21 @@ def segmenter_channels(species_head: str, max_z: int) -> int:
   return max_z + 1 if species_head == "classes" else 2
 
 
+def class_max(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The maximum of `logits` (..., C) over the classes and (int32) the first class holding it, no
+  gradient: one native pass on the CPU (XLA's reduction of both took 3% of the paper model's
+  CPU step), else jnp."""
+  if logits.dtype == jnp.float32 and _native_cpu():
+    return native.class_max(logits)
+  logits = lax.stop_gradient(logits)
+  return jnp.max(logits, axis=-1), jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
 def species_grid(outputs: jax.Array, species_head: str, max_z: int) -> jax.Array:
   """Segmentation outputs (..., C) -> int32 species grid (...), 0 = no atom (jnp or numpy in)."""
   outputs = jnp.asarray(outputs)
   if species_head == "classes":
-    return jnp.argmax(outputs, axis=-1).astype(jnp.int32)
+    return class_max(outputs)[1]
   if species_head != "mask_z":
     raise ValueError(f"species head {species_head!r} not in {SPECIES_HEADS}")
   z = jnp.clip(jnp.round(outputs[..., 1] * Z_SCALE), 1, max_z).astype(jnp.int32)

@@ -19,6 +19,8 @@
 //   CrystalVaeUpsample2:      x (B, D, H, W, C) -> (B, 2D, 2H, 2W, C), trilinear with half-pixel
 //                             centres and clamped edges (jax.image.resize's "trilinear" at x2)
 //   CrystalVaeUpsample2Transpose: its adjoint, (B, 2D, 2H, 2W, C) -> (B, D, H, W, C)
+//   CrystalVaeClassMax:       x (N, C) -> the maximum of each row (N) and (s32) the index of
+//                             its first occurrence (jnp.max and jnp.argmax over the classes)
 // The first three take an attribute `stride` (s, the same along all three axes), the first two
 // `low` (the padding before each spatial axis; the third's input is padded). O must be 1 or a
 // multiple of 8 (the caller pads the channels). Each output row keeps its partial sums in vector
@@ -28,6 +30,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <thread>
@@ -39,11 +42,13 @@ namespace ffi = xla::ffi;
 using Array5 = ffi::Buffer<ffi::F32, 5>;  // names without a comma, for the macros below
 using Array2 = ffi::Buffer<ffi::F32, 2>;
 using Array1 = ffi::Buffer<ffi::F32, 1>;
+using Labels1 = ffi::Buffer<ffi::S32, 1>;
 
 namespace {
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v8i __attribute__((vector_size(32)));
 typedef double v8d __attribute__((vector_size(64)));
 typedef int v16i __attribute__((vector_size(64)));
 
@@ -827,6 +832,42 @@ void StridedInputGradient(const Shape& s, const float* g, const float* kt, float
       }
 }
 
+// Each row's maximum (vectors of 8 classes, then the rest) and the first class holding it; a row
+// with a NaN gives NaN and the first NaN's class, as jnp.max and jnp.argmax do.
+void ClassMax(int64_t rows, int64_t classes, const float* x, float* maxima, int32_t* indices) {
+  constexpr int64_t kPerThread = 1024;
+  const int64_t threads = std::clamp<int64_t>(rows / kPerThread, 1, CpuCount());
+  const int64_t vectors = classes / 8 * 8;
+  ParallelFor(rows, threads, [&](int64_t, int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      const float* row = x + r * classes;
+      float best = row[0];
+      bool nan = false;
+      if (vectors > 0) {
+        v8f top = Load(row);
+        v8i unordered = top != top;
+        for (int64_t c = 8; c < vectors; c += 8) {
+          const v8f next = Load(row + c);
+          top = next > top ? next : top;
+          unordered |= next != next;
+        }
+        for (int lane = 0; lane < 8; ++lane) {
+          best = std::max(best, top[lane]);
+          nan = nan || unordered[lane];
+        }
+      }
+      for (int64_t c = vectors; c < classes; ++c) {
+        best = std::max(best, row[c]);
+        nan = nan || std::isnan(row[c]);
+      }
+      int64_t index = 0;
+      while (nan ? !std::isnan(row[index]) : row[index] != best) ++index;
+      maxima[r] = row[index];
+      indices[r] = static_cast<int32_t>(index);
+    }
+  });
+}
+
 // The correlation's shape from its input, kernel (taps, C, O) and output (batch, sides, O) dims.
 template <typename Dims>
 Shape ShapeOf(const Dims& xd, const Dims& kd, const Dims& yd, int64_t stride,
@@ -878,6 +919,16 @@ ffi::Error StridedInputGradientImpl(Array5 g, Array5 kt, ffi::ResultBuffer<ffi::
         "crystal_vae conv3d: strided input gradient shapes do not match (or C % 8 != 0)");
   }
   StridedInputGradient(s, g.typed_data(), kt.typed_data(), dx->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error ClassMaxImpl(Array2 x, ffi::ResultBuffer<ffi::F32, 1> maxima,
+                        ffi::ResultBuffer<ffi::S32, 1> indices) {
+  const auto xd = x.dimensions();
+  if (xd[1] < 1 || maxima->dimensions()[0] != xd[0] || indices->dimensions()[0] != xd[0]) {
+    return ffi::Error::InvalidArgument("crystal_vae class max: shapes do not match");
+  }
+  ClassMax(xd[0], xd[1], x.typed_data(), maxima->typed_data(), indices->typed_data());
   return ffi::Error::Success();
 }
 
@@ -974,3 +1025,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeKernelGradient, KernelGradientImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeStridedInputGradient, StridedInputGradientImpl,
                               TwoArraysAndStride());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeClassMax, ClassMaxImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<Array2>()
+                                  .Ret<Array1>()
+                                  .Ret<Labels1>());

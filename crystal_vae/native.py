@@ -22,6 +22,7 @@ import ctypes
 import functools
 import hashlib
 import importlib.metadata
+import math
 import os
 import pathlib
 import shutil
@@ -40,7 +41,8 @@ _TARGETS = {"correlate": "CrystalVaeCorrelate", "kernel_gradient": "CrystalVaeKe
             "max_pool2": "CrystalVaeMaxPool2",
             "max_pool2_transpose": "CrystalVaeMaxPool2Transpose",
             "upsample2": "CrystalVaeUpsample2",
-            "upsample2_transpose": "CrystalVaeUpsample2Transpose"}
+            "upsample2_transpose": "CrystalVaeUpsample2Transpose",
+            "class_max": "CrystalVaeClassMax"}
 _LANES = 8  # output channels per vector register (the handlers need 1 or a multiple of this)
 
 
@@ -274,3 +276,15 @@ def _upsample2_backward(_, cotangent):
 
 
 upsample2.defvjp(_upsample2_forward, _upsample2_backward)
+
+
+def class_max(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The maximum over the last axis of float32 `x` (..., C) and (int32) the index of its first
+  occurrence: jnp.max and jnp.argmax in one pass (no gradient)."""
+  _require()
+  rows = x.shape[:-1]
+  maxima, indices = jax.ffi.ffi_call(
+      "crystal_vae_class_max", (jax.ShapeDtypeStruct((math.prod(rows),), jnp.float32),
+                                jax.ShapeDtypeStruct((math.prod(rows),), jnp.int32)))(
+          jax.lax.stop_gradient(x).reshape(-1, x.shape[-1]))
+  return maxima.reshape(rows), indices.reshape(rows)

@@ -2,12 +2,15 @@
 
 import itertools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from crystal_vae import losses
 from crystal_vae import models
+from crystal_vae import native
 
 
 def _one_atom_voxel() -> np.ndarray:
@@ -30,6 +33,26 @@ def test_classes_cross_entropy(balanced):
   atom, empty = -np.log(0.5), np.log(4.0)
   expected = 0.5 * (atom + empty) if balanced else (atom + 7 * empty) / 8
   np.testing.assert_allclose(loss, [expected], rtol=1e-6)
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_class_cross_entropy_is_optax_with_its_gradient(use_native, monkeypatch):
+  """losses.class_cross_entropy against optax's integer-label cross-entropy, values and logit
+  gradients, with a -inf logit (masked class) and large logits."""
+  if not use_native:
+    monkeypatch.setattr(native, "available", lambda: False)
+  elif native._compiler() is None:  # pylint: disable=protected-access
+    pytest.skip("no C++ compiler")
+  logits = np.array(jax.random.normal(jax.random.key(0), (2, 3, 4, 5, 101))) * 5.0
+  logits[0, 0, 0, 0, 7] = -np.inf
+  logits[1, 2, 3, 4, :] += 80.0
+  labels = jax.random.randint(jax.random.key(1), (2, 3, 4, 5), 0, 101)
+  loss = lambda ce: lambda x: jnp.sum(jnp.cos(ce(x, labels)))
+  reference = optax.softmax_cross_entropy_with_integer_labels
+  np.testing.assert_allclose(jax.jit(losses.class_cross_entropy)(jnp.asarray(logits), labels),
+                             reference(jnp.asarray(logits), labels), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(jax.grad(loss(losses.class_cross_entropy)))(logits),
+                             jax.grad(loss(reference))(logits), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("balanced", [False, True])

@@ -565,3 +565,25 @@ def test_native_convolution_refuses_padding_outside_the_kernel():
   for pads in (((3, 0), (1, 1), (1, 1)), ((1, 1), (-1, 1), (1, 1))):
     with pytest.raises(ValueError, match="outside"):
       native.conv(x, kernel, pads)
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_class_max_is_jnp_max_and_argmax(use_native, monkeypatch):
+  """models.class_max against jnp.max and jnp.argmax over 101 and 3 classes: ties (the first
+  class wins), rows with NaN (NaN at its first place), -inf and all-equal rows."""
+  if use_native:
+    require_native()
+  else:
+    monkeypatch.setattr(native, "available", lambda: False)
+  for classes in (101, 3):
+    logits = np.array(jax.random.normal(key(classes), (2, 3, 4, classes)))
+    logits[0, 0, 0, [1, classes - 1]] = 9.0  # a tie: class 1
+    logits[0, 0, 1, :] = 0.5  # all equal: class 0
+    logits[0, 1, 2, [0, 2]] = np.nan  # NaN: class 0
+    logits[1, 2, 3, 2] = np.nan  # NaN after the maximum
+    logits[1, 0, 0, :] = -np.inf
+    logits[1, 0, 1, classes // 2] = np.inf
+    maxima, indices = jax.jit(models.class_max)(jnp.asarray(logits))
+    np.testing.assert_array_equal(indices, np.argmax(logits, axis=-1))
+    np.testing.assert_array_equal(maxima, np.max(logits, axis=-1))
+    assert indices.dtype == jnp.int32 and indices[0, 0, 0] == 1
