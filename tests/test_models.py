@@ -524,7 +524,12 @@ def test_batch_norm_is_flax_batch_norm_with_its_gradients(use_native, monkeypatc
       {"params": params, "batch_stats": variables["batch_stats"]}, x, mutable=["batch_stats"])
   (y, stats), (y_flax, stats_flax) = run(ours)(variables["params"], x), run(flax_bn)(
       variables["params"], x)
-  np.testing.assert_allclose(y, y_flax, rtol=1e-5, atol=1e-5)
+  x64 = np.asarray(x, np.float64)  # float64 reference: float32 sums (flax's, jnp's) are off by
+  # up to ~5e-5 here (a variance of 4 from a mean square of ~94)
+  exact = ((x64 - x64.mean((0, 1, 2, 3))) / np.sqrt(x64.var((0, 1, 2, 3)) + 1e-5)
+           * np.asarray(variables["params"]["scale"]) + np.asarray(variables["params"]["bias"]))
+  np.testing.assert_allclose(y, exact, rtol=5e-5, atol=5e-5)
+  np.testing.assert_allclose(y, y_flax, rtol=1e-4, atol=1e-4)
   for name in ("mean", "var"):
     np.testing.assert_allclose(stats["batch_stats"][name], stats_flax["batch_stats"][name],
                                rtol=1e-5, atol=1e-6)
