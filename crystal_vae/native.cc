@@ -130,10 +130,10 @@ Range Inside(int64_t offset, int64_t size, int64_t stride, int64_t count) {
 }
 
 // The taps of one output row that read inside the input: `ni` x `nj` x taps_w of them from tap
-// (i0, j0, 0) on, where the row's first output reads `x` (input floats `plane` apart along the
-// depth, `row` along the height) and the kernel starts `kernel_offset` floats in.
+// (i0, j0, 0) on, tap number first_tap, where the row's first output reads `x` (input floats
+// `plane` apart along the depth, `row` along the height).
 struct Window {
-  int64_t plane, row, ni, nj, kernel_offset;
+  int64_t plane, row, ni, nj, first_tap;
 };
 
 // WB outputs of one row, 8 * OV output channels from `o0`, summed over all taps and channels.
@@ -146,7 +146,8 @@ void RowBlock(const Shape& s, const Window& win, const float* x, const float* k,
   const int64_t span = s.taps_w * s.in;  // a row of taps: (tap, channel) runs on in x and k
   for (int64_t i = 0; i < win.ni; ++i)
     for (int64_t j = 0; j < win.nj; ++j) {
-      const float* kt = k + win.kernel_offset + (i * s.taps_h + j) * span * s.out + o0;
+      const float* kt =
+          k + (win.first_tap + (i * s.taps_h + j) * s.taps_w) * s.tap_size() + o0;
       const float* xt = x + i * win.plane + j * win.row;
       for (int64_t c = 0; c < span; ++c) {
         v8f kv[OV];
@@ -181,21 +182,23 @@ void StorePairSums(const Shape& s, const v16f (&acc)[WB][OV], float* y, int64_t 
 
 // RowBlock for an even number of input channels, with lanes (output channel, input channel
 // parity): one broadcast of an input-channel pair feeds 16 products instead of 8. `pairs` is the
-// kernel as (tap, channel pair, output channel, parity).
+// kernel of output channels o0 .. o0 + 8 * OV as (tap, channel pair, output channel, parity),
+// contiguous (`PairedKernel`).
 template <int WB, int OV>
 void RowBlockPairs(const Shape& s, const Window& win, const float* x, const float* pairs,
                    float* y, int64_t o0, bool accumulate) {
+  constexpr int64_t kWidth = 8 * OV;  // output channels
   v16f acc[WB][OV];
   for (int w = 0; w < WB; ++w)
     for (int v = 0; v < OV; ++v) acc[w][v] = v16f{};
   const int64_t span = s.taps_w * s.in;  // a row of taps: (tap, channel) runs on in x and k
   for (int64_t i = 0; i < win.ni; ++i)
     for (int64_t j = 0; j < win.nj; ++j) {
-      const float* kt = pairs + win.kernel_offset + (i * s.taps_h + j) * span * s.out + 2 * o0;
+      const float* kt = pairs + (win.first_tap + (i * s.taps_h + j) * s.taps_w) * s.in * kWidth;
       const float* xt = x + i * win.plane + j * win.row;
       for (int64_t c = 0; c < span; c += 2) {
         v16f kv[OV];
-        for (int v = 0; v < OV; ++v) kv[v] = Load16(kt + c * s.out + 16 * v);
+        for (int v = 0; v < OV; ++v) kv[v] = Load16(kt + c * kWidth + 16 * v);
         for (int w = 0; w < WB; ++w) {
           const v16f xv = SplatPair(xt + w * s.step() + c);
           for (int v = 0; v < OV; ++v) acc[w][v] += xv * kv[v];
@@ -214,12 +217,11 @@ void RowBlockPairsShared(const Shape& s, const Window& win, const float* x, cons
   for (int w = 0; w < WB; ++w) acc[w][0] = v16f{};
   for (int64_t i = 0; i < win.ni; ++i)
     for (int64_t j = 0; j < win.nj; ++j) {
-      const float* kt =
-          pairs + win.kernel_offset + (i * s.taps_h + j) * TW * s.tap_size() + 2 * o0;
+      const float* kt = pairs + (win.first_tap + (i * s.taps_h + j) * TW) * s.in * 8;
       const float* xt = x + i * win.plane + j * win.row;
       for (int64_t c = 0; c < s.in; c += 2) {
         v16f kv[TW];
-        for (int t = 0; t < TW; ++t) kv[t] = Load16(kt + t * s.tap_size() + c * s.out);
+        for (int t = 0; t < TW; ++t) kv[t] = Load16(kt + (t * s.in + c) * 8);
         for (int col = 0; col < WB + TW - 1; ++col) {
           const v16f xv = SplatPair(xt + col * s.in + c);
           for (int t = 0; t < TW; ++t) {
@@ -251,13 +253,19 @@ void RowBlockPairsBest(const Shape& s, const Window& win, const float* x, const 
   RowBlockPairs<WB, OV>(s, win, x, pairs, y, o0, accumulate);
 }
 
-// Output channels [o0, o1) of a block of WB outputs, 16 (then 8) at a time.
+// Output channels [o0, o1) of a block of WB outputs, 16 (then 8) at a time; `pairs` (where
+// not null) is the paired kernel of these channels.
 template <int WB>
 void RowBlockChannels(const Shape& s, const Window& win, const float* x, const float* k,
                       float* y, const float* pairs, int64_t o0, int64_t o1, bool accumulate) {
   if (pairs != nullptr) {
-    for (; o0 + 16 <= o1; o0 += 16) RowBlockPairsBest<WB, 2>(s, win, x, pairs, y, o0, accumulate);
-    for (; o0 < o1; o0 += 8) RowBlockPairsBest<WB, 1>(s, win, x, pairs, y, o0, accumulate);
+    const int64_t taps = s.taps_d * s.taps_h * s.taps_w;
+    for (; o0 + 16 <= o1; o0 += 16, pairs += taps * s.in * 16) {
+      RowBlockPairsBest<WB, 2>(s, win, x, pairs, y, o0, accumulate);
+    }
+    for (; o0 < o1; o0 += 8, pairs += taps * s.in * 8) {
+      RowBlockPairsBest<WB, 1>(s, win, x, pairs, y, o0, accumulate);
+    }
     return;
   }
   for (; o0 + 16 <= o1; o0 += 16) RowBlock<WB, 2>(s, win, x, k, y, o0, accumulate);
@@ -293,7 +301,7 @@ void SingleOutBlock(const Shape& s, const Window& win, const float* x, const flo
   }
   for (int64_t i = 0; i < win.ni; ++i)
     for (int64_t j = 0; j < win.nj; ++j) {
-      const float* kt = k + win.kernel_offset + (i * s.taps_h + j) * span;
+      const float* kt = k + (win.first_tap + (i * s.taps_h + j) * s.taps_w) * s.in;
       const float* xt = x + i * win.plane + j * win.row;
       for (int64_t c = 0; c < vectors; c += 8) {
         const v8f kv = Load(kt + c);
@@ -336,17 +344,24 @@ void Correlate(const Shape& s, const float* x, const float* k, float* y) {
   const bool pad_w = s.low_w > 0 || high_w > 0;
   const int64_t padded_w = s.width + (pad_w ? s.low_w + std::max<int64_t>(high_w, 0) : 0);
   const int64_t row = padded_w * s.in, plane = s.height * row;
-  // The kernel for RowBlockPairs, where it applies, 64-byte aligned (a vector load per line).
+  // The kernel for RowBlockPairs, where it applies: per 16 output channels (then 8), contiguous
+  // (read in order, each cache line whole) and 64-byte aligned.
+  const int64_t taps = s.taps_d * s.taps_h * s.taps_w;
   std::vector<float> paired;
   float* pairs = nullptr;
   if (s.in % 2 == 0 && s.out > 1) {
-    const int64_t taps = s.taps_d * s.taps_h * s.taps_w;
     paired.resize(taps * s.in * s.out + 16);
     pairs = paired.data() + (16 - reinterpret_cast<uintptr_t>(paired.data()) / 4 % 16) % 16;
-    for (int64_t tap = 0; tap < taps; ++tap)
-      for (int64_t c = 0; c < s.in; ++c)
-        for (int64_t o = 0; o < s.out; ++o)
-          pairs[(tap * s.in + c - c % 2) * s.out + 2 * o + c % 2] = k[(tap * s.in + c) * s.out + o];
+    for (int64_t o0 = 0; o0 < s.out; o0 += 16) {
+      const int64_t width = std::min<int64_t>(16, s.out - o0);
+      float* chunk = pairs + o0 * taps * s.in;
+      for (int64_t tap = 0; tap < taps; ++tap)
+        for (int64_t c = 0; c < s.in; ++c)
+          for (int64_t o = 0; o < width; ++o) {
+            chunk[(tap * s.in + c - c % 2) * width + 2 * o + c % 2] =
+                k[(tap * s.in + c) * s.out + o0 + o];
+          }
+    }
   }
   // Kernel depth planes per group: 16 output channels of a group's taps fit in kSliceBytes.
   constexpr int64_t kSliceBytes = 256 << 10;
@@ -392,7 +407,7 @@ void Correlate(const Shape& s, const float* x, const float* k, float* y) {
             continue;
           }
           const Window win{plane, row, taps_d.size(), taps_h.size(),
-                           (taps_d.first * s.taps_h + taps_h.first) * s.taps_w * s.in};
+                           (taps_d.first * s.taps_h + taps_h.first) * s.taps_w};
           RowSingleOut(s, win, planes + (h * s.stride - s.low_h + taps_h.first) * row, k, yr);
         }
         continue;
@@ -413,9 +428,10 @@ void Correlate(const Shape& s, const float* x, const float* k, float* y) {
               continue;
             }
             const Window win{plane, row, i1 - i0, taps_h.size(),
-                             (i0 * s.taps_h + taps_h.first) * s.taps_w * s.tap_size()};
+                             (i0 * s.taps_h + taps_h.first) * s.taps_w};
             Row(s, win, planes + (i0 - taps_d.first) * plane + (h * s.stride - s.low_h + taps_h.first) * row,
-                k, yr, pairs, o0, o1, i0 > taps_d.first);
+                k, yr, pairs == nullptr ? nullptr : pairs + o0 * taps * s.in, o0, o1,
+                i0 > taps_d.first);
           }
         }
       }
