@@ -723,36 +723,29 @@ void Upsample2(int64_t batch, int64_t depth, int64_t height, int64_t width, int6
   const int64_t items = batch * 2 * depth;
   ParallelFor(items, std::min<int64_t>(CpuCount(), items), [&](int64_t, int64_t first,
                                                                int64_t last) {
-    const float* rows[4];  // the four (depth, height) input rows of an output row
-    float weights[4];
+    // Separably: an output row is the (depth, height) blend of four input rows, at the input's
+    // width, then widened (half the products of blending per output).
+    std::vector<float> blend(sh);
     for (int64_t item = first; item < last; ++item) {
       const int64_t b = item / (2 * depth), d = item % (2 * depth);
       for (int64_t h = 0; h < 2 * height; ++h) {
+        const float* rows[4];
+        float weights[4];
         for (int r = 0; r < 4; ++r) {
           const int64_t i = r / 2 == 0 ? td.near[d] : td.far[d];
           const int64_t j = r % 2 == 0 ? th.near[h] : th.far[h];
           rows[r] = x + b * sb + i * sd + j * sh;
           weights[r] = (r / 2 == 0 ? 0.75f : 0.25f) * (r % 2 == 0 ? 0.75f : 0.25f);
         }
+        for (int64_t n = 0; n < sh; ++n) {
+          blend[n] = weights[0] * rows[0][n] + weights[1] * rows[1][n] + weights[2] * rows[2][n] +
+                     weights[3] * rows[3][n];
+        }
         float* out = y + (item * 2 * height + h) * 2 * width * channels;
         for (int64_t w = 0; w < 2 * width; ++w, out += channels) {
-          const int64_t near = tw.near[w] * channels, far = tw.far[w] * channels;
-          int64_t c = 0;
-          for (; c + 8 <= channels; c += 8) {
-            v8f acc = Splat(0.f);
-            for (int r = 0; r < 4; ++r) {
-              acc += Splat(0.75f * weights[r]) * Load(rows[r] + near + c) +
-                     Splat(0.25f * weights[r]) * Load(rows[r] + far + c);
-            }
-            Store(out + c, acc);
-          }
-          for (; c < channels; ++c) {
-            float acc = 0.f;
-            for (int r = 0; r < 4; ++r) {
-              acc += weights[r] * (0.75f * rows[r][near + c] + 0.25f * rows[r][far + c]);
-            }
-            out[c] = acc;
-          }
+          const float* near = blend.data() + tw.near[w] * channels;
+          const float* far = blend.data() + tw.far[w] * channels;
+          for (int64_t c = 0; c < channels; ++c) out[c] = 0.75f * near[c] + 0.25f * far[c];
         }
       }
     }
@@ -778,7 +771,7 @@ void Upsample2Transpose(int64_t batch, int64_t depth, int64_t height, int64_t wi
   ParallelFor(items, std::min<int64_t>(CpuCount(), items), [&](int64_t, int64_t first,
                                                                int64_t last) {
     std::vector<const float*> rows;  // the (depth, height) output rows an input row reads
-    std::vector<float> row_weights;
+    std::vector<float> row_weights, blend(sh);
     for (int64_t item = first; item < last; ++item) {
       const int64_t b = item / depth, d = item % depth;
       for (int64_t h = 0; h < height; ++h) {
@@ -789,24 +782,18 @@ void Upsample2Transpose(int64_t batch, int64_t depth, int64_t height, int64_t wi
             rows.push_back(g + b * sb + jd * sd + jh * sh);
             row_weights.push_back(wd * wh);
           }
+        // Separably: the output rows' blend at the output's width, then narrowed.
+        for (int64_t n = 0; n < sh; ++n) blend[n] = row_weights[0] * rows[0][n];
+        for (size_t r = 1; r < rows.size(); ++r) {
+          const float weight = row_weights[r], *row = rows[r];
+          for (int64_t n = 0; n < sh; ++n) blend[n] += weight * row[n];
+        }
         float* out = dx + (item * height + h) * width * channels;
         for (int64_t w = 0; w < width; ++w, out += channels) {
-          int64_t c = 0;
-          for (; c + 8 <= channels; c += 8) {
-            v8f acc = Splat(0.f);
-            for (size_t r = 0; r < rows.size(); ++r)
-              for (const auto& [jw, ww] : rw[w]) {
-                acc += Splat(row_weights[r] * ww) * Load(rows[r] + jw * channels + c);
-              }
-            Store(out + c, acc);
-          }
-          for (; c < channels; ++c) {
-            float acc = 0.f;
-            for (size_t r = 0; r < rows.size(); ++r)
-              for (const auto& [jw, ww] : rw[w]) {
-                acc += row_weights[r] * ww * rows[r][jw * channels + c];
-              }
-            out[c] = acc;
+          std::fill(out, out + channels, 0.f);
+          for (const auto& [jw, ww] : rw[w]) {
+            const float* column = blend.data() + jw * channels;
+            for (int64_t c = 0; c < channels; ++c) out[c] += ww * column[c];
           }
         }
       }
