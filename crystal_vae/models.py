@@ -231,13 +231,14 @@ def prefers_native(padded_sides: Sequence[int], kernel_shape: Sequence[int],
                    strides: Sequence[int]) -> bool:
   """Whether the native direct convolution (`native.conv`) beats XLA's formulations on CPU
   (launch/benchmark_conv.py, forward + both gradients, batch 8, and whole train steps): one
-  stride for all axes, a padded cube of side >= 12 and 1 or >= 8 input and output channels (its
-  vectors hold 8 channels; a few more are padded up to 8): 1.1-3.5x faster than the best XLA
-  formulation on such layers (the paper decoder's first, 10^3 x 128 -> 64 k5: 228 against
-  296 ms; the first encoder layer, 30^3 x 1 -> 16 at stride 2: 3.6 ms for forward and kernel
-  gradient); on smaller cubes `depth_sum` is up to 2x faster."""
+  stride for all axes, a padded cube of side >= 10 at stride 1 (>= 12 at larger strides) and 1
+  or >= 8 input and output channels (its vectors hold 8 channels; a few more are padded up to
+  8): 1.1-3.5x faster than the best XLA formulation on such layers (the paper decoder's first,
+  10^3 x 128 -> 64 k5: 228 against 296 ms; the first encoder layer, 30^3 x 1 -> 16 at stride 2:
+  3.6 ms for forward and kernel gradient); the 8^3 levels at stride 1 took 2-3% off whole
+  steps; on smaller cubes `depth_sum` is up to 2x faster."""
   *_, channels_in, channels_out = kernel_shape
-  return (len(set(strides)) == 1 and min(padded_sides) >= 12
+  return (len(set(strides)) == 1 and min(padded_sides) >= (10 if strides[0] == 1 else 12)
           and (channels_in == 1 or channels_in >= 8) and (channels_out == 1 or channels_out >= 8))
 
 

@@ -257,10 +257,11 @@ def test_native_convolution_builds_once_and_falls_back_without_a_compiler(tmp_pa
     ((32, 32, 32), (3, 3, 3, 48, 16), (1, 1, 1), True),     # paper U-Net, up path at 30^3
     ((32, 32, 32), (3, 3, 3, 8, 1), (1, 1, 1), True),       # its VALID output layer: 8 -> 1
     ((32, 32, 32), (3, 3, 3, 8, 4), (1, 1, 1), False),      # 4 outputs: the FFT's
-    ((10, 10, 10), (3, 3, 3, 64, 32), (1, 1, 1), False),    # a small cube: depth_sum's
+    ((10, 10, 10), (3, 3, 3, 64, 32), (1, 1, 1), True),     # `cpu` decoder at 8^3
+    ((6, 6, 6), (3, 3, 3, 128, 128), (1, 1, 1), False),     # paper U-Net at 4^3: depth_sum's
     ((20, 20, 20), (5, 5, 5, 64, 32), (1, 1, 1), True),     # paper decoder, k5 VALID, 64 -> 32
     ((14, 14, 14), (5, 5, 5, 128, 64), (1, 1, 1), True),    # paper decoder's first: 1 Mi floats
-    ((10, 10, 10), (3, 3, 3, 64, 64), (1, 1, 1), False),    # paper U-Net at 8^3: depth_sum's
+    ((10, 10, 10), (3, 3, 3, 64, 64), (1, 1, 1), True),     # paper U-Net at 8^3
     ((32, 32, 32), (3, 3, 3, 1, 16), (1, 1, 1), True),      # the U-Net's first layer, 1 -> 16
     ((32, 32, 32), (3, 3, 3, 4, 16), (1, 1, 1), False),     # 4 input channels: the FFT's
     ((33, 33, 33), (5, 5, 5, 1, 16), (2, 2, 2), True),      # the first encoder layer, stride 2
@@ -310,7 +311,7 @@ def test_auto_convolution_on_cpu_is_the_preferred_implementation():
   require_native()
   x = jax.random.normal(key(0), (1, 16, 16, 16, 12))
   for features, cube, expected in ((2, 16, "fft"), (16, 16, "native"), (1, 16, "native"),
-                                   (16, 8, "depth_sum")):
+                                   (16, 8, "native"), (16, 6, "depth_sum")):
     kernel = jax.random.normal(key(1), (3, 3, 3, 12, features))
     x = x[:, :cube, :cube, :cube]
     padded = (cube + 2,) * 3
