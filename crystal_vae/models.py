@@ -307,8 +307,6 @@ class Conv3D(nn.Module):
     return _add_bias(y, bias.astype(y.dtype))
 
 
-
-
 @jax.custom_vjp
 def scale_gradient(x: jax.Array, scale: jax.Array | float) -> jax.Array:
   """Identity whose backward pass multiplies the cotangent by `scale` (no gradient to `scale`)."""
