@@ -103,9 +103,10 @@ def test_two_processes_killed_and_resumed_train_to_the_parameters_of_one(tfds_di
   assert steps == list(range(_LOG_EVERY, _STEPS + 1, _LOG_EVERY))
   one, two = _params(tmp_path / "single"), _params(workdir)
   # Float sums in another order: Adam turns a few near-zero gradients into steps of the other
-  # sign. Measured: mean difference 1.3e-6 (max 1e-4), while one step moves a weight by 5e-5 on
-  # average, so another batch, key or resume point would be caught.
+  # sign. Measured: mean difference 1.3e-6 (max 1e-4; 1.0e-6 and 5.0e-4 since the bias
+  # gradients and the class maximum are native sums too), while one step moves a weight by 5e-5
+  # on average, so another batch, key or resume point would be caught.
   differences = np.concatenate([np.abs(a - b).ravel()
                                 for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two))])
-  assert differences.max() < 5e-4 and differences.mean() < 1e-5, (differences.max(),
+  assert differences.max() < 1e-3 and differences.mean() < 1e-5, (differences.max(),
                                                                    differences.mean())
