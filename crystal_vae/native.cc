@@ -183,7 +183,7 @@ void StorePairSums(const Shape& s, const v16f (&acc)[WB][OV], float* y, int64_t 
 // RowBlock for an even number of input channels, with lanes (output channel, input channel
 // parity): one broadcast of an input-channel pair feeds 16 products instead of 8. `pairs` is the
 // kernel of output channels o0 .. o0 + 8 * OV as (tap, channel pair, output channel, parity),
-// contiguous (`PairedKernel`).
+// contiguous (built in Correlate).
 template <int WB, int OV>
 void RowBlockPairs(const Shape& s, const Window& win, const float* x, const float* pairs,
                    float* y, int64_t o0, bool accumulate) {
@@ -588,17 +588,17 @@ void KernelGradient(const Shape& s, const float* x, const float* g, float* dk) {
       }
     }
   });
-  std::fill(dk, dk + size, 0.f);
-  for (const auto& part : partial) {
-    if (!InputChannelLanes(s)) {
-      for (int64_t n = 0; n < size; ++n) dk[n] += part[n];
-      continue;
-    }
-    for (int64_t tap = 0; tap < taps; ++tap)  // the partial sums are (tap, out, in)
-      for (int64_t o = 0; o < s.out; ++o)
-        for (int64_t c = 0; c < s.in; ++c)
-          dk[(tap * s.in + c) * s.out + o] += part[(tap * s.out + o) * s.in + c];
+  std::vector<float>& sum = partial[0];
+  for (size_t part = 1; part < partial.size(); ++part)
+    for (int64_t n = 0; n < size; ++n) sum[n] += partial[part][n];
+  if (!InputChannelLanes(s)) {
+    std::copy(sum.begin(), sum.end(), dk);
+    return;
   }
+  for (int64_t tap = 0; tap < taps; ++tap)  // the sums are (tap, out, in): transposed once
+    for (int64_t o = 0; o < s.out; ++o)
+      for (int64_t c = 0; c < s.in; ++c)
+        dk[(tap * s.in + c) * s.out + o] = sum[(tap * s.out + o) * s.in + c];
 }
 
 // The window of output (p, q, r) is x[2p + a, 2q + b, 2r + c], a, b, c in {0, 1}, inside x;
@@ -802,8 +802,6 @@ void Upsample2Transpose(int64_t batch, int64_t depth, int64_t height, int64_t wi
 }
 
 // The input gradient of a strided correlation (for stride 1 the caller correlates instead):
-// dx[b, q, c] = sum over taps t with q - t = stride * p, p an output, of sum_o g[b, p, o] kt[t, o, c]
-// (`kt`: the kernel as (tap, O, C)); CV vectors of 8 input channels per pass.
 // dx (padded sides, as s.depth etc.) of a correlation at stride s.stride with kernel `kt` (taps,
 // O, C), g its output gradient. The places q = stride * a + r of one class r (per axis) read
 // taps r + stride * m only: dx[stride * a + r] = sum_m g[a - m] kt[r + stride * m], a stride-1
