@@ -68,7 +68,7 @@ def class_max(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The maximum of `logits` (..., C) over the classes and (int32) the first class holding it, no
   gradient: one native pass on the CPU (XLA's reduction of both took 3% of the paper model's
   CPU step), else jnp."""
-  if logits.dtype == jnp.float32 and _native_cpu():
+  if logits.dtype == jnp.float32 and native.on_cpu():
     return native.class_max(logits)
   logits = lax.stop_gradient(logits)
   return jnp.max(logits, axis=-1), jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -325,16 +325,11 @@ def _scale_gradient_bwd(scale, cotangent):
 scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
 
 
-def _native_cpu() -> bool:
-  """Whether this runs on the CPU with the native kernels built (`native.available`)."""
-  return jax.default_backend() == "cpu" and native.available()
-
-
 def _resize(x: jax.Array, spatial: Sequence[int]) -> jax.Array:
   """Trilinear resize of a (B, D, H, W, C) array to the given (D, H, W); on the CPU, doubling
   every side, by the native kernel (the same values: `native.upsample2`)."""
   doubles = all(size == 2 * side for size, side in zip(spatial, x.shape[1:4]))
-  if doubles and _native_cpu():
+  if doubles and native.on_cpu():
     return native.upsample2(x)
   return jax.image.resize(x, (x.shape[0], *spatial, x.shape[-1]), "trilinear")
 
@@ -342,7 +337,7 @@ def _resize(x: jax.Array, spatial: Sequence[int]) -> jax.Array:
 def _channel_sums(a: jax.Array, b: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The sums of `a` and of `a * (b - shift)` over all but the last axis (float32 in): one
   native pass on the CPU (XLA's reductions to a few channels are slow there), else jnp."""
-  if _native_cpu():
+  if native.on_cpu():
     sums = native.channel_sums(a, b, shift)
     return sums[0], sums[1]
   axes = tuple(range(a.ndim - 1))
@@ -432,7 +427,7 @@ class BatchNorm(nn.Module):
 def _max_pool2(x: jax.Array) -> jax.Array:
   """nn.max_pool over 2x2x2 windows at stride 2, 'SAME'; on the CPU by the native kernel (XLA's
   gradient of a max pool there builds index arrays: ~130 ms of the paper model's step)."""
-  if _native_cpu():
+  if native.on_cpu():
     return native.max_pool2(x)
   return nn.max_pool(x, (2, 2, 2), (2, 2, 2), "SAME")
 

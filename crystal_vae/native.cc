@@ -21,6 +21,10 @@
 //   CrystalVaeUpsample2Transpose: its adjoint, (B, 2D, 2H, 2W, C) -> (B, D, H, W, C)
 //   CrystalVaeClassMax:       x (N, C) -> the maximum of each row (N) and (s32) the index of
 //                             its first occurrence (jnp.max and jnp.argmax over the classes)
+//   CrystalVaeAdam:           optax.adam's step on many arrays (parameters, gradients, moments)
+//                             in one pass over each, in place where XLA aliases them; also the
+//                             sum of the squared gradients
+//   CrystalVaeSumOfSquares:   arrays -> the sum of the squares of all their elements
 // The first three take an attribute `stride` (s, the same along all three axes), the first two
 // `low` (the padding before each spatial axis; the third's input is padded). O must be 1 or a
 // multiple of 8 (the caller pads the channels). Each output row keeps its partial sums in vector
@@ -28,6 +32,9 @@
 // (batch, depth) between one thread per CPU the process may run on.
 
 #include <sched.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -881,6 +888,106 @@ void ClassMax(int64_t rows, int64_t classes, const float* x, float* maxima, int3
   });
 }
 
+inline void Store16(float* p, v16f v) { std::memcpy(p, &v, sizeof v); }
+inline v16f Splat16(float a) { return v16f{} + a; }
+inline v16f Sqrt16(v16f x) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<v16f>(_mm512_sqrt_ps(reinterpret_cast<__m512>(x)));
+#else
+  for (int lane = 0; lane < 16; ++lane) x[lane] = std::sqrt(x[lane]);
+  return x;
+#endif
+}
+
+// One array of the optimiser: parameters, gradient and Adam's two moments read, the parameters
+// and moments written (in place where XLA aliases them), and its step (-learning rate x its
+// multiplier).
+struct AdamArray {
+  const float *p, *g, *m, *v;
+  float *p_out, *m_out, *v_out;
+  int64_t size;
+  float step;
+};
+
+// The elements of arrays of `sizes`, as one range, in one contiguous part per thread (at least
+// 256Ki elements each); body(k, begin, end) -> double on each array's piece of a part, in blocks of
+// at most 4096 elements; returns the sum of what body returned.
+template <typename Body>
+double SumOverBlocks(const std::vector<int64_t>& sizes, Body body) {
+  std::vector<int64_t> offsets{0};
+  for (int64_t size : sizes) offsets.push_back(offsets.back() + size);
+  constexpr int64_t kBlock = 4096;
+  const int64_t threads = std::clamp<int64_t>(offsets.back() / (64 * kBlock), 1, CpuCount());
+  std::vector<double> sums(threads, 0.0);
+  ParallelFor(offsets.back(), threads, [&](int64_t thread, int64_t first, int64_t last) {
+    for (size_t k = 0; k < sizes.size(); ++k) {
+      const int64_t end = std::min(last, offsets[k + 1]) - offsets[k];
+      for (int64_t i = std::max(first, offsets[k]) - offsets[k]; i < end; i += kBlock) {
+        sums[thread] += body(k, i, std::min(end, i + kBlock));
+      }
+    }
+  });
+  double sum = 0.0;
+  for (double part : sums) sum += part;
+  return sum;
+}
+
+float LaneSum(v16f v) {
+  float sum = 0.f;
+  for (int lane = 0; lane < 16; ++lane) sum += v[lane];
+  return sum;
+}
+
+// The sum of the squares of the arrays' elements (float32 within blocks, blocks in double).
+double SumOfSquares(const std::vector<const float*>& arrays, const std::vector<int64_t>& sizes) {
+  return SumOverBlocks(sizes, [&](size_t k, int64_t begin, int64_t end) {
+    const float* a = arrays[k];
+    const int64_t vector_end = begin + (end - begin) / 16 * 16;
+    v16f squares{};
+    for (int64_t i = begin; i < vector_end; i += 16) squares += Load16(a + i) * Load16(a + i);
+    float sum = LaneSum(squares);
+    for (int64_t i = vector_end; i < end; ++i) sum += a[i] * a[i];
+    return static_cast<double>(sum);
+  });
+}
+
+// optax.adam's arithmetic (its scale_by_adam, scale_by_learning_rate, apply_updates) on each
+// array in one pass: g = g / divisor * factor (optax.clip_by_global_norm's scaling; 1, 1 keep g),
+// m = (1 - b1) g + b1 m, v = (1 - b2) g^2 + b2 v, p += step (m / c1) / (sqrt(v / c2) + eps),
+// c1 and c2 the bias corrections. Returns the sum of the squared gradients as given.
+double Adam(const std::vector<AdamArray>& arrays, double b1, double b2, float eps, float c1,
+            float c2, float divisor, float factor) {
+  std::vector<int64_t> sizes;
+  for (const auto& a : arrays) sizes.push_back(a.size);
+  const float a1 = static_cast<float>(1.0 - b1), a2 = static_cast<float>(1.0 - b2);
+  const float d1 = static_cast<float>(b1), d2 = static_cast<float>(b2);
+  return SumOverBlocks(sizes, [&](size_t k, int64_t begin, int64_t end) {
+    const AdamArray& a = arrays[k];
+    const int64_t vector_end = begin + (end - begin) / 16 * 16;
+    v16f squares{};
+    for (int64_t i = begin; i < vector_end; i += 16) {
+      const v16f raw = Load16(a.g + i);
+      squares += raw * raw;
+      const v16f g = raw / divisor * factor;
+      const v16f m = a1 * g + d1 * Load16(a.m + i);
+      const v16f v = a2 * (g * g) + d2 * Load16(a.v + i);
+      Store16(a.m_out + i, m);
+      Store16(a.v_out + i, v);
+      Store16(a.p_out + i, Load16(a.p + i) + a.step * ((m / c1) / (Sqrt16(v / c2) + eps)));
+    }
+    float sum = LaneSum(squares);
+    for (int64_t i = vector_end; i < end; ++i) {
+      const float raw = a.g[i], g = raw / divisor * factor;
+      sum += raw * raw;
+      const float m = a1 * g + d1 * a.m[i], v = a2 * (g * g) + d2 * a.v[i];
+      a.m_out[i] = m;
+      a.v_out[i] = v;
+      a.p_out[i] = a.p[i] + a.step * ((m / c1) / (std::sqrt(v / c2) + eps));
+    }
+    return static_cast<double>(sum);
+  });
+}
+
 // The correlation's shape from its input, kernel (taps, C, O) and output (batch, sides, O) dims.
 template <typename Dims>
 Shape ShapeOf(const Dims& xd, const Dims& kd, const Dims& yd, int64_t stride,
@@ -942,6 +1049,70 @@ ffi::Error ClassMaxImpl(Array2 x, ffi::ResultBuffer<ffi::F32, 1> maxima,
     return ffi::Error::InvalidArgument("crystal_vae class max: shapes do not match");
   }
   ClassMax(xd[0], xd[1], x.typed_data(), maxima->typed_data(), indices->typed_data());
+  return ffi::Error::Success();
+}
+
+// args: scalars (c1, c2, divisor, factor), steps (one per array), then the arrays' parameters,
+// gradients, first and second moments (n each); rets: the sum of squared gradients (1), then the
+// parameters and the two moments (n each).
+ffi::Error AdamImpl(Array1 scalars, Array1 steps, ffi::RemainingArgs args,
+                    ffi::ResultBuffer<ffi::F32, 1> sum_of_squares, ffi::RemainingRets rets,
+                    double b1, double b2, float eps) {
+  const int64_t n = steps.element_count();
+  if (scalars.element_count() != 4 || args.size() != 4 * static_cast<size_t>(n) ||
+      rets.size() != 3 * static_cast<size_t>(n) || sum_of_squares->element_count() != 1) {
+    return ffi::Error::InvalidArgument("crystal_vae adam: 4 scalars, 4 arrays in and 3 out per step");
+  }
+  std::vector<AdamArray> arrays(n);
+  for (int64_t k = 0; k < n; ++k) {
+    const float* in[4];
+    float* out[3];
+    int64_t size = -1;
+    // Each buffer float32 and of the step's size (the first one's).
+    auto check = [&](const ffi::AnyBuffer& buffer) {
+      if (size < 0) size = static_cast<int64_t>(buffer.element_count());
+      return buffer.element_type() == ffi::F32 &&
+             static_cast<int64_t>(buffer.element_count()) == size;
+    };
+    for (int j = 0; j < 4; ++j) {
+      auto buffer = args.get<ffi::AnyBuffer>(j * n + k);
+      if (buffer.has_error()) return buffer.error();
+      if (!check(*buffer)) {
+        return ffi::Error::InvalidArgument("crystal_vae adam: float32 arrays of one size per step");
+      }
+      in[j] = static_cast<const float*>(buffer->untyped_data());
+    }
+    for (int j = 0; j < 3; ++j) {
+      auto buffer = rets.get<ffi::AnyBuffer>(j * n + k);
+      if (buffer.has_error()) return buffer.error();
+      if (!check(**buffer)) {
+        return ffi::Error::InvalidArgument("crystal_vae adam: outputs must match the inputs");
+      }
+      out[j] = static_cast<float*>((*buffer)->untyped_data());
+    }
+    arrays[k] = {in[0], in[1], in[2], in[3], out[0], out[1], out[2], size, steps.typed_data()[k]};
+  }
+  const float* s = scalars.typed_data();
+  sum_of_squares->typed_data()[0] = static_cast<float>(Adam(arrays, b1, b2, eps, s[0], s[1], s[2], s[3]));
+  return ffi::Error::Success();
+}
+
+ffi::Error SumOfSquaresImpl(ffi::RemainingArgs args, ffi::ResultBuffer<ffi::F32, 1> sum) {
+  std::vector<const float*> arrays;
+  std::vector<int64_t> sizes;
+  for (size_t k = 0; k < args.size(); ++k) {
+    auto buffer = args.get<ffi::AnyBuffer>(k);
+    if (buffer.has_error()) return buffer.error();
+    if (buffer->element_type() != ffi::F32) {
+      return ffi::Error::InvalidArgument("crystal_vae sum of squares: float32 arrays");
+    }
+    arrays.push_back(static_cast<const float*>(buffer->untyped_data()));
+    sizes.push_back(static_cast<int64_t>(buffer->element_count()));
+  }
+  if (sum->element_count() != 1) {
+    return ffi::Error::InvalidArgument("crystal_vae sum of squares: one output value");
+  }
+  sum->typed_data()[0] = static_cast<float>(SumOfSquares(arrays, sizes));
   return ffi::Error::Success();
 }
 
@@ -1044,3 +1215,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeClassMax, ClassMaxImpl,
                                   .Arg<Array2>()
                                   .Ret<Array1>()
                                   .Ret<Labels1>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeAdam, AdamImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<Array1>()
+                                  .Arg<Array1>()
+                                  .RemainingArgs()
+                                  .Ret<Array1>()
+                                  .RemainingRets()
+                                  .Attr<double>("b1")
+                                  .Attr<double>("b2")
+                                  .Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CrystalVaeSumOfSquares, SumOfSquaresImpl,
+                              ffi::Ffi::Bind().RemainingArgs().Ret<Array1>());

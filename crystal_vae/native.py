@@ -2,8 +2,9 @@
 
 The C++ file beside this one holds XLA FFI handlers (channels-last, float32): a direct 3-D
 correlation (one stride for all axes), its kernel and input gradients, trilinear x2
-upsampling with its adjoint, 2x2x2 max pooling with its adjoint, and the per-channel sums of
-batch normalisation.
+upsampling with its adjoint, 2x2x2 max pooling with its adjoint, the per-channel sums of
+batch normalisation, the class maximum, and Adam's step (with the sum of squares behind
+gradient clipping).
 `available()` compiles it once per source, jaxlib and CPU into a cache folder
 (`$CRYSTAL_VAE_CACHE`, else `~/.cache/crystal_vae`) with the C++ compiler in `$CXX` or on the
 PATH, loads it and registers the handlers with JAX. Where that fails (no compiler, say), it logs
@@ -13,7 +14,7 @@ implicit, no padded copy is made; at stride 1 the input gradient is the same cor
 cotangent with the flipped kernel),
 `upsample2(x)` the differentiable upsampling (jax.image.resize's "trilinear" at twice the sides),
 `max_pool2(x)` the differentiable max pooling, `channel_sums(a, b, shift)` the sums behind
-`models.BatchNorm`.
+`models.BatchNorm`, `adam(...)` the optimiser step behind `train.apply_gradients`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +44,8 @@ _TARGETS = {"correlate": "CrystalVaeCorrelate", "kernel_gradient": "CrystalVaeKe
             "max_pool2_transpose": "CrystalVaeMaxPool2Transpose",
             "upsample2": "CrystalVaeUpsample2",
             "upsample2_transpose": "CrystalVaeUpsample2Transpose",
-            "class_max": "CrystalVaeClassMax"}
+            "class_max": "CrystalVaeClassMax", "adam": "CrystalVaeAdam",
+            "sum_of_squares": "CrystalVaeSumOfSquares"}
 _LANES = 8  # output channels per vector register (the handlers need 1 or a multiple of this)
 
 
@@ -101,6 +104,11 @@ def available() -> bool:
     logging.warning("native CPU kernels unavailable, XLA's formulations instead: %s", error)
     return False
   return True
+
+
+def on_cpu() -> bool:
+  """Whether this runs on the CPU with the kernels built (`available`)."""
+  return jax.default_backend() == "cpu" and available()
 
 
 def _require() -> None:
@@ -288,3 +296,38 @@ def class_max(x: jax.Array) -> tuple[jax.Array, jax.Array]:
                                 jax.ShapeDtypeStruct((math.prod(rows),), jnp.int32)))(
           jax.lax.stop_gradient(x).reshape(-1, x.shape[-1]))
   return maxima.reshape(rows), indices.reshape(rows)
+
+
+def sum_of_squares(arrays: Sequence[jax.Array]) -> jax.Array:
+  """The sum of the squares of all elements of the float32 `arrays` (one pass; float32 within
+  blocks of 4096, the blocks in double): a scalar."""
+  _require()
+  arrays = [jax.lax.stop_gradient(a) for a in arrays]
+  return jax.ffi.ffi_call("crystal_vae_sum_of_squares",
+                          jax.ShapeDtypeStruct((1,), jnp.float32))(*arrays)[0]
+
+
+def adam(params: Sequence[jax.Array], grads: Sequence[jax.Array], mus: Sequence[jax.Array],
+         nus: Sequence[jax.Array], steps: jax.Array, bias_corrections: tuple[jax.Array, jax.Array],
+         clip: tuple[jax.Array, jax.Array], *, b1: float, b2: float, eps: float
+         ) -> tuple[list[jax.Array], list[jax.Array], list[jax.Array], jax.Array]:
+  """One Adam step on float32 arrays in a single pass over each (in place where the caller
+  donates them), optax.adam's arithmetic: g = g / clip[0] * clip[1] (optax.clip_by_global_norm's
+  scaling; (1, 1) keeps g), mu = (1 - b1) g + b1 mu, nu = (1 - b2) g² + b2 nu, and
+  param += steps[i] (mu / c1) / (sqrt(nu / c2) + eps) with (c1, c2) = `bias_corrections` and
+  steps[i] = -learning rate (times the array's multiplier). Returns the new parameters, mus, nus
+  and the sum of the squared gradients as given."""
+  _require()
+  n = len(params)
+  scalars = jnp.stack([*bias_corrections, *clip]).astype(jnp.float32)
+  arrays = [*params, *grads, *mus, *nus]
+  shapes = [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in [*params, *mus, *nus]]
+  aliases = {2 + k: 1 + k for k in range(n)}  # params; then mus and nus
+  aliases.update({2 + 2 * n + k: 1 + n + k for k in range(2 * n)})
+  outputs = jax.ffi.ffi_call(
+      "crystal_vae_adam", [jax.ShapeDtypeStruct((1,), jnp.float32), *shapes],
+      input_output_aliases=aliases)(
+          scalars, jnp.asarray(steps, jnp.float32), *[jax.lax.stop_gradient(a) for a in arrays],
+          b1=np.float64(b1), b2=np.float64(b2), eps=np.float32(eps))
+  sum_of_squares_out, *rest = outputs
+  return rest[:n], rest[n:2 * n], rest[2 * n:], sum_of_squares_out[0]

@@ -14,6 +14,7 @@ import pytest
 from flax import linen as nn
 from flax import traverse_util
 
+from conftest import require_native
 from crystal_vae import models
 from crystal_vae import native
 
@@ -126,13 +127,6 @@ def test_decoder_output_is_grid(grid, start, kernels, paddings):
 def test_decoder_unreachable_grid_raises():
   with pytest.raises(ValueError, match="cannot reach grid 30"):
     models.decoder_sizes(30, 3, (3, 3, 3), ("SAME", "SAME", "SAME"))  # Ends at 24 < 30.
-
-
-def require_native() -> None:
-  """The native convolution needs a C++ compiler; where there is one it must build."""
-  if native._compiler() is None:  # pylint: disable=protected-access
-    pytest.skip("no C++ compiler")
-  assert native.available(), "native.cc did not build or load (see the log)"
 
 
 @pytest.mark.parametrize("impl", ["xla", "depth_sum", "fft", "native"])

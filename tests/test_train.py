@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from pymatgen.core import Lattice
 
+from conftest import require_native
 from conftest import tiny_config
 from crystal_vae import checkpoints
 from crystal_vae import datasets
@@ -21,6 +22,7 @@ from crystal_vae import default_config
 from crystal_vae import evaluate
 from crystal_vae import inference
 from crystal_vae import input_pipeline
+from crystal_vae import native
 from crystal_vae import train
 
 
@@ -322,6 +324,52 @@ def test_lr_mults_scale_the_steps_of_matching_parameters(tfds_dir):
   np.testing.assert_allclose(updates["composition"]["kernel"], [-1.0, -1.0], rtol=1e-4)
   np.testing.assert_allclose(updates["encoder"]["mean"]["kernel"], [-0.05], rtol=1e-4)
   np.testing.assert_allclose(updates["encoder"]["logvar"]["kernel"], [-0.1], rtol=1e-4)
+
+
+@pytest.mark.parametrize("grad_clip_norm, lr_mults, lr_schedule", [
+    (0.0, (), "constant"),  # the paper's
+    (0.05, (("bias", 3.0),), "warmup_cosine"),  # clipped at every step
+    (100.0, (), "warmup_cosine"),  # never clipped
+])
+def test_native_adam_steps_are_optax_steps(grad_clip_norm, lr_mults, lr_schedule, tfds_dir,
+                                           monkeypatch):
+  """train.apply_gradients on the CPU (native.adam: one pass per array, in place) against
+  optax's chain (the same function without the native kernels) over five jitted steps:
+  parameters, Adam's moments and counts, and the gradient norm."""
+  require_native()
+  config = tiny_config(tfds_dir)
+  config.update(learning_rate=1e-2, warmup_steps=2, num_train_steps=10,
+                grad_clip_norm=grad_clip_norm, lr_mults=lr_mults, lr_schedule=lr_schedule)
+  rng = np.random.default_rng(0)
+  params = {"conv": {"kernel": rng.normal(size=(3, 3, 3, 16, 17)), "bias": rng.normal(size=5)},
+            "dense": {"kernel": rng.normal(size=(700, 901))}}  # > 2^18 values: two threads
+  params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+
+  def run():
+    state = train.TrainState.create(apply_fn=None, params=jax.tree.map(jnp.copy, params),
+                                    tx=train.optimizer(config),
+                                    batch_stats={})
+    step = jax.jit(lambda state, grads: train.apply_gradients(state, grads, {}, config),
+                   donate_argnums=0)
+    norms = []
+    for i in range(5):
+      grads = jax.tree.map(lambda p: jnp.asarray(
+          np.random.default_rng(i).normal(size=p.shape) * 0.01 * (i + 1), jnp.float32), params)
+      state, norm = step(state, grads)
+      norms.append(float(norm))
+    return jax.device_get((state.step, state.params, state.opt_state)), norms
+
+  fused, fused_norms = run()
+  monkeypatch.setattr(native, "available", lambda: False)
+  reference, reference_norms = run()
+  np.testing.assert_allclose(fused_norms, reference_norms, rtol=1e-5)
+  step, fused_params, fused_state = fused
+  assert step == reference[0] == 5
+  _assert_trees_close(fused_params, reference[1], rtol=0, atol=1e-6)
+  # The moments to 1e-5 of each array's largest (the clipped gradients differ in float rounding of
+  # the norm, which shows relatively where a moment's sum cancels).
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-5 * np.abs(y).max()),
+               fused_state, reference[2])
 
 
 def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(trained_workdir, tfds_dir,
