@@ -342,6 +342,57 @@ void Row(const Shape& s, const Window& win, const float* x, const float* k, floa
   }
 }
 
+// RowBlockPairs<WB, 4> for 32 output channels from o0: the paired kernels of two groups of 16
+// (`pairs`, then `group` floats on). Each broadcast feeds four products (two with 16 channels):
+// fewer loads per product.
+template <int WB>
+void RowBlockPairs32(const Shape& s, const Window& win, const float* x, const float* pairs,
+                     int64_t group, float* y, int64_t o0, bool accumulate) {
+  v16f acc[WB][4];
+  for (int w = 0; w < WB; ++w)
+    for (int v = 0; v < 4; ++v) acc[w][v] = v16f{};
+  const int64_t span = s.taps_w * s.in;
+  for (int64_t i = 0; i < win.ni; ++i)
+    for (int64_t j = 0; j < win.nj; ++j) {
+      const float* kt = pairs + (win.first_tap + (i * s.taps_h + j) * s.taps_w) * s.in * 16;
+      const float* xt = x + i * win.plane + j * win.row;
+      for (int64_t c = 0; c < span; c += 2) {
+        const v16f k0 = Load16(kt + c * 16), k1 = Load16(kt + c * 16 + 16);
+        const v16f k2 = Load16(kt + group + c * 16), k3 = Load16(kt + group + c * 16 + 16);
+        for (int w = 0; w < WB; ++w) {
+          const v16f xv = SplatPair(xt + w * s.step() + c);
+          acc[w][0] += xv * k0;
+          acc[w][1] += xv * k1;
+          acc[w][2] += xv * k2;
+          acc[w][3] += xv * k3;
+        }
+      }
+    }
+  StorePairSums<WB, 4>(s, acc, y, o0, accumulate);
+}
+
+constexpr int64_t kMaxBlock32 = 6;  // 6 x 4 accumulators + 4 kernel vectors + 1 broadcast
+
+// Row for 32 output channels from o0: blocks of at most kMaxBlock32 outputs, as even as can be.
+void Row32(const Shape& s, const Window& win, const float* x, const float* pairs, int64_t group,
+           float* y, int64_t o0, bool accumulate) {
+  const int64_t blocks = (s.out_w + kMaxBlock32 - 1) / kMaxBlock32;
+  for (int64_t block = 0, w = 0; block < blocks; ++block) {
+    const int64_t count = (s.out_w - w + blocks - block - 1) / (blocks - block);
+    const float* xb = x + w * s.step();
+    float* yb = y + w * s.y_w;
+    switch (count) {
+      case 1: RowBlockPairs32<1>(s, win, xb, pairs, group, yb, o0, accumulate); break;
+      case 2: RowBlockPairs32<2>(s, win, xb, pairs, group, yb, o0, accumulate); break;
+      case 3: RowBlockPairs32<3>(s, win, xb, pairs, group, yb, o0, accumulate); break;
+      case 4: RowBlockPairs32<4>(s, win, xb, pairs, group, yb, o0, accumulate); break;
+      case 5: RowBlockPairs32<5>(s, win, xb, pairs, group, yb, o0, accumulate); break;
+      default: RowBlockPairs32<6>(s, win, xb, pairs, group, yb, o0, accumulate); break;
+    }
+    w += count;
+  }
+}
+
 // The depth and height padding is skipped (the taps that read it are left out of each row's
 // window); the width padding is made of zeros: each thread copies the input planes its items read
 // into a buffer with zero columns on both sides (each plane once per batch item, just before
@@ -374,6 +425,8 @@ void Correlate(const Shape& s, const float* x, const float* k, float* y) {
   constexpr int64_t kSliceBytes = 256 << 10;
   const int64_t group = std::clamp<int64_t>(
       kSliceBytes / (s.taps_h * s.taps_w * s.in * 16 * sizeof(float)), 1, s.taps_d);
+  // Whether output channels o0 .. o0 + 32 go through Row32 (1-17% faster than two 16s).
+  auto wide = [&](int64_t o0) { return pairs != nullptr && o0 + 32 <= s.out; };
   const int64_t items = s.batch * s.out_d;
   ParallelFor(items, std::min<int64_t>(CpuCount(), items), [&](int64_t, int64_t first,
                                                                int64_t last) {
@@ -419,10 +472,10 @@ void Correlate(const Shape& s, const float* x, const float* k, float* y) {
         }
         continue;
       }
-      // 16 output channels at a time over all rows, their kernel taps in groups of depth planes
-      // that stay in cache (partial sums added up in y between groups).
-      for (int64_t o0 = 0; o0 < s.out; o0 += 16) {
-        const int64_t o1 = std::min(s.out, o0 + 16);
+      // 32 (else 16) output channels at a time over all rows, their kernel taps in groups of depth
+      // planes that stay in cache (partial sums added up in y between groups).
+      for (int64_t o0 = 0; o0 < s.out; o0 += wide(o0) ? 32 : 16) {
+        const int64_t o1 = std::min(s.out, o0 + (wide(o0) ? 32 : 16));
         for (int64_t i0 = taps_d.first; i0 < taps_d.last; i0 += group) {
           const int64_t i1 = std::min(taps_d.last, i0 + group);
           for (int64_t h = 0; h < s.out_h; ++h) {
@@ -436,9 +489,13 @@ void Correlate(const Shape& s, const float* x, const float* k, float* y) {
             }
             const Window win{plane, row, i1 - i0, taps_h.size(),
                              (i0 * s.taps_h + taps_h.first) * s.taps_w};
-            Row(s, win, planes + (i0 - taps_d.first) * plane + (h * s.stride - s.low_h + taps_h.first) * row,
-                k, yr, pairs == nullptr ? nullptr : pairs + o0 * taps * s.in, o0, o1,
-                i0 > taps_d.first);
+            const float* xr = planes + (i0 - taps_d.first) * plane + (h * s.stride - s.low_h + taps_h.first) * row;
+            if (wide(o0)) {
+              Row32(s, win, xr, pairs + o0 * taps * s.in, taps * s.in * 16, yr, o0, i0 > taps_d.first);
+            } else {
+              Row(s, win, xr, k, yr, pairs == nullptr ? nullptr : pairs + o0 * taps * s.in, o0, o1,
+                  i0 > taps_d.first);
+            }
           }
         }
       }

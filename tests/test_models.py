@@ -180,6 +180,9 @@ SAME3 = ((1, 1), (0, 2), (1, 1))  # SAME at stride 1 in depth and width, lopside
     (16, 8, (2, 12, 11, 13), 1, 3, SAME3),  # the cpu decoder's 16 -> 8; row tails of 3, 4, 5
     (32, 24, (1, 9, 10, 17), 1, 3, SAME3),  # input channels in the kernel gradient's lanes
     (1, 16, (2, 8, 8, 8), 1, 3, SAME3),     # one input channel (the U-Net's first layer)
+    (16, 48, (1, 7, 8, 13), 1, 3, SAME3),   # 32 output channels at once (rows of 5 + 4 + 4), + 16
+    (8, 64, (2, 5, 6, 3), 1, 3, SAME3),     # 2 x 32 output channels, a row of 3
+    (16, 32, (1, 6, 5, 29), 2, 3, SAME3),   # 32 at stride 2 (rows of 5 + 5 + 5)
     (5, 3, (2, 7, 9, 8), 1, 3, SAME3),      # output channels padded to a vector of 8
     (12, 1, (2, 9, 8, 11), 1, 3, SAME3),    # one output channel (the decoder's last), 8 + 4 in
     (1, 16, (2, 11, 10, 9), 2, 3, SAME3),   # the first encoder layer's stride 2
