@@ -19,7 +19,9 @@ RSS (`ru_maxrss`, whole process: imports, XLA compilation, the steps) is its own
 warm-up step). Every row of a model is credited with the same FLOPs: XLA's cost analysis of the
 JAX step with `depth_sum` convolutions. PyTorch is optional: without it the twin is skipped.
 Both frameworks run with the malloc settings importing crystal_vae makes (freed memory kept for
-reuse, see crystal_vae/__init__.py: ~15% of either's `cpu` step).
+reuse, see crystal_vae/__init__.py: ~15% of either's `cpu` step). A row's s/step is the median
+of its timed steps (each step's time is in the notes at the end), so one step slowed by another
+tenant of a shared machine does not move it.
 
 JAX variants (--jax_variants, joined with '+', e.g. no_native+onednn): see `JAX_VARIANTS`.
 --xla_flags adds XLA flags to every JAX row.
@@ -440,7 +442,7 @@ def main(argv):
         f"{torch_version}")
   print(f"load average at start: {os.getloadavg()[0]:.2f} (1 min)  XLA_FLAGS extra: "
         f"{_XLA_FLAGS.value or '-'}")
-  print(f"batch {_BATCH.value}, mean over {_STEPS.value} steps after a warm-up step, "
+  print(f"batch {_BATCH.value}, median of {_STEPS.value} steps after a warm-up step, "
         f"{_ROUNDS.value} round(s); one subprocess per row\n", flush=True)
 
   specs, notes = {}, []
@@ -504,7 +506,7 @@ def main(argv):
         flops_result, _ = _run_worker(flops_job, _XLA_FLAGS.value)
         xla_flops[model] = flops_result["flops"] if flops_result else float("nan")
       flops = xla_flops[model]
-      seconds = float(np.mean(result["times"]))
+      seconds = float(np.median(result["times"]))  # a shared machine's outliers left out
       result["samples_per_second"] = _BATCH.value / seconds
       print(f"| {model} | {'JAX' if framework == 'jax' else 'PyTorch'} | {label} |"
             f" {result['samples_per_second']:.2f} | {seconds:.3f} |"
