@@ -38,13 +38,12 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
-#include <atomic>
 #include <memory>
-#include <cstdlib>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -75,6 +74,7 @@ inline v16f Load16(const float* p) {
   std::memcpy(&v, p, sizeof v);
   return v;
 }
+inline void Store16(float* p, v16f v) { std::memcpy(p, &v, sizeof v); }
 // {p[0], p[1], p[0], p[1], ...}: one 64-bit broadcast.
 inline v16f SplatPair(const float* p) {
   double pair;
@@ -374,17 +374,25 @@ void RowSingleOut(const Shape& s, const Window& win, const float* x, const float
   for (; w < s.out_w; ++w) SingleOutBlock<1>(s, win, x + w * s.step(), k, y + w * s.y_w);
 }
 
-// Output channels [o0, o1) of one row (added to y if `accumulate`): blocks of at most kMaxBlock
-// outputs, as even as the row allows (20 = 10 + 10, not 12 + 8: every block keeps enough
-// independent sums in flight).
+// block(first, count) over `outputs` in blocks of at most `max_block`, as even as they allow
+// (20 = 10 + 10, not 12 + 8: every block keeps enough independent sums in flight).
+template <typename Block>
+void EvenBlocks(int64_t outputs, int64_t max_block, Block block) {
+  const int64_t blocks = (outputs + max_block - 1) / max_block;
+  for (int64_t b = 0, first = 0; b < blocks; ++b) {
+    const int64_t count = (outputs - first + blocks - b - 1) / (blocks - b);
+    block(first, count);
+    first += count;
+  }
+}
+
+// Output channels [o0, o1) of one row (added to y if `accumulate`), in EvenBlocks of at most
+// kMaxBlock outputs.
 void Row(const Shape& s, const Window& win, const float* x, const float* k, float* y,
          const float* pairs, int64_t o0, int64_t o1, bool accumulate) {
-  const int64_t blocks = (s.out_w + kMaxBlock - 1) / kMaxBlock;
-  for (int64_t block = 0, w = 0; block < blocks; ++block) {
-    const int64_t count = (s.out_w - w + blocks - block - 1) / (blocks - block);
+  EvenBlocks(s.out_w, kMaxBlock, [&](int64_t w, int64_t count) {
     RowBlockOf(count, s, win, x + w * s.step(), k, y + w * s.y_w, pairs, o0, o1, accumulate);
-    w += count;
-  }
+  });
 }
 
 // RowBlockPairs<WB, 4> for 32 output channels from o0: the paired kernels of two groups of 16
@@ -418,24 +426,21 @@ void RowBlockPairs32(const Shape& s, const Window& win, const float* x, const fl
 
 constexpr int64_t kMaxBlock32 = 6;  // 6 x 4 accumulators + 4 kernel vectors + 1 broadcast
 
-// Row for 32 output channels from o0: blocks of at most kMaxBlock32 outputs, as even as can be.
+// Row for 32 output channels from o0, in EvenBlocks of at most kMaxBlock32 outputs.
 void Row32(const Shape& s, const Window& win, const float* x, const float* pairs, int64_t group,
            float* y, int64_t o0, bool accumulate) {
-  const int64_t blocks = (s.out_w + kMaxBlock32 - 1) / kMaxBlock32;
-  for (int64_t block = 0, w = 0; block < blocks; ++block) {
-    const int64_t count = (s.out_w - w + blocks - block - 1) / (blocks - block);
+  EvenBlocks(s.out_w, kMaxBlock32, [&](int64_t w, int64_t count) {
     const float* xb = x + w * s.step();
     float* yb = y + w * s.y_w;
     switch (count) {
-      case 1: RowBlockPairs32<1>(s, win, xb, pairs, group, yb, o0, accumulate); break;
-      case 2: RowBlockPairs32<2>(s, win, xb, pairs, group, yb, o0, accumulate); break;
-      case 3: RowBlockPairs32<3>(s, win, xb, pairs, group, yb, o0, accumulate); break;
-      case 4: RowBlockPairs32<4>(s, win, xb, pairs, group, yb, o0, accumulate); break;
-      case 5: RowBlockPairs32<5>(s, win, xb, pairs, group, yb, o0, accumulate); break;
-      default: RowBlockPairs32<6>(s, win, xb, pairs, group, yb, o0, accumulate); break;
+      case 1: return RowBlockPairs32<1>(s, win, xb, pairs, group, yb, o0, accumulate);
+      case 2: return RowBlockPairs32<2>(s, win, xb, pairs, group, yb, o0, accumulate);
+      case 3: return RowBlockPairs32<3>(s, win, xb, pairs, group, yb, o0, accumulate);
+      case 4: return RowBlockPairs32<4>(s, win, xb, pairs, group, yb, o0, accumulate);
+      case 5: return RowBlockPairs32<5>(s, win, xb, pairs, group, yb, o0, accumulate);
+      default: return RowBlockPairs32<6>(s, win, xb, pairs, group, yb, o0, accumulate);
     }
-    w += count;
-  }
+  });
 }
 
 // The depth and height padding is skipped (the taps that read it are left out of each row's
@@ -992,8 +997,6 @@ void ClassMax(int64_t rows, int64_t classes, const float* x, float* maxima, int3
   });
 }
 
-inline void Store16(float* p, v16f v) { std::memcpy(p, &v, sizeof v); }
-inline v16f Splat16(float a) { return v16f{} + a; }
 inline v16f Sqrt16(v16f x) {
 #if defined(__AVX512F__)
   return reinterpret_cast<v16f>(_mm512_sqrt_ps(reinterpret_cast<__m512>(x)));
