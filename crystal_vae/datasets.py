@@ -4,8 +4,10 @@ One builder, `CrystalDataset`, turns a crystal source into the splits `train`, `
 and `test` (only those that end up with crystals). Sources, by `name`:
 
 - `prototypes`: the 288 AFLOW prototypes that ship with pymatgen (no network, no files).
-- `perov_5`, `carbon_24`, `mp_20`: the CDVAE benchmark CSVs, downloaded from the CDVAE
-  repository when `path` is empty, read from the directory `path` otherwise.
+- `perov_5`: the CDVAE perov_5 CSVs; with an empty `path` the train and validation splits that
+  ship inside the package (`crystal_vae/data/perov_5`, no network), else the directory `path`.
+- `carbon_24`, `mp_20`: the CDVAE benchmark CSVs, downloaded from the CDVAE repository when
+  `path` is empty (one try: offline it fails at once), read from the directory `path` otherwise.
 - `csv`: a directory of CDVAE-style CSVs (`material_id`, `cif` and numeric property columns).
 - `cif_dir`: a directory of `.cif` files; the id of a crystal is its file name.
 
@@ -34,7 +36,9 @@ import hashlib
 import importlib.util
 import json
 import pathlib
+import socket
 import sys
+import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -64,6 +68,7 @@ _CSV_SPLIT_STEMS = {"train": "train", "val": "validation", "validation": "valida
                     "test": "test"}
 _CSV_SUFFIXES = (".csv", ".csv.gz")
 _PROTOTYPES_FILE = "aflow_prototypes.json.gz"
+EMBEDDED = {"perov_5": pathlib.Path(__file__).resolve().parent / "data" / "perov_5"}
 
 
 @dataclasses.dataclass(eq=False)
@@ -111,7 +116,8 @@ class CrystalDataset(tfds.core.GeneratorBasedBuilder):
       CrystalConfig(name="prototypes", source="prototypes",
                     description="The AFLOW prototypes shipped with pymatgen."),
       *[CrystalConfig(name=name, source=name,
-                      description=f"The CDVAE {name} benchmark, downloaded.")
+                      description=(f"The CDVAE {name} benchmark, "
+                                   + ("embedded." if name in EMBEDDED else "downloaded.")))
         for name in CDVAE_NAMES],
   ]
 
@@ -341,15 +347,33 @@ def _split_entries(config: CrystalConfig,
     return _split_list(_cif_dir_entries(pathlib.Path(config.path)), config)
   if config.path:
     files = _csv_split_files(pathlib.Path(config.path))
+  elif config.source in EMBEDDED:
+    files = _csv_split_files(EMBEDDED[config.source])
   else:
     if config.source not in CDVAE_NAMES:
       raise ValueError(f"{config.source} needs a path")
-    urls = {split: CDVAE_URL.format(name=config.source, split=stem)
-            for stem, split in (("train", "train"), ("val", "validation"), ("test", "test"))}
-    files = {split: pathlib.Path(path) for split, path in dl_manager.download(urls).items()}
+    files = _download(config.source, dl_manager)
   if list(files) == [None]:
     return _split_list(list(_csv_entries(files[None])), config)
   return {split: _csv_entries(files[split]) for split in SPLITS if split in files}
+
+
+def _download(name: str, dl_manager: tfds.download.DownloadManager
+              ) -> dict[str, pathlib.Path]:
+  """The CDVAE CSVs of `name`, downloaded once; without a network a one-line `DownloadError`."""
+  urls = {split: CDVAE_URL.format(name=name, split=stem)
+          for stem, split in (("train", "train"), ("val", "validation"), ("test", "test"))}
+  try:
+    socket.create_connection((urllib.parse.urlparse(CDVAE_URL).hostname, 443), timeout=5).close()
+  except OSError as error:
+    raise DownloadError(
+        f"cannot download the {name} CSVs ({error.__class__.__name__}: {error}): no network? Give"
+        f" a directory holding train/val/test.csv[.gz] with --config.dataset.path=DIR") from None
+  return {split: pathlib.Path(path) for split, path in dl_manager.download(urls).items()}
+
+
+class DownloadError(OSError):
+  """A dataset that had to be downloaded and could not be (said in one line)."""
 
 
 def _csv_split_files(directory: pathlib.Path) -> dict[str | None, pathlib.Path]:

@@ -28,12 +28,27 @@ import optax
 
 from crystal_vae import checkpoints
 from crystal_vae import crystals
+from crystal_vae import datasets
 from crystal_vae import density_fit
 from crystal_vae import losses
 from crystal_vae import models
 from crystal_vae import reconstruction
 from crystal_vae import segmentation
 from crystal_vae import voxelize
+
+
+def dataset_on_this_machine(dataset: ml_collections.ConfigDict) -> bool:
+  """Whether `dataset` can be read here without a network: embedded, or a directory that exists."""
+  if dataset.path:
+    return pathlib.Path(dataset.path).expanduser().is_dir()
+  return dataset.name in ("prototypes", *datasets.EMBEDDED)
+
+
+def embedded_dataset(dataset: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`dataset` with the embedded perov_5 crystals as its source, its limits kept."""
+  replaced = ml_collections.ConfigDict(dataset.to_dict())
+  replaced.name, replaced.path = "perov_5", ""
+  return replaced
 
 
 class ConfigMismatch(ValueError):
@@ -102,6 +117,12 @@ class TrainedModel:
                    config.dataset.name, config.dataset.path or "embedded", saved.dataset.name,
                    saved.dataset.path or "embedded")
       resolved.dataset = config.dataset
+    elif not dataset_given and not dataset_on_this_machine(saved.dataset):
+      resolved.dataset = embedded_dataset(saved.dataset)
+      print(f"note: the dataset this model was trained on ({saved.dataset.name}"
+            f"{', ' + saved.dataset.path if saved.dataset.path else ''}) is not on this machine: "
+            "using the embedded perov_5 crystals (give yours with --config.dataset.path=DIR)",
+            flush=True)
     return cls(resolved, model.variables)
 
   @property

@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from crystal_vae import checkpoints
 from crystal_vae import crystals
+from crystal_vae import datasets
 from crystal_vae import inference
 from crystal_vae import models
 from crystal_vae import modes
@@ -55,6 +56,7 @@ class _QuietLibraries(python_logging.Filter):
 # Errors in what the user gave (a missing file, folder or checkpoint; a crystal that cannot be
 # voxelised) or in writing a checkpoint (a full disk) end the run with one line, not a traceback.
 _ONE_LINE_ERRORS = (FileNotFoundError, NotADirectoryError, crystals.RejectedCrystal,
+                    datasets.DownloadError,
                     checkpoints.CheckpointWriteError, inference.ConfigMismatch,
                     inference.SettingsError, models.ModelConfigError)
 
