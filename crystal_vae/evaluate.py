@@ -15,6 +15,7 @@ The decoded atoms are those segmented from the decoded grids or, with `eval.atom
 on a repeat cube, the images inside the cube of the fitted crystal.
 """
 
+import csv
 import json
 import pathlib
 import time
@@ -29,9 +30,38 @@ from crystal_vae import density_fit
 from crystal_vae import inference
 from crystal_vae import metrics
 from crystal_vae import plots
+from crystal_vae import progress as progress_lines
 from crystal_vae import reconstruction
 from crystal_vae import segmentation
 from crystal_vae import voxelize
+
+
+REBUILT_SHOWN = 8  # crystals drawn true vs rebuilt in rebuilt.png
+
+
+def _caption(crystal_id: str, rebuilt: reconstruction.Reconstruction,
+             match: metrics.MatchResult) -> str:
+  if not rebuilt.valid:
+    return f"{crystal_id}: no crystal ({rebuilt.reason})"
+  formula = rebuilt.structure.composition.reduced_formula
+  return f"{crystal_id}: {formula}, {'matches' if match.matched else 'no match'}"
+
+
+def write_matches(path: pathlib.Path, ids: list[str], true: list, predicted: list,
+                  matches: list[metrics.MatchResult]) -> None:
+  """One row per crystal: what it is (formula, atoms per cell, elements) and how it came back
+  (matched, framework matched, rms, the reason when no crystal was rebuilt)."""
+  with open(path, "w", newline="") as handle:
+    writer = csv.writer(handle)
+    writer.writerow(["id", "formula", "num_atoms", "elements", "matched", "framework_matched",
+                     "rms_dist", "rebuilt_formula", "reason"])
+    for crystal_id, structure, rebuilt, match in zip(ids, true, predicted, matches):
+      writer.writerow([
+          crystal_id, structure.composition.reduced_formula, len(structure),
+          " ".join(sorted({site.specie.symbol for site in structure})), int(match.matched),
+          int(match.framework), "" if match.rms_dist is None else f"{match.rms_dist:.4f}",
+          rebuilt.structure.composition.reduced_formula if rebuilt.valid else "",
+          "" if rebuilt.valid else rebuilt.reason])
 
 
 def _primitive_count(structure) -> int:
@@ -125,6 +155,7 @@ def evaluate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
 
   comparisons, voxel_errors, predicted, true, ids = [], [], [], [], []
   compositions_exact = []
+  progress = progress_lines.Progress(f"evaluate: rebuilt {split}", count)
   property_names = tuple(config.model.properties)
   predicted_properties, true_properties = [], []
   for begin in range(0, count, settings.batch_size):
@@ -164,12 +195,14 @@ def evaluate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
     predicted += rebuilt
     true += [crystal.to_structure() for crystal in batch]
     ids += [crystal.id for crystal in batch]
-    logging.info("evaluated %d/%d", len(ids), count)
+    progress.advance(len(batch))
 
   structures = [r.structure if r.valid else None for r in predicted]
+  matches = metrics.match_results(structures, true)
   results = {"split": split, "oracle": bool(settings.oracle), "num_samples": len(ids),
              "refine_steps": 0 if settings.oracle else int(settings.refine_steps),
-             **metrics.atom_metrics(comparisons), **metrics.match_metrics(structures, true)}
+             **metrics.atom_metrics(comparisons),
+             **metrics.summarise_matches(matches, sum(s is not None for s in structures))}
   cell_counts_exact = [s is not None and _primitive_count(s) == _primitive_count(t)
                        for s, t in zip(structures, true)]
   results["cell_atom_count_exact"] = float(np.mean(cell_counts_exact)) if ids else float("nan")
@@ -192,7 +225,13 @@ def evaluate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
 
   out_dir.mkdir(parents=True, exist_ok=True)
   reconstruction.write_cifs(predicted, ids, out_dir / "cifs")
+  write_matches(out_dir / "matches.csv", ids, true, predicted, matches)
   plots.save_evaluation_figures(out_dir, comparisons, mse)
+  shown = min(REBUILT_SHOWN, len(ids))
+  plots.plot_rebuilt_crystals(true[:shown], structures[:shown],
+                              [_caption(i, r, m) for i, r, m in zip(
+                                  ids, predicted, matches)][:shown],
+                              out_dir / "rebuilt.png")
   if "properties" in results:
     plots.plot_property_parity(predicted_properties, true_properties, property_names,
                                results["properties"], out_dir / "properties.png")

@@ -42,15 +42,20 @@ flags.mark_flags_as_required(["workdir"])
 
 
 class _QuietLibraries(python_logging.Filter):
-  """Drops the INFO chatter of orbax and TFDS, and the tracebacks of orbax's background threads
-  (their one-line messages stay; a failed save ends in `CheckpointWriteError`), so that the
-  progress lines and errors stay readable."""
+  """Keeps the terminal to what a user reads: drops the INFO and WARNING chatter of orbax and
+  TFDS (read-only directories, custom data configurations, missing dataset_info.json) and JAX's
+  note that no TPU is present, and the tracebacks of orbax's background threads (a failed save
+  ends in `CheckpointWriteError`, one line). Their errors stay."""
+
+  _NOISY = ("orbax", "tensorflow_datasets")
 
   def filter(self, record: python_logging.LogRecord) -> bool:
-    noisy = any(name in record.pathname for name in ("orbax", "tensorflow_datasets"))
-    if noisy and record.exc_info:
-      record.exc_info, record.exc_text = None, None
-    return record.levelno >= python_logging.WARNING or not noisy
+    if "xla_bridge" in record.pathname and "Unable to initialize backend" in record.getMessage():
+      return False
+    if not any(name in record.pathname for name in self._NOISY):
+      return True
+    record.exc_info, record.exc_text = None, None
+    return record.levelno >= python_logging.ERROR
 
 
 # Errors in what the user gave (a missing file, folder or checkpoint; a crystal that cannot be

@@ -424,3 +424,60 @@ def plot_discriminator_scores(scores: dict[str, np.ndarray], losses: np.ndarray,
   score_axis.set_xlabel("discriminator output (0 real, 1 random)")
   score_axis.legend(fontsize=8)
   _save(figure, path)
+
+
+# Crystals as atoms: true against rebuilt.
+
+
+def _draw_cell(axis, structure, colours: Colours) -> None:
+  """One cell of `structure` in 3-D: its edges and its atoms (size by Z, colour by species)."""
+  matrix = structure.lattice.matrix
+  corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], float)
+  for a in range(8):
+    for b in range(a + 1, 8):
+      if np.abs(corners[a] - corners[b]).sum() == 1:  # an edge of the parallelepiped
+        segment = corners[[a, b]] @ matrix
+        axis.plot(*segment.T, color="0.6", lw=0.6)
+  positions = np.mod(structure.frac_coords, 1.0) @ matrix
+  numbers = np.array(structure.atomic_numbers)
+  axis.scatter(*positions.T, s=20 + 2.5 * numbers, c=[colours[z] for z in numbers],
+               edgecolors="k", linewidths=0.4, depthshade=False)
+  axis.set_box_aspect(np.ptp(np.vstack([positions, corners @ matrix]), axis=0) + 1e-3)
+  axis.set_axis_off()
+
+
+def plot_rebuilt_crystals(true: Sequence, rebuilt: Sequence, captions: Sequence[str],
+                          path: pathlib.Path) -> None:
+  """True crystals (top row) above the crystals rebuilt from their decoded grids (bottom row;
+  None = no crystal), one column each, captioned, species named in a legend."""
+  plt = pyplot()
+  count = len(true)
+  figure = plt.figure(figsize=(2.4 * max(count, 1), 5.4))
+  if not count:
+    _say(figure.add_subplot(1, 1, 1), "no crystals to show")
+    _save(figure, path)
+    return
+  present = {z for s in [*true, *rebuilt] if s is not None for z in s.atomic_numbers}
+  palette = plt.get_cmap("tab20")
+  colours = {z: palette(rank % 20)[:3] for rank, z in enumerate(sorted(present))}
+  for column, (structure, result, caption) in enumerate(zip(true, rebuilt, captions)):
+    top = figure.add_subplot(2, count, column + 1, projection="3d")
+    _draw_cell(top, structure, colours)
+    top.set_title(f"true {structure.composition.reduced_formula}", fontsize=8)
+    bottom = figure.add_subplot(2, count, count + column + 1, projection="3d")
+    if result is None:
+      bottom.set_axis_off()
+      _say(bottom, "no crystal")
+    else:
+      _draw_cell(bottom, result, colours)
+    bottom.set_title("\n".join(caption.split(": ", 1)), fontsize=7)
+  handles = [plt.Line2D([], [], marker="o", ls="", color=colours[z], markeredgecolor="k",
+                        label=Element.from_Z(int(z)).symbol) for z in sorted(present)]
+  figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 12), fontsize=7,
+                frameon=False)
+  figure.suptitle("true crystals (top) and the crystals rebuilt from their decoded densities "
+                  "(bottom)", fontsize=9)
+  figure.subplots_adjust(bottom=0.1)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  figure.savefig(path, dpi=100)
+  plt.close(figure)

@@ -43,7 +43,21 @@ def require_native() -> None:
 def tiny_config(data_dir: str, representation: str = "repeat") -> ml_collections.ConfigDict:
   """A model small enough to compile and train a few steps in seconds on 2 CPU cores."""
   config = default_config.get_config(representation, "quick")
+  paper = default_config.get_config(representation)
+  # The embedded AFLOW prototypes build in seconds; a tiny model with a U-Net and no composition
+  # head, as the quick recipe's learning settings otherwise give.
+  config.dataset.name = "prototypes"
   config.dataset.data_dir = data_dir
+  config.model.segmenter = True
+  config.loss.teacher_forcing = 1.0
+  config.model.encoder_strides = paper.model.encoder_strides
+  config.model.composition_head = False
+  config.loss.composition_weight = paper.loss.composition_weight
+  config.lr_mults = ()
+  config.loss.beta = paper.loss.beta
+  config.eval.symprec = 0.0
+  config.eval.min_site_z = 3.0
+  config.eval.after_training = 0
   config.voxel.grid = 16
   config.model.latent_dim = 8
   config.model.encoder_features = (4, 4, 8, 8)

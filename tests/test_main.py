@@ -18,7 +18,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
      "error: no such directory: "),
     (["--config.model.conv_impl=fftx"], "error: model.conv_impl 'fftx' not in ('auto', 'xla', "),
     (["--config.model.conv_impl=fft"],
-     "error: model.conv_impl 'fft' has stride 1 only and the encoder's strides are (2, 1, 1, 2)"),
+     "error: model.conv_impl 'fft' has stride 1 only and the encoder's strides are (2, 1, 2, 2)"),
 ])
 def test_mistakes_end_in_one_line(arguments, message, tmp_path):
   arguments = [argument.format(tmp=tmp_path) for argument in arguments]
