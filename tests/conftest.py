@@ -16,6 +16,12 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     tempfile.gettempdir(), f"crystal_vae_tests_jax_cache_{os.getuid()}"))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from crystal_vae import process_settings
+
+# The command line's process settings (XLA flags, malloc), before any JAX computation: the tests
+# take the code paths a user's run takes (and subprocesses inherit the XLA flags).
+process_settings.apply()
+
 import jax
 import ml_collections
 import numpy as np
@@ -169,3 +175,8 @@ def trained_checkpoint(tmp_path_factory, tfds_dir: str, conditional_model: bool 
     config.eval.split = "none"  # no evaluation while training: the checkpoint is all we need
     train.train_and_evaluate(config, str(workdir))
   return workdir
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: trains or runs whole modes (minutes); "
+                          "`pytest -m 'not slow'` leaves them out")

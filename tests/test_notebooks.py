@@ -1,5 +1,6 @@
 """The colabs run top to bottom with small settings and display images."""
 
+import json
 import pathlib
 
 import nbformat
@@ -23,23 +24,42 @@ def _images(notebook: nbformat.NotebookNode) -> list[str]:
           if mime.startswith("image/")]
 
 
-def test_quick_start_then_sampling_notebook(tmp_path, tfds_dir, monkeypatch):
+QUICK_IMAGES = ["image/png"] * 3  # learning curves, true vs rebuilt crystals, density slices
+SAMPLING_IMAGES = ["image/gif"] + ["image/png"] * 4  # gallery, draws, interpolation, traversal
+
+
+@pytest.fixture
+def small_notebook(tmp_path, tfds_dir, monkeypatch):
   monkeypatch.setenv("CRYSTAL_VAE_NOTEBOOK_SMALL", "1")
   monkeypatch.setenv("CRYSTAL_VAE_WORKDIR", str(tmp_path / "workdir"))
   monkeypatch.setenv("CRYSTAL_VAE_DATA_DIR", tfds_dir)
+  monkeypatch.setenv("TFDS_DATA_DIR", tfds_dir)
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  quick = _run("quick_start.ipynb", tmp_path)
-  assert _images(quick).count("image/png") == 2  # loss curve, true vs decoded slices
-  assert (tmp_path / "reconstruction.png").exists()
-  assert (tmp_path / "workdir" / "checkpoints" / "2").exists()
-  sampling = _run("sampling_and_interpolation.ipynb", tmp_path)  # reuses the checkpoint
-  assert sorted(_images(sampling)) == ["image/gif", "image/png", "image/png", "image/png"]
-  assert len(list((tmp_path / "workdir" / "notebook" / "sample" / "cifs").glob("*"))) >= 1
+  return tmp_path
 
 
-@pytest.mark.parametrize("name, images", [
-    ("quick_start.ipynb", ["image/png", "image/png"]),
-    ("sampling_and_interpolation.ipynb", ["image/gif", "image/png", "image/png", "image/png"])])
+@pytest.mark.slow
+def test_quick_start_notebook_trains_and_rebuilds_validation_crystals(small_notebook):
+  quick = _run("quick_start.ipynb", small_notebook)
+  assert sorted(_images(quick)) == QUICK_IMAGES
+  assert (small_notebook / "reconstruction.png").exists()
+  assert (small_notebook / "workdir" / "checkpoints" / "4").exists()
+  rebuilt = json.loads((small_notebook / "workdir" / "eval" / "validation" / "metrics.json")
+                       .read_text())
+  assert rebuilt["num_samples"] == 8
+
+
+@pytest.mark.slow
+def test_sampling_notebook_restores_the_shipped_model(small_notebook):
+  sampling = _run("sampling_and_interpolation.ipynb", small_notebook)
+  assert sorted(_images(sampling)) == SAMPLING_IMAGES
+  out = small_notebook / "workdir" / "perov5_repeat"
+  assert len(list((out / "sample" / "cifs").glob("*.cif"))) >= 1
+  assert (out / "interpolate" / "interpolation.gif").exists()
+
+
+@pytest.mark.parametrize("name, images", [("quick_start.ipynb", QUICK_IMAGES),
+                                          ("sampling_and_interpolation.ipynb", SAMPLING_IMAGES)])
 def test_notebooks_start_with_a_guarded_install_and_are_saved_with_outputs(name, images):
   """Saved as run top to bottom (every code cell executed, in order; the figures kept), so that
   they read without running; the install cell only runs where crystal_vae is not importable."""
