@@ -46,6 +46,7 @@ from crystal_vae import datasets
 from crystal_vae import generation_metrics
 from crystal_vae import inference
 from crystal_vae import plots
+from crystal_vae import progress
 from crystal_vae import reconstruction
 
 METHODS = ("linear", "slerp")
@@ -248,7 +249,13 @@ def generate(model: inference.TrainedModel, num: int, seed: int, temperature: fl
   reasons)."""
   z = random_latents(num, model.config.model.latent_dim, seed, temperature, prior)
   grids = model.decode(z, condition, batch_size)
-  return z, grids, model.to_crystals(grids)
+  counter = progress.Progress("sample: rebuilt", num, unit="draws")
+  rebuilt = []
+  for begin in range(0, num, batch_size):
+    batch = {name: values[begin:begin + batch_size] for name, values in grids.items()}
+    rebuilt += model.to_crystals(batch)
+    counter.advance(len(batch["density"]))
+  return z, grids, rebuilt
 
 
 def sample(model: inference.TrainedModel, settings: ml_collections.ConfigDict,

@@ -31,6 +31,7 @@ from pymatgen.core import Structure
 from scipy import spatial, stats
 
 from crystal_vae import metrics
+from crystal_vae import progress
 
 # (structure fingerprint cutoff, composition fingerprint cutoff), CDVAE's `COV_Cutoffs`.
 COVERAGE_CUTOFFS = {"perov_5": (0.2, 4.0), "carbon_24": (0.2, 4.0), "mp_20": (0.4, 10.0)}
@@ -162,7 +163,9 @@ def fingerprints(structures: Sequence[Structure | None]) -> tuple[np.ndarray, np
   crystal or one whose structure fingerprint fails (both rows, as CDVAE drops both)."""
   structure_rows = np.full((len(structures), STRUCTURE_FINGERPRINT_SIZE), np.nan)
   composition_rows = np.full((len(structures), COMPOSITION_FINGERPRINT_SIZE), np.nan)
+  counter = progress.Progress("fingerprints (CrystalNN, Magpie):", len(structures))
   for row, structure in enumerate(structures):
+    counter.advance()
     if structure is None:
       continue
     fingerprint = structure_fingerprint(structure)

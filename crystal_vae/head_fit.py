@@ -38,6 +38,7 @@ from crystal_vae import inference
 from crystal_vae import losses
 from crystal_vae import metrics
 from crystal_vae import models
+from crystal_vae import progress
 from crystal_vae import reconstruction
 from crystal_vae import train
 
@@ -119,8 +120,10 @@ def fit_head(head: nn.Module, loss: HeadLoss, train_split: EncodedSplit,
   validation = (jnp.asarray(validation_split.means), jnp.asarray(validation_split.targets))
   opt_state, curve = tx.init(params), []
   best_params, best_loss = params, float(evaluate(params, *validation))
+  counter = progress.Progress("head fit:", steps, unit="steps")
   for step in range(1, steps + 1):
     params, opt_state, _ = step_fn(params, opt_state, jax.random.fold_in(order_key, step))
+    counter.advance()
     if step % eval_every == 0 or step == steps:
       validation_loss = float(evaluate(params, *validation))
       curve.append({"step": step, "train": float(evaluate(params, train_means, train_targets)),

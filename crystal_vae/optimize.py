@@ -34,6 +34,7 @@ from crystal_vae import generation
 from crystal_vae import inference
 from crystal_vae import metrics
 from crystal_vae import plots
+from crystal_vae import progress
 from crystal_vae import reconstruction
 
 DIRECTIONS = ("minimize", "maximize")
@@ -67,8 +68,11 @@ def optimise_latents(model: inference.TrainedModel, z: np.ndarray, index: int, *
   z = np.asarray(z, np.float32)
   state = optimiser.init(z)
   path, predictions = [z], []
+  counter = progress.Progress("optimize:", steps, unit="steps")
   for step in range(steps + 1):
     values, gradient = model.property_gradient(z, index)
+    if step:
+      counter.advance()
     predictions.append(values[:, index])
     if step == steps:
       break
