@@ -6,7 +6,9 @@ import json
 import pathlib
 import shutil
 import socket
+import time
 
+import ml_collections
 import pytest
 
 from crystal_vae import inference
@@ -80,3 +82,30 @@ def test_every_mode_runs_on_a_shipped_workdir_offline(shipped, tmp_path, tfds_di
     written = [path for path in (workdir / folder).rglob("*") if path.is_file()]
     assert written, f"{mode} wrote nothing under {workdir / folder}"
   assert "Traceback" not in capsys.readouterr().out
+
+
+def test_a_saved_dataset_not_on_this_machine_falls_back_to_the_embedded_one(tmp_path, tfds_dir,
+                                                                            capsys):
+  workdir = copy_of(PRETRAINED / "perov5_unit_cell", tmp_path, tfds_dir)
+  for metadata in workdir.glob("checkpoints/*/config/metadata"):
+    config = json.loads(metadata.read_text())
+    config["dataset"].update(name="csv", path=str(tmp_path / "not_here"))
+    metadata.write_text(json.dumps(config))
+  config = saved_config.get_config(str(workdir))
+  model = inference.TrainedModel.for_mode(config, workdir, dataset_given=False)
+  assert (model.config.dataset.name, model.config.dataset.path) == ("perov_5", "")
+  note = capsys.readouterr().out.strip().splitlines()
+  assert note == [f"note: the dataset this model was trained on (csv, {tmp_path / 'not_here'})"
+                  " is not on this machine: using the embedded perov_5 crystals (give yours with"
+                  " --config.dataset.path=DIR)"]
+
+
+def test_a_download_without_network_fails_at_once_in_one_line(tmp_path):
+  from crystal_vae import datasets  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict({"name": "carbon_24", "path": "",
+                                      "data_dir": str(tmp_path)})
+  start = time.monotonic()
+  with pytest.raises(datasets.DownloadError, match="cannot download the carbon_24 CSVs") as error:
+    datasets.load_data_sources(config)
+  assert time.monotonic() - start < 10
+  assert "\n" not in str(error.value)
