@@ -22,6 +22,7 @@ from crystal_vae import datasets
 from crystal_vae import inference
 from crystal_vae import models
 from crystal_vae import modes
+from crystal_vae import process_settings
 from crystal_vae import saved_config
 
 FLAGS = flags.FLAGS
@@ -113,4 +114,5 @@ def with_saved_config(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+  process_settings.apply()  # before JAX's first computation
   app.run(main, argv=with_saved_config(sys.argv), flags_parser=parse_flags)

@@ -16,9 +16,10 @@ Each is run in float32 and bfloat16. Usage:
       [--impls xla,depth_sum,...,torch] [--dtypes f32,bf16] [--layers enc1,dec2,...]
 Prints one row per layer: median milliseconds of jitted value_and_grad(sum(out * ct)) w.r.t. input
 and kernel, i.e. forward and both gradients (with grad alone XLA would drop the forward pass of
-this linear loss: the fifteenth session's tables timed the gradients only).
-Runs with the XLA settings importing crystal_vae makes (YNNPACK for dots only, see
-crystal_vae/__init__.py); XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=... overrides them.
+this linear loss).
+Runs with the command line's process settings (YNNPACK for dots only, see
+crystal_vae/process_settings.py); XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=... overrides
+them, CRYSTAL_VAE_PROCESS_SETTINGS=0 leaves them out.
 """
 
 import argparse
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from crystal_vae import models, native  # also the CPU convolution setting (__init__.py)
+from crystal_vae import models, native, process_settings
 
 # (name, input spatial size, in channels, out channels, kernel, stride, padding) of the paper model
 # at grid 30 (see crystal_vae/models.py for the shape path); U-Net features (16, 32, 64, 128).
@@ -214,4 +215,5 @@ def main():
 
 
 if __name__ == "__main__":
+  process_settings.apply()
   main()

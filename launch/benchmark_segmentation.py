@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from pymatgen.analysis.structure_matcher import StructureMatcher
 
-from crystal_vae import crystals, reconstruction, segmentation, voxelize
+from crystal_vae import crystals, process_settings, reconstruction, segmentation, voxelize
 
 DATASETS = (("perov_5", "/work/shared/data/perov_5/val.csv.gz"),
             ("mp_cgcnn", "/work/shared/data/mp_cgcnn/all.csv.gz"))
@@ -120,4 +120,5 @@ def main():
 
 
 if __name__ == "__main__":
+  process_settings.apply()
   main()

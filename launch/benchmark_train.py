@@ -18,8 +18,9 @@ RSS (`ru_maxrss`, whole process: imports, XLA compilation, the steps) is its own
 "steps peak" column is the RSS high-water mark of the timed steps alone (VmHWM reset after the
 warm-up step). Every row of a model is credited with the same FLOPs: XLA's cost analysis of the
 JAX step with `depth_sum` convolutions. PyTorch is optional: without it the twin is skipped.
-Both frameworks run with the malloc settings importing crystal_vae makes (freed memory kept for
-reuse, see crystal_vae/__init__.py: ~15% of either's `cpu` step). A row's s/step is the median
+Both frameworks run with the command line's process settings (crystal_vae/process_settings.py:
+among them freed memory kept for reuse, ~15% of either's `cpu` step; CRYSTAL_VAE_PROCESS_SETTINGS=0
+leaves them out). A row's s/step is the median
 of its timed steps (each step's time is in the notes at the end), so one step slowed by another
 tenant of a shared machine does not move it.
 
@@ -41,6 +42,8 @@ import time
 from absl import app
 from absl import flags
 import numpy as np
+
+from crystal_vae import process_settings
 
 _MODELS = flags.DEFINE_list("models", ["paper", "cpu"],
                             "Config variants: paper, cpu, gpu, quick.")
@@ -79,7 +82,7 @@ JAX_VARIANTS = {
                                 "--xla_cpu_experimental_onednn_custom_call=true"},
     "no_xnnpack": {"xla_flags": "--xla_cpu_use_xnnpack=false"},  # true is the default
     "no_thunks": {"xla_flags": "--xla_cpu_use_thunk_runtime=false"},
-    # jaxlib 0.10's default, which importing crystal_vae turns off: YNNPACK convolutions too.
+    # jaxlib 0.10's default, which the process settings turn off: YNNPACK convolutions too.
     "ynn_conv": {"xla_flags": "--xla_cpu_experimental_ynn_fusion_type="
                               "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
                               "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"},
@@ -292,8 +295,6 @@ def jax_worker(job: dict) -> dict:
 
 def torch_worker(job: dict) -> dict:
   """Times the twin's step (one warm-up step, counted by torch's FlopCounterMode, then `steps`)."""
-  import crystal_vae  # pylint: disable=g-import-not-at-top,unused-import  (its malloc settings,
-  # as in the JAX rows: see crystal_vae/__init__.py)
   import torch  # pylint: disable=g-import-not-at-top
   import torch_twin  # pylint: disable=g-import-not-at-top  (launch/ is sys.path[0])
   from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=g-import-not-at-top
@@ -539,4 +540,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  process_settings.apply()  # here and in every worker
   app.run(main)

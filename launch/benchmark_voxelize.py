@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from crystal_vae import crystals
+from crystal_vae import process_settings
 from crystal_vae import reference
 from crystal_vae import voxelize
 
@@ -156,4 +157,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  process_settings.apply()
   app.run(main)

@@ -1,6 +1,7 @@
 """Tests for crystal_vae.models on small grids and widths (jitted or shape-only to stay fast)."""
 
 import importlib.metadata
+import json
 import os
 import pathlib
 import subprocess
@@ -17,6 +18,7 @@ from flax import traverse_util
 from conftest import require_native
 from crystal_vae import models
 from crystal_vae import native
+from crystal_vae import process_settings
 
 GRID = 14  # Odd on the way down: 14 -> 7 -> 4.
 MAX_Z = 5
@@ -438,67 +440,78 @@ def test_every_config_variant_builds_a_model_that_reaches_its_grid(representatio
     assert params * 4 < 25 * 2**20, params
 
 
-_CONV_HLO = """
-import jax, jax.numpy as jnp, os
-from crystal_vae import models
-x, w = jnp.ones((2, 8, 16, 16, 32)), jnp.ones((3, 3, 3, 32, 32))  # YNNPACK takes these
-conv = jax.jit(lambda w: models.conv3d(x, w, (1, 1, 1), "SAME", "depth_sum"))
-print(os.environ.get("XLA_FLAGS", ""))
-print("YNN_CONVOLUTION" if "__ynn_fusion" in conv.lower(w).compile().as_text() else "XLA_CONVOLUTION")
-"""
-
-
-@pytest.mark.parametrize("user_flags", [
-    "", "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
-        "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"])
-def test_cpu_convolutions_are_xlas_unless_the_user_says_otherwise(user_flags):
-  """Importing crystal_vae keeps YNNPACK to dots (its CPU convolutions are the slow path here),
-  before any computation; an XLA_FLAGS value the user set for it is kept as it is (whether
-  YNNPACK then takes a convolution depends on the CPU: not asserted)."""
-  if not importlib.metadata.version("jaxlib").startswith("0.10."):
-    pytest.skip("the flag is only set for jaxlib 0.10")
-  env = dict(os.environ, XLA_FLAGS=user_flags, JAX_PLATFORMS="cpu")
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)
-  result = subprocess.run([sys.executable, "-c", _CONV_HLO], env=env, capture_output=True,
-                          text=True, timeout=300, check=True)
-  flags, hlo = result.stdout.split("\n")[:2]
-  assert flags.count("xla_cpu_experimental_ynn_fusion_type") == 1
-  if user_flags:
-    assert flags == user_flags
-  else:
-    assert hlo == "XLA_CONVOLUTION"
-
-
-_REUSE = """
-import ctypes, resource, crystal_vae
+_PROCESS = """
+import ctypes, json, os, resource, sys
+import crystal_vae.main  # every module the command line imports
+if sys.argv[1] == "apply":
+  from crystal_vae import process_settings
+  process_settings.apply()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
 size = 64 << 20
 block = libc.malloc(size); ctypes.memset(block, 1, size); libc.free(block)
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 block = libc.malloc(size); ctypes.memset(block, 1, size)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+import jax, jax.numpy as jnp
+from crystal_vae import models
+x, w = jnp.ones((2, 8, 16, 16, 32)), jnp.ones((3, 3, 3, 32, 32))  # YNNPACK takes these
+conv = jax.jit(lambda w: models.conv3d(x, w, (1, 1, 1), "SAME", "depth_sum"))
+print(json.dumps({"xla_flags": os.environ.get("XLA_FLAGS"), "page_faults": faults,
+                  "ynn_convolution": "__ynn_fusion" in conv.lower(w).compile().as_text()}))
 """
+_DOTS_ONLY = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
 
 
-@pytest.mark.parametrize("keep", ["", "0"])
-def test_importing_crystal_vae_keeps_freed_memory_for_reuse(keep):
-  """After `import crystal_vae` a freed 64 MiB block is reused without page faults (glibc would
-  unmap it and fault 16 Ki pages in again); CRYSTAL_VAE_KEEP_FREED_MEMORY=0 leaves malloc as it
-  is."""
+@pytest.mark.parametrize("apply, environment, flag_added, memory_kept", [
+    (False, {}, False, False),  # importing crystal_vae (all the command line imports) alone
+    (True, {}, True, True),
+    (True, {"CRYSTAL_VAE_KEEP_FREED_MEMORY": "0"}, True, False),
+    (True, {"CRYSTAL_VAE_PROCESS_SETTINGS": "0"}, False, False),
+])
+def test_process_settings_take_effect_when_applied_and_not_on_import(apply, environment,
+                                                                     flag_added, memory_kept):
+  """`process_settings.apply()` keeps YNNPACK to dots (its CPU convolutions are the slow path
+  here) and has glibc reuse a freed 64 MiB block without page faults (it would unmap it and
+  fault 16 Ki pages in again); importing crystal_vae does neither, and the environment switches
+  turn them off."""
   try:
     glibc = os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
   except (ValueError, OSError):
     glibc = False
   if not glibc:
     pytest.skip("glibc's malloc only")
-  env = dict(os.environ, CRYSTAL_VAE_KEEP_FREED_MEMORY=keep)
-  faults = int(subprocess.run([sys.executable, "-c", _REUSE], env=env, capture_output=True,
-                              text=True, timeout=120, check=True).stdout)
-  if not keep:
-    assert faults < 100
+  flag_added = flag_added and importlib.metadata.version("jaxlib").startswith("0.10.")
+  env = {name: value for name, value in os.environ.items()
+         if name not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")
+         and not name.startswith("CRYSTAL_VAE_")}
+  env.update(environment, JAX_PLATFORMS="cpu")
+  result = json.loads(subprocess.run(
+      [sys.executable, "-c", _PROCESS, "apply" if apply else "import"], env=env,
+      capture_output=True, text=True, timeout=300, check=True).stdout)
+  assert result["xla_flags"] == (_DOTS_ONLY if flag_added else None)
+  if flag_added:  # without the flag, whether YNNPACK takes the convolution depends on the CPU
+    assert not result["ynn_convolution"]
+  if memory_kept:
+    assert result["page_faults"] < 100
   elif "[always]" not in pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
-    assert faults > (64 << 20) // 4096 // 2  # at least half the block's 4 KiB pages
+    assert result["page_faults"] > (64 << 20) // 4096 // 2  # at least half the block's pages
+
+
+@pytest.mark.parametrize("before, after", [
+    ("", _DOTS_ONLY),
+    ("--xla_force_host_platform_device_count=2",
+     "--xla_force_host_platform_device_count=2 " + _DOTS_ONLY),
+    # A value the user set for the flag is kept as it is.
+    (_DOTS_ONLY + ",LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
+     _DOTS_ONLY + ",LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"),
+])
+def test_the_ynnpack_flag_joins_the_users_xla_flags(before, after, monkeypatch):
+  if not importlib.metadata.version("jaxlib").startswith("0.10."):
+    pytest.skip("the flag is only set for jaxlib 0.10")
+  monkeypatch.setenv("XLA_FLAGS", before)
+  assert process_settings.ynnpack_for_dots_only() == (before != after)
+  assert os.environ["XLA_FLAGS"] == after
 
 
 @pytest.mark.parametrize("use_native", [True, False])
