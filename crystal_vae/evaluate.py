@@ -54,14 +54,14 @@ def write_matches(path: pathlib.Path, ids: list[str], true: list, predicted: lis
   with open(path, "w", newline="") as handle:
     writer = csv.writer(handle)
     writer.writerow(["id", "formula", "num_atoms", "elements", "matched", "framework_matched",
-                     "rms_dist", "rebuilt_formula", "reason"])
+                     "rms_dist", "rebuilt_formula", "rebuilt_num_atoms", "reason"])
     for crystal_id, structure, rebuilt, match in zip(ids, true, predicted, matches):
       writer.writerow([
           crystal_id, structure.composition.reduced_formula, len(structure),
           " ".join(sorted({site.specie.symbol for site in structure})), int(match.matched),
           int(match.framework), "" if match.rms_dist is None else f"{match.rms_dist:.4f}",
           rebuilt.structure.composition.reduced_formula if rebuilt.valid else "",
-          "" if rebuilt.valid else rebuilt.reason])
+          len(rebuilt.structure) if rebuilt.valid else "", "" if rebuilt.valid else rebuilt.reason])
 
 
 def _primitive_count(structure) -> int:
