@@ -250,29 +250,6 @@ def test_native_convolution_builds_once_and_falls_back_without_a_compiler(tmp_pa
   assert "native CPU kernels unavailable" in run.stderr
 
 
-@pytest.mark.parametrize("shape,kernel,strides,expected", [
-    ((34, 34, 34), (3, 3, 3, 16, 8), (1, 1, 1), True),      # repeat `cpu` decoder, 32^3 x 16 -> 8
-    ((18, 18, 18), (3, 3, 3, 32, 16), (1, 1, 1), True),     # its 16^3 x 32 -> 16
-    ((32, 32, 32), (3, 3, 3, 48, 16), (1, 1, 1), True),     # paper U-Net, up path at 30^3
-    ((32, 32, 32), (3, 3, 3, 8, 1), (1, 1, 1), True),       # its VALID output layer: 8 -> 1
-    ((32, 32, 32), (3, 3, 3, 8, 4), (1, 1, 1), False),      # 4 outputs: the FFT's
-    ((10, 10, 10), (3, 3, 3, 64, 32), (1, 1, 1), True),     # `cpu` decoder at 8^3
-    ((6, 6, 6), (3, 3, 3, 128, 128), (1, 1, 1), False),     # paper U-Net at 4^3: depth_sum's
-    ((20, 20, 20), (5, 5, 5, 64, 32), (1, 1, 1), True),     # paper decoder, k5 VALID, 64 -> 32
-    ((14, 14, 14), (5, 5, 5, 128, 64), (1, 1, 1), True),    # paper decoder's first: 1 Mi floats
-    ((10, 10, 10), (3, 3, 3, 64, 64), (1, 1, 1), True),     # paper U-Net at 8^3
-    ((32, 32, 32), (3, 3, 3, 1, 16), (1, 1, 1), True),      # the U-Net's first layer, 1 -> 16
-    ((32, 32, 32), (3, 3, 3, 4, 16), (1, 1, 1), False),     # 4 input channels: the FFT's
-    ((33, 33, 33), (5, 5, 5, 1, 16), (2, 2, 2), True),      # the first encoder layer, stride 2
-    ((17, 17, 17), (3, 3, 3, 64, 128), (2, 2, 2), True),    # paper encoder's last, stride 2
-    ((10, 10, 10), (3, 3, 3, 64, 64), (2, 2, 2), False),    # `cpu` encoder's last: small cube
-    ((17, 17, 17), (3, 3, 3, 32, 64), (2, 1, 1), False),    # strides differing by axis
-])
-def test_cpu_auto_takes_the_native_convolution_where_it_is_faster(shape, kernel, strides,
-                                                                  expected):
-  assert models.prefers_native(shape, kernel, strides) == expected
-
-
 @pytest.mark.parametrize("shape", [(2, 3, 4, 5, 3), (1, 8, 8, 8, 16), (2, 15, 6, 1, 12)])
 def test_native_upsampling_is_jax_trilinear_resize_with_its_gradient(shape):
   """native.upsample2 (which the decoder and U-Net use on CPU to double sides) against
@@ -290,36 +267,41 @@ def test_native_upsampling_is_jax_trilinear_resize_with_its_gradient(shape):
   assert native.upsample2(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("shape,kernel,strides,fft", [
-    ((32, 32, 32), (3, 3, 3, 16, 8), (1, 1, 1), True),      # repeat `cpu` decoder, 32^3 x 16 -> 8
-    ((32, 32, 32), (3, 3, 3, 8, 1), (1, 1, 1), True),       # its VALID output layer
-    ((35, 35, 35), (4, 4, 4, 32, 16), (1, 1, 1), True),     # paper decoder, k4
-    ((20, 20, 20), (5, 5, 5, 64, 32), (1, 1, 1), False),    # paper decoder, k5 VALID, 64 -> 32
-    ((32, 32, 32), (3, 3, 3, 16, 16), (1, 1, 1), False),    # paper U-Net at 30^3: 16 -> 16
-    ((10, 10, 10), (3, 3, 3, 64, 8), (1, 1, 1), False),     # a small cube
-    ((34, 34, 34), (5, 5, 5, 1, 16), (2, 2, 2), False),     # strided
+@pytest.mark.parametrize("cube, features, strides, padding, padded, expected", [
+    (16, 2, (1, 1, 1), "SAME", 18, "fft"),        # 2 outputs: the FFT's
+    (16, 16, (1, 1, 1), "SAME", 18, "native"),
+    (16, 1, (1, 1, 1), "SAME", 18, "native"),       # one output channel
+    (8, 16, (1, 1, 1), "SAME", 10, "native"),       # the padding lifts an 8^3 cube to 10^3
+    (8, 16, (1, 1, 1), "VALID", 8, "depth_sum"),    # the same cube unpadded
+    (11, 16, (2, 2, 2), "SAME", 13, "native"),      # (6 - 1) * 2 + 3 - 11 = 2 voxels of padding
+    (11, 16, (2, 2, 2), "VALID", 11, "depth_sum"),
+    (16, 16, (2, 1, 1), "SAME", 18, "depth_sum"),   # strides differing by axis: neither runs it
+    (16, 2, (2, 2, 2), "SAME", 17, "depth_sum"),    # strided: no FFT
 ])
-def test_cpu_auto_takes_fft_where_it_is_faster(shape, kernel, strides, fft):
-  assert models.prefers_fft(shape, kernel, strides) == fft
-
-
-def test_auto_convolution_on_cpu_is_the_preferred_implementation():
-  """`auto` on the CPU gives the native path's values bit for bit where `prefers_native`, the
-  FFT path's where `prefers_fft`, else depth_sum's."""
+def test_auto_convolution_on_cpu_is_the_rules_choice_for_the_padded_input(
+    cube, features, strides, padding, padded, expected):
+  """`auto` gives bit for bit the values of the implementation that `prefers_native` and
+  `prefers_fft` choose for the padded input (its sides worked out by hand), and not those of the
+  other implementations that can run the layer; the choice runs (native: one stride for all axes,
+  FFT: stride 1)."""
   assert jax.default_backend() == "cpu"
   require_native()
-  x = jax.random.normal(key(0), (1, 16, 16, 16, 12))
-  for features, cube, expected in ((2, 16, "fft"), (16, 16, "native"), (1, 16, "native"),
-                                   (16, 8, "native"), (16, 6, "depth_sum")):
-    kernel = jax.random.normal(key(1), (3, 3, 3, 12, features))
-    x = x[:, :cube, :cube, :cube]
-    padded = (cube + 2,) * 3
-    chosen = ("native" if models.prefers_native(padded, kernel.shape, (1, 1, 1)) else
-              "fft" if models.prefers_fft(padded, kernel.shape, (1, 1, 1)) else "depth_sum")
-    assert chosen == expected
-    auto = jax.jit(lambda x, k: models.conv3d(x, k, (1, 1, 1), "SAME", "auto"))(x, kernel)
-    own = jax.jit(lambda x, k: models.conv3d(x, k, (1, 1, 1), "SAME", chosen))(x, kernel)
-    np.testing.assert_array_equal(auto, own)
+  x = jax.random.normal(key(0), (1, cube, cube, cube, 12))
+  kernel = jax.random.normal(key(1), (3, 3, 3, 12, features))
+  chosen = ("native" if models.prefers_native((padded,) * 3, kernel.shape, strides) else
+            "fft" if models.prefers_fft((padded,) * 3, kernel.shape, strides) else "depth_sum")
+  assert chosen == expected
+  convolve = lambda impl: jax.jit(
+      lambda x, k: models.conv3d(x, k, strides, padding, impl))(x, kernel)
+  auto = convolve("auto")
+  np.testing.assert_array_equal(auto, convolve(chosen))
+  others = {"native", "fft", "depth_sum"} - {chosen}
+  if len(set(strides)) > 1:
+    others -= {"native"}
+  if strides != (1, 1, 1):
+    others -= {"fft"}
+  for other in others:
+    assert not np.array_equal(auto, convolve(other)), other
 
 
 def test_scale_gradient_hand_computed():
