@@ -32,23 +32,28 @@ def test_mistakes_end_in_one_line(arguments, message, tmp_path):
   assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-2000:]
 
 
-def test_a_config_of_another_model_is_one_of_the_one_line_errors():
-  # Raised by TrainedModel.for_mode (test_generation.py); main turns these into `error: ...`.
-  from crystal_vae import inference, main  # pylint: disable=import-outside-toplevel
-  one_line_errors = main._ONE_LINE_ERRORS  # pylint: disable=protected-access
-  assert issubclass(inference.ConfigMismatch, one_line_errors)
+SHIPPED = REPO / "pretrained" / "perov5_repeat"
 
 
-def test_a_mode_setting_the_model_cannot_run_is_one_line():
-  """`inference.SettingsError` (a mode's settings that cannot run) ends in one line too; here an
-  unknown `sample.prior` on the shipped model, refused before anything is written."""
+@pytest.mark.parametrize("arguments, message", [
+    # inference.SettingsError: a mode's setting that cannot run on the model
+    (["--config.sample.prior=uniform"],
+     "error: sample.prior must be one of ('standard', 'fitted'), got 'uniform'"),
+    # inference.ConfigMismatch: a --config of another model than the checkpoint's
+    ([f"--config={REPO}/configs/unit_cell.py:quick"],
+     f"error: --config describes another model than the checkpoint in {SHIPPED} (different "
+     "representation; it holds a repeat model)"),
+])
+def test_a_mode_the_shipped_model_cannot_run_is_one_line(arguments, message):
+  """Settings the shipped model cannot run end in one line, refused before anything is written
+  to its workdir."""
+  files = sorted(SHIPPED.rglob("*"))
   result = subprocess.run(
-      [sys.executable, "-m", "crystal_vae.main",
-       f"--workdir={REPO / 'pretrained' / 'perov5_repeat'}", "--mode=sample",
-       "--config.sample.prior=uniform"],
+      [sys.executable, "-m", "crystal_vae.main", f"--workdir={SHIPPED}", "--mode=sample",
+       *arguments],
       cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
       timeout=300, check=False)
   assert result.returncode == 1
   assert "Traceback" not in result.stderr, result.stderr[-2000:]
-  assert result.stderr.strip().splitlines()[-1] == (
-      "error: sample.prior must be one of ('standard', 'fitted'), got 'uniform'")
+  assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-2000:]
+  assert sorted(SHIPPED.rglob("*")) == files
