@@ -70,7 +70,7 @@ def test_discriminator_mode_writes_summary_and_params(workdir, tfds_dir):
   config = small_config(tfds_dir)
   config.discriminator.num_train_steps = 4
   config.discriminator.log_every_steps = 2
-  results = modes.run("discriminator", config, str(workdir))
+  modes.run("discriminator", config, str(workdir))
   out_dir = workdir / "discriminator"
   saved = json.loads((out_dir / "summary.json").read_text())
   assert saved["num_eval"] == 4 and saved["num_real"] == 12
@@ -84,5 +84,13 @@ def test_discriminator_mode_writes_summary_and_params(workdir, tfds_dir):
   scores = trainer.score_latents(params, latents, conditions)
   assert saved["real_mean"] == pytest.approx(float(scores.mean()), rel=1e-5)
   assert saved["real_std"] == pytest.approx(float(scores.std()), rel=1e-4, abs=1e-7)
-  assert results["random_mean"] == saved["random_mean"]
-  assert (out_dir / "params").is_dir() and (out_dir / "scores.png").exists()
+  # "random" and "out_of_distribution": N(0, I) draws of seeds seed + 1 and seed + 2, the latter
+  # spread by ood_scale, drawn here with numpy.
+  settings = config.discriminator
+  for name, offset, scale in (("random", 1, 1.0), ("out_of_distribution", 2, settings.ood_scale)):
+    noise = np.random.default_rng(settings.seed + offset).standard_normal(
+        (4, config.model.latent_dim))
+    scores = trainer.score_latents(params, (scale * noise).astype(np.float32))
+    assert saved[f"{name}_mean"] == pytest.approx(float(scores.mean()), rel=1e-5)
+    assert saved[f"{name}_std"] == pytest.approx(float(scores.std()), rel=1e-4, abs=1e-7)
+  assert (out_dir / "scores.png").exists()
