@@ -1,6 +1,7 @@
 """Generation modes on a tiny trained checkpoint: sample, interpolate, traverse, conditional."""
 
 import csv
+import itertools
 import json
 import os
 import pathlib
@@ -61,6 +62,26 @@ def _is_png(path: pathlib.Path) -> bool:
   return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+  """Pearson's r by its definition."""
+  a, b = a - a.mean(), b - b.mean()
+  return float(np.sum(a * b) / np.sqrt(np.sum(a * a) * np.sum(b * b)))
+
+
+def _periodic_distances(structure: Structure) -> np.ndarray:
+  """(sites, sites) distances (Å) from each site to the nearest periodic image of each site, its
+  own images other than itself on the diagonal: a numpy loop over the 5³ cells around the
+  Niggli-reduced cell."""
+  structure = structure.get_reduced_structure()
+  frac = np.mod(structure.frac_coords, 1.0)
+  shifts = np.array(list(itertools.product(range(-2, 3), repeat=3)), np.float64)
+  vectors = (frac[None, :, None, :] + shifts[None, None] - frac[:, None, None, :])
+  distances = np.linalg.norm(vectors @ structure.lattice.matrix, axis=-1)
+  own = np.arange(len(frac))
+  distances[own, own, len(shifts) // 2] = np.inf  # the zero shift: the site itself
+  return distances.min(axis=-1)
+
+
 # Composition validity, distances and statistics against hand-computed cases.
 
 
@@ -88,6 +109,14 @@ def test_compositions_with_too_many_oxidation_state_combinations_are_not_searche
 
 def test_alloys_need_include_alloys():
   assert not metrics.smact_valid([29, 30], include_alloys=False)  # no anion: never neutral
+
+
+def test_periodic_distances_of_known_structures():
+  np.testing.assert_allclose(_periodic_distances(_rock_salt()).min(axis=1), 5.64 / 2)
+  simple = Structure(Lattice.tetragonal(3.0, 4.0), ["Po"], [[0, 0, 0]])
+  np.testing.assert_allclose(_periodic_distances(simple), [[3.0]])
+  pair = Structure(Lattice.cubic(5.0), ["O", "O"], [[0, 0, 0], [0.9, 0, 0]])  # 0.5 Å apart
+  np.testing.assert_allclose(_periodic_distances(pair), [[5.0, 0.5], [0.5, 5.0]])
 
 
 def test_nearest_neighbour_distances_of_known_structures():
@@ -235,11 +264,21 @@ def test_sample_mode_from_the_command_line(workdir, tfds_dir):
   assert summary["num_samples"] == 6 and summary["num_valid"] == len(structures)
   assert summary["valid_fraction"] == len(structures) / 6
   assert summary["seed"] == 3 and summary["num_train_structures"] == 12
-  assert summary["nearest_neighbour_median_train"] > 0.5
   assert summary["reference"] == "validation (5)"
   assert 0 <= summary["cov_precision"] <= summary["valid_fraction"]
-  assert summary["cdvae_valid"] <= min(summary["cdvae_structure_valid"],
-                                       summary["cdvae_composition_valid"])
+  # The median nearest-neighbour distance over every site of the 12 training crystals, and
+  # CDVAE's validity of the samples (distinct sites >= 0.5 Å apart, volume >= 0.1 Å³; SMACT),
+  # recomputed from the CIFs with the numpy distances.
+  train = generation.training_crystals(small_config(tfds_dir), 12, 3)
+  nearest = np.concatenate([_periodic_distances(c.to_structure()).min(axis=1) for c in train])
+  assert summary["nearest_neighbour_median_train"] == pytest.approx(np.median(nearest), rel=1e-6)
+  apart = [len(s) == 1 or np.min(_periodic_distances(s)[~np.eye(len(s), dtype=bool)]) >= 0.5
+           for s in structures]
+  structure_ok = [ok and s.volume >= 0.1 for ok, s in zip(apart, structures)]
+  composition_ok = [metrics.smact_valid(s.atomic_numbers) for s in structures]
+  assert summary["cdvae_structure_valid"] == sum(structure_ok) / 6
+  assert summary["cdvae_composition_valid"] == sum(composition_ok) / 6
+  assert summary["cdvae_valid"] <= sum(np.logical_and(structure_ok, composition_ok)) / 6
   with np.load(out_dir / "reference_fingerprints.npz") as cache:
     assert cache["structure"].shape == (5, generation_metrics.STRUCTURE_FINGERPRINT_SIZE)
   assert _is_png(out_dir / "gallery.png") and _is_png(out_dir / "nearest_neighbours.png")
@@ -305,8 +344,19 @@ def test_traverse_mode_writes_a_panel(workdir, tfds_dir):
   config.traverse.dim = 5
   results = modes.run("traverse", config, str(workdir))
   assert results["values"] == [-3.0, 0.0, 3.0] and results["dim"] == 5
-  assert results["mean_abs_change_from_first"][0] == 0.0
   assert _is_png(workdir / "traverse" / "traverse.png")
+  # The first training crystal's latent mean with z[5] set to each value, decoded here.
+  crystal = datasets.record_to_crystal(datasets.split_source(config.dataset, "train")[0])
+  model = inference.TrainedModel.restore(workdir)
+  mean, _ = model.encode(model.voxelize([crystal])["density"])
+  assert results["crystal"] == crystal.id
+  assert results["encoded_value"] == pytest.approx(float(mean[0, 5]), rel=1e-5)
+  path = np.repeat(np.asarray(mean), 3, axis=0)
+  path[:, 5] = [-3.0, 0.0, 3.0]
+  density = np.stack([model.decode(z[None])["density"][0] for z in path]).reshape(3, -1)
+  np.testing.assert_allclose(results["max_density"], density.max(axis=1), rtol=1e-5)
+  np.testing.assert_allclose(results["mean_abs_change_from_first"],
+                             np.abs(density - density[0]).mean(axis=1), rtol=1e-4, atol=1e-7)
 
 
 def test_conditional_generation_follows_the_target(tmp_path_factory, tfds_dir, model):
@@ -329,10 +379,16 @@ def test_conditional_generation_follows_the_target(tmp_path_factory, tfds_dir, m
   saved = json.loads((workdir / "conditional" / "summary.json").read_text())
   conditional_model = inference.TrainedModel.restore(workdir)
   z = generation.random_latents(4, 8, config.conditional.seed)
-  for target, mean in zip(config.conditional.targets, saved["max_density_mean"]):
-    maxima = [conditional_model.decode(z[i:i + 1], np.array([target], np.float32))["density"].max()
-              for i in range(4)]
-    assert mean == pytest.approx(float(np.mean(maxima)), rel=1e-5)
+  targets = np.array(config.conditional.targets)
+  maxima = np.array([[conditional_model.decode(z[i:i + 1], np.array([target], np.float32))[
+      "density"].max() for i in range(4)] for target in targets])  # (targets, latents)
+  np.testing.assert_allclose(saved["max_density_mean"], maxima.mean(axis=1), rtol=1e-5)
+  # Pearson's r over all (target, maximum) pairs, and the mean over latents of each latent's r
+  # across the targets.
+  assert saved["pearson_target_vs_max"] == pytest.approx(
+      _pearson(np.repeat(targets, 4), maxima.ravel()), rel=1e-4)
+  assert saved["pearson_target_vs_max_per_latent"] == pytest.approx(
+      np.mean([_pearson(targets, column) for column in maxima.T]), rel=1e-4)
   with pytest.raises(ValueError, match="not conditional"):
     conditional.decode_at_targets(model, np.zeros((1, 8), np.float32), np.ones(1))
 
