@@ -4,9 +4,9 @@
 the test suite, before any JAX computation:
 
 * XLA_FLAGS gains `--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`
-  (jaxlib 0.10 only). jaxlib 0.10 hands CPU convolutions to YNNPACK by default; XLA's own run
-  this model's (depth-sum) 2-D convolutions several times faster (the paper model's train step
-  2.6x), and YNNPACK keeps the dots. XLA reads XLA_FLAGS once, when its first backend starts.
+  (jaxlib 0.10 only). jaxlib 0.10 hands CPU convolutions to YNNPACK by default; XLA's own
+  convolutions are several times faster on this model's (depth-sum) 2-D convolutions (the paper
+  model's train step 2.6x), and YNNPACK keeps the dots. XLA reads XLA_FLAGS once, when its first backend starts.
   A value the user set for this flag wins; other jaxlib versions, which may not know the flag
   (an unknown one aborts XLA), are left alone.
 * glibc's malloc keeps freed memory for reuse: one arena, no mmap'd blocks, no trimming. XLA
