@@ -8,7 +8,8 @@ With `--config=configs/repeat.py:cpu` the export carries that config instead of 
 Writes OUT/checkpoints/<step>/ (the state with the Adam moments reset to zero, which compress to
 almost nothing, and the config), OUT/metrics.jsonl and OUT/learning_curves.png. OUT restores like
 any workdir (`inference.TrainedModel.restore`, every `--mode`), and training resumes from it
-with fresh Adam moments.
+with fresh Adam moments. The exported config names no directory of this machine (dataset path,
+data dir and `init_from` are cleared).
 """
 
 import pathlib
@@ -50,6 +51,9 @@ def main(argv):
     if _shapes(_CONFIG.value) != _shapes(config):
       raise app.UsageError("--config builds a different model than the checkpoint's config")
     config = _CONFIG.value
+  # A shipped config names no directory of this machine: without one, every mode reads the
+  # embedded perov_5 (or the dataset given with --config.dataset.path).
+  config.dataset.path, config.dataset.data_dir, config.init_from = "", "", ""
   step = int(state.step)
   target = checkpoints.checkpoint_manager(out, max_to_keep=1)
   checkpoints.save(target, step, state, config)

@@ -209,6 +209,10 @@ def test_export_keeps_the_model_and_drops_the_adam_moments(trained_workdir, tmp_
   _, state = checkpoints.restore_state(manager, abstract)
   assert int(state.step) == 4 and manager.all_steps() == [4]
   assert all(not np.any(leaf) for leaf in jax.tree.leaves(state.opt_state))
+  trained = checkpoints.restore_config(checkpoints.checkpoint_manager(trained_workdir,
+                                                                      read_only=True))
+  assert trained.dataset.data_dir  # the tests' own TFDS directory ...
+  assert (config.dataset.path, config.dataset.data_dir) == ("", "")  # ... named by no export
   assert (out / "metrics.jsonl").read_text() == (trained_workdir / "metrics.jsonl").read_text()
   assert (out / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
