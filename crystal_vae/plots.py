@@ -50,8 +50,10 @@ def species_colours(*species_grids: np.ndarray) -> Colours:
 
 def _say(axis, text: str) -> None:
   """Writes `text` in the middle of an axis (a panel or plot with nothing to show)."""
-  axis.text(0.5, 0.5, text, transform=axis.transAxes, ha="center", va="center", fontsize=8,
-            color="0.2", wrap=True, bbox=dict(facecolor="white", alpha=0.8, lw=0))
+  # A 3-D axis places text in data coordinates; its `text2D` takes the axes' own.
+  write = getattr(axis, "text2D", axis.text)
+  write(0.5, 0.5, text, transform=axis.transAxes, ha="center", va="center", fontsize=8,
+        color="0.2", wrap=True, bbox=dict(facecolor="white", alpha=0.8, lw=0))
 
 
 def draw_slice(axis, density: np.ndarray, species: np.ndarray, spec: Grid, colours: Colours,
