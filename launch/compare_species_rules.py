@@ -24,6 +24,7 @@ from crystal_vae import density_fit
 from crystal_vae import inference
 from crystal_vae import metrics
 from crystal_vae import reconstruction
+from crystal_vae import process_settings
 
 _WORKDIR = flags.DEFINE_string("workdir", "pretrained/perov5_repeat", "A repeat model's workdir.")
 _NUM = flags.DEFINE_integer("num", 256, "Crystals, the first of the split.")
@@ -97,4 +98,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  process_settings.apply()
   app.run(main)

@@ -17,6 +17,7 @@ from crystal_vae import datasets
 from crystal_vae import evaluate
 from crystal_vae import inference
 from crystal_vae import metrics
+from crystal_vae import process_settings
 
 _WORKDIR = flags.DEFINE_string("workdir", "pretrained/perov5_repeat", "A repeat model's workdir.")
 _NUM = flags.DEFINE_integer("num", 64, "Crystals, the first of the split.")
@@ -54,4 +55,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  process_settings.apply()
   app.run(main)

@@ -13,6 +13,7 @@ from absl import app
 from absl import flags
 
 from crystal_vae import head_fit
+from crystal_vae import process_settings
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The trained model's workdir.")
 _OUT = flags.DEFINE_string("out", None, "The workdir to write (must not exist).")
@@ -65,4 +66,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  process_settings.apply()
   app.run(main)
