@@ -1,4 +1,7 @@
-"""The repeat representation: `--config=configs/repeat.py` (paper), `:cpu` (perov_5 on a CPU), `:gpu` (perov_5 on one GPU) or `:quick` (prototypes, minutes)."""
+"""The repeat representation: `--config=configs/repeat.py` (the paper's settings) or a recipe:
+`:quick` (the embedded perov_5 in minutes, then held-out crystals rebuilt), `:cpu` / `:gpu`
+(perov_5 on a 2-core CPU / one GPU), `:mp_cpu` / `:mp_gpu` (the Materials Project; give its
+directory with `--config.dataset.path=DIR`)."""
 
 from crystal_vae import default_config
 
