@@ -68,19 +68,22 @@ def test_every_mode_runs_on_a_shipped_workdir_offline(shipped, tmp_path, tfds_di
   config = saved_config.get_config(str(workdir))
   for section, values in SMALL.items():
     config[section].update(values)
-  for mode, (_, section, folder) in modes.MODES.items():
+  # One restored model for every mode, as the command line restores it for each.
+  model = inference.TrainedModel.for_mode(config, workdir, dataset_given=False)
+  for mode, (run_mode, section, folder) in modes.MODES.items():
+    out_dir = workdir / folder
     if mode == "conditional" and not config.model.conditional:
       with pytest.raises(inference.SettingsError, match="not conditional"):
-        modes.run(mode, config, workdir)
+        run_mode(model, config[section], out_dir)
       continue
     if mode == "optimize" and not config.model.properties:
       with pytest.raises(inference.SettingsError, match="no property head"):
-        modes.run(mode, config, workdir)
+        run_mode(model, config[section], out_dir)
       continue
-    summary = modes.run(mode, config, workdir)
+    summary = run_mode(model, config[section], out_dir)
     assert summary, mode
-    written = [path for path in (workdir / folder).rglob("*") if path.is_file()]
-    assert written, f"{mode} wrote nothing under {workdir / folder}"
+    written = [path for path in out_dir.rglob("*") if path.is_file()]
+    assert written, f"{mode} wrote nothing under {out_dir}"
   assert "Traceback" not in capsys.readouterr().out
 
 
