@@ -26,6 +26,7 @@ setuptools.setup(
         "numpy>=2.0",
         "scipy>=1.13",
         "spglib>=2.5",
+        "threadpoolctl>=3.1",
         "matplotlib>=3.9",
         "imageio>=2.34",
         "smact>=4.0",

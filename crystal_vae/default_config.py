@@ -304,14 +304,14 @@ def _gpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def _quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The quick start: the `cpu` model on the embedded perov_5 for 2,500 steps, then 256
+  """The quick start: the `cpu` model on the embedded perov_5 for 2,500 steps, then 128
   validation crystals (not trained on) rebuilt and matched; under 10 minutes on 2 cores."""
   _cpu(config)
   config.num_train_steps = 2500
   config.log_every_steps = 100
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 500
-  config.eval.after_training = 256
+  config.eval.after_training = 128
   config.sample.num = 32
   config.sample.num_reference = 256
   config.sample.prior_crystals = 1000
