@@ -70,7 +70,9 @@ class DensityFit:
 
 def translation_difference(density: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """D(t) = Σ (M(x) − M(x + t))² / Σ (M(x)² + M(x + t)²) over the overlap of the cube and its
-  translate, and the overlap's voxel count, for every voxel shift t (index t mod 2G)."""
+  translate, and the overlap's voxel count, for every voxel shift t (index t mod 2G); in float64,
+  where the squares of a decoded float32 density's large values do not overflow."""
+  density = np.asarray(density, np.float64)
   shape = (2 * density.shape[0],) * 3
   spectrum = lambda values: np.fft.rfftn(values, s=shape, axes=(0, 1, 2))
   correlate = lambda a, b: np.fft.irfftn(np.conj(a) * b, s=shape, axes=(0, 1, 2))

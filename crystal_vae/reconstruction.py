@@ -24,7 +24,9 @@
   coincide periodically are merged.
 
 A decoded sample that cannot become a crystal gives a `Reconstruction` with `structure=None` and
-one of `REASONS`, so evaluations count it instead of dropping it.
+one of `REASONS`, so evaluations count it instead of dropping it: whatever a model decodes (a
+density of NaN, inf, zeros or noise; a site's Z beyond the periodic table; a cell of hundreds of
+atoms or of no size) gives a crystal or a reason, never an exception.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from scipy import spatial
 from scipy.cluster import hierarchy
 
 from crystal_vae import density_fit
+from crystal_vae import segmentation
 from crystal_vae import symmetry
 from crystal_vae.segmentation import Atoms
 
@@ -51,7 +54,21 @@ NO_ATOMS = "no_atoms"
 NO_LATTICE = "no_lattice"
 INVALID_LATTICE = "invalid_lattice"
 ATOMS_TOO_CLOSE = "atoms_too_close"
-REASONS = (NO_ATOMS, NO_LATTICE, INVALID_LATTICE, ATOMS_TOO_CLOSE)
+Z_OUT_OF_RANGE = "z_out_of_range"
+NON_FINITE = segmentation.NON_FINITE
+TOO_MANY_ATOMS = segmentation.TOO_MANY_ATOMS
+REASONS = (NO_ATOMS, NO_LATTICE, INVALID_LATTICE, ATOMS_TOO_CLOSE, Z_OUT_OF_RANGE, NON_FINITE,
+           TOO_MANY_ATOMS)
+
+# The elements pymatgen knows: H (1) to Og (118).
+MAX_Z = 118
+# The most sites of a rebuilt cell (`segmentation.MAX_ATOMS`).
+MAX_ATOMS = segmentation.MAX_ATOMS
+# A repeat cube holding more atoms per Å³ than this is noise: five times diamond's 0.18, the
+# densest solid's (reading 5,000 atoms takes the repeat reconstruction a minute).
+_MAX_CUBE_ATOMS_PER_VOLUME = 1.0
+# A cell vector longer than this many cube sides cannot be drawn in (nor read off) the cube.
+_MAX_CELL_BOXES = 3
 
 # Weight of atoms touching a cube face (cut by it, so their centres are biased inwards).
 _BOUNDARY_WEIGHT = 1e-3
@@ -76,6 +93,27 @@ class Reconstruction:
 
 def _invalid(reason: str, detail: str, cube_atoms: Atoms | None = None) -> Reconstruction:
   return Reconstruction(structure=None, reason=reason, detail=detail, cube_atoms=cube_atoms)
+
+
+def _unreadable_atoms(atoms: Atoms, max_atoms: int) -> Reconstruction | None:
+  """Why a cube's atoms cannot be read as a crystal, or None: the cube could not be read
+  (`Atoms.reason`), has no atoms, an atom not at a finite position, or more than `max_atoms`."""
+  if atoms.reason is not None:
+    return _invalid(atoms.reason, atoms.detail)
+  if len(atoms) == 0:
+    return _invalid(NO_ATOMS, "the species grid has no atoms")
+  if not np.all(np.isfinite(atoms.positions)):
+    return _invalid(NON_FINITE, "an atom's position is NaN or infinite")
+  if len(atoms) > max_atoms:
+    return _invalid(TOO_MANY_ATOMS, f"{len(atoms)} atoms in the cube (more than {max_atoms})")
+  return None
+
+
+def _non_finite(name: str, values: np.ndarray | None, cube_atoms: Atoms | None = None
+                ) -> Reconstruction | None:
+  """NON_FINITE naming `name` when `values` (if given) hold a NaN or infinity, else None."""
+  detail = None if values is None else segmentation.non_finite_detail(values, name)
+  return None if detail is None else _invalid(NON_FINITE, detail, cube_atoms)
 
 
 def _merge_sites(lattice: np.ndarray, frac: np.ndarray, species: np.ndarray,
@@ -109,16 +147,28 @@ def _merge_sites(lattice: np.ndarray, frac: np.ndarray, species: np.ndarray,
 
 
 def structure_from_sites(lattice: np.ndarray, species: np.ndarray, frac: np.ndarray,
-               min_distance: float) -> Reconstruction:
-  """Checks interatomic distances and returns the structure in its right-handed Niggli cell,
-  standard orientation."""
+                         min_distance: float, max_atoms: int = MAX_ATOMS) -> Reconstruction:
+  """Checks the sites (at most `max_atoms`, each an element, at finite positions) and their
+  distances and returns the structure in its right-handed Niggli cell, standard orientation."""
+  species = np.asarray(species)
+  if len(species) > max_atoms:
+    return _invalid(TOO_MANY_ATOMS, f"{len(species)} sites in the cell (more than {max_atoms})")
+  outside = species[(species < 1) | (species > MAX_Z)]
+  if outside.size:
+    return _invalid(Z_OUT_OF_RANGE, f"a site's Z of {int(outside[0])} is no element's (1 to"
+                    f" {MAX_Z})")
+  if not (np.all(np.isfinite(lattice)) and np.all(np.isfinite(frac))):
+    return _invalid(NON_FINITE, "the cell or a site's position is NaN or infinite")
   structure = Structure(Lattice(lattice), [int(z) for z in species], frac)
   if len(structure) > 1:
     distances = structure.distance_matrix + np.diag(np.full(len(structure), np.inf))
     closest = float(distances.min())
     if closest < min_distance:
       return _invalid(ATOMS_TOO_CLOSE, f"two sites {closest:.3f} Å apart (< {min_distance} Å)")
-  reduced = structure.get_reduced_structure("niggli")
+  try:
+    reduced = structure.get_reduced_structure("niggli")
+  except ValueError as error:  # pymatgen: "can't find niggli" (a cell too skewed to reduce)
+    return _invalid(INVALID_LATTICE, f"the cell {np.round(lattice, 3).tolist()}: {error}")
   matrix, reduced_frac = reduced.lattice.matrix, reduced.frac_coords
   if np.linalg.det(matrix) < 0:  # Inversion keeps every position and makes the basis right-handed.
     matrix, reduced_frac = -matrix, -reduced_frac
@@ -134,10 +184,12 @@ def reconstruct_unit_cell(atoms: Atoms, lattice: np.ndarray, box: float, *,
                           composition: np.ndarray | None = None,
                           site_z_sigma: float | None = None, fitted_z: bool = False,
                           symprec: float = 0.0, min_volume: float = 1.0,
-                          min_distance: float = 0.5) -> Reconstruction:
+                          min_distance: float = 0.5, max_atoms: int = MAX_ATOMS
+                          ) -> Reconstruction:
   """Places decoded atoms (cube coordinates) in the cell centred in the cube whose vectors are the
   rows of `lattice` (3, 3), oriented as in the cube (the lattice head's output); merges atoms
-  closer than 0.3 Å (periodic). A cell of volume < `min_volume` Å³ is invalid. With a predicted
+  closer than 0.3 Å (periodic). A cell of volume < `min_volume` Å³ or with a vector longer than
+  three cube sides is invalid, and so are more than `max_atoms` atoms or sites. With a predicted
   `composition` (fractions per Z) the species are `species_from_composition` of the segmented
   ones (with `site_z_sigma`). With `symprec` > 0 the cell is symmetrised
   (`symmetry.symmetrize`) and each decoded atom moves with its site.
@@ -147,13 +199,18 @@ def reconstruct_unit_cell(atoms: Atoms, lattice: np.ndarray, box: float, *,
   share of it at each of the two faces; so copies closer than `FITTED_MERGE_TOLERANCE` (periodic)
   are one atom, its Z the sum of theirs and its position their Z-weighted mean.
   """
-  if len(atoms) == 0:
-    return _invalid(NO_ATOMS, "the species grid has no atoms")
+  unreadable = _unreadable_atoms(atoms, max_atoms) or _non_finite("composition", composition)
+  if unreadable is not None:
+    return unreadable
   lattice = np.asarray(lattice, np.float64)
   volume = np.linalg.det(lattice) if np.all(np.isfinite(lattice)) else np.nan
   if not abs(volume) >= min_volume:
     return _invalid(INVALID_LATTICE, f"the cell {np.round(lattice, 3).tolist()} has volume"
                     f" {volume:.3g} Å³ < {min_volume}")
+  longest = np.linalg.norm(lattice, axis=-1).max()
+  if longest > _MAX_CELL_BOXES * box:
+    return _invalid(INVALID_LATTICE, f"a cell vector is {longest:.3g} Å long, more than"
+                    f" {_MAX_CELL_BOXES} cube sides ({_MAX_CELL_BOXES * box:g} Å)")
   if volume < 0:  # A left-handed basis: -lattice spans the same points, right-handed.
     lattice = -lattice
   cartesian = atoms.positions - box / 2 + 0.5 * lattice.sum(axis=0)
@@ -176,7 +233,7 @@ def reconstruct_unit_cell(atoms: Atoms, lattice: np.ndarray, box: float, *,
     cell_frac = cartesian @ np.linalg.inv(lattice) + site_shift[cluster]
     positions = cell_frac @ new_lattice + box / 2 - 0.5 * new_lattice.sum(axis=0)
     lattice, site_frac = new_lattice, new_frac
-  result = structure_from_sites(lattice, species, site_frac, min_distance)
+  result = structure_from_sites(lattice, species, site_frac, min_distance, max_atoms)
   return dataclasses.replace(result, cube_atoms=dataclasses.replace(
       atoms, species=species[cluster], positions=positions))
 
@@ -336,7 +393,8 @@ def usable_lattice(lattice: np.ndarray | None, box: float) -> np.ndarray | None:
     return None
   lengths = np.linalg.norm(lattice, axis=-1)
   volume = np.linalg.det(lattice)
-  if lengths.min() < 1.0 or lengths.max() > 3 * box or abs(volume) < 0.2 * lengths.prod():
+  if (lengths.min() < 1.0 or lengths.max() > _MAX_CELL_BOXES * box
+      or abs(volume) < 0.2 * lengths.prod()):
     return None
   return lattice if volume > 0 else -lattice
 
@@ -354,7 +412,7 @@ def reconstruct_repeat(atoms: Atoms, box: float, *, density: np.ndarray | None =
                        veto_fraction: float = 0.95, merge_tolerance: float = 0.5,
                        min_site_support: float = 0.5,
                        min_distance: float = 0.5, num_references: int = 9,
-                       symprec: float = 0.0) -> Reconstruction:
+                       symprec: float = 0.0, max_atoms: int = MAX_ATOMS) -> Reconstruction:
   """Recovers the lattice and the cell's sites from decoded atoms of a repeat cube.
 
   Args:
@@ -384,9 +442,13 @@ def reconstruct_repeat(atoms: Atoms, box: float, *, density: np.ndarray | None =
     min_distance: sites closer than this (Å, periodic) make the sample invalid.
     num_references: reference atoms (1 to 9) whose displacements give the candidate translations.
     symprec: > 0: the crystal is symmetrised within this tolerance (Å, `symmetry.symmetrize`).
+    max_atoms: a cell of more sites is invalid (`TOO_MANY_ATOMS`), and so is a cube of more
+      atoms than one per Å³ (noise: five times the densest solid's).
   """
-  if len(atoms) == 0:
-    return _invalid(NO_ATOMS, "the species grid has no atoms")
+  cube_limit = int(_MAX_CUBE_ATOMS_PER_VOLUME * box ** 3)
+  unreadable = _unreadable_atoms(atoms, cube_limit) or _non_finite("density", density)
+  if unreadable is not None:
+    return unreadable
   lattice = usable_lattice(lattice, box)
   interior = ~atoms.on_boundary
   positions, species = atoms.positions[interior], atoms.species[interior]
@@ -424,7 +486,7 @@ def reconstruct_repeat(atoms: Atoms, box: float, *, density: np.ndarray | None =
     return _invalid(NO_ATOMS, "no site is supported by its periodic copies")
   site_species = site_species[keep]
   basis, site_frac = symmetry.symmetrize(basis, site_species, site_frac[keep], symprec)
-  return structure_from_sites(basis, site_species, site_frac, min_distance)
+  return structure_from_sites(basis, site_species, site_frac, min_distance, max_atoms)
 
 
 def composition_counts(fractions: np.ndarray, num_atoms: int) -> np.ndarray:
@@ -522,8 +584,8 @@ def reconstruct_repeat_from_density(fit: density_fit.DensityFit, *, max_z: int, 
                                     composition: np.ndarray | None = None,
                                     site_z_sigma: float | None = None,
                                     lattice: np.ndarray | None = None, symprec: float = 0.0,
-                                    min_distance: float = 0.5, boundary: float = 0.5
-                                    ) -> Reconstruction:
+                                    min_distance: float = 0.5, boundary: float = 0.5,
+                                    max_atoms: int = MAX_ATOMS) -> Reconstruction:
   """A repeat cube's crystal from its density alone (`density_fit`): the lattice from the
   density's translations (else the `lattice` given: a lattice head's, rows oriented as in the
   cube), the sites and their Z by least squares; sites with Z < `min_z` are
@@ -533,11 +595,18 @@ def reconstruct_repeat_from_density(fit: density_fit.DensityFit, *, max_z: int, 
   1,024 perov_5 validation cubes of the `cpu` model: lattice and positions right for 79.4% instead
   of 71.6%; README, "Atom count from the composition"). With `symprec` > 0 the crystal is
   symmetrised (`symmetry.symmetrize`) before its images are placed. `cube_atoms` holds the
-  crystal's atoms inside the cube (those within `boundary` Å of a face marked `on_boundary`)."""
+  crystal's atoms inside the cube (those within `boundary` Å of a face marked `on_boundary`).
+  A density (or composition) with NaN or infinite values, a lattice of the density with a
+  vector shorter than 1 Å (no crystal's) and a cell of more than `max_atoms` sites give no
+  crystal."""
   none = density_fit.images_in_cube(np.zeros(0, np.int32), np.zeros((0, 3)), np.eye(3), fit.box)
+  unreadable = (_non_finite("density", fit.density, none)
+                or _non_finite("composition", composition, none))
+  if unreadable is not None:
+    return unreadable
   if not np.any(fit.density > 0.5 * fit.unit_peak):
     return _invalid(NO_ATOMS, "the density has no peak of an atom (Z >= 0.5)", none)
-  basis = density_fit.lattice_from_density(fit.density, fit.box)
+  basis = usable_lattice(density_fit.lattice_from_density(fit.density, fit.box), fit.box)
   if basis is None:
     basis = usable_lattice(lattice, fit.box)
   if basis is None:
@@ -545,13 +614,17 @@ def reconstruct_repeat_from_density(fit: density_fit.DensityFit, *, max_z: int, 
   z, site_frac, basis = density_fit.find_sites(fit, basis, min_z=min_z)
   if z.size == 0:
     return _invalid(NO_ATOMS, f"no site of the density has Z >= {min_z}", none)
+  if not (np.all(np.isfinite(z)) and np.all(np.isfinite(basis))):
+    return _invalid(NON_FINITE, "the fit of the density's sites is not finite", none)
+  if z.size > max_atoms:
+    return _invalid(TOO_MANY_ATOMS, f"{z.size} sites in the cell (more than {max_atoms})", none)
   count = None if composition is None else atom_count(z, composition)
   if count is not None and z.size > count:
     z, site_frac = density_fit.keep_strongest(fit, basis, site_frac, count)
   species = (np.clip(np.rint(z), 1, max_z).astype(np.int32) if composition is None
              else species_from_composition(z, composition, site_z_sigma))
   basis, site_frac = symmetry.symmetrize(basis, species, site_frac, symprec)
-  result = structure_from_sites(basis, species, site_frac, min_distance)
+  result = structure_from_sites(basis, species, site_frac, min_distance, max_atoms)
   atoms = density_fit.images_in_cube(species, site_frac, basis, fit.box, boundary)
   return dataclasses.replace(result, cube_atoms=atoms)
 

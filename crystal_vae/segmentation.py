@@ -32,6 +32,10 @@ are recovered per structure as follows.
 Everything runs over the whole batch at once (one sparse graph, `np.bincount` reductions).
 Atoms touching a cube face (`on_boundary`) may be cut by the face, so their centres are biased
 inwards; the repeat reconstruction uses them with a small weight only.
+
+A cube whose density is not finite gives no atoms, and `atoms_from_density` gives none past
+`MAX_ATOMS`; such `Atoms` name the `reason` (`NON_FINITE`, `TOO_MANY_ATOMS`), which the
+reconstruction reports instead of a crystal.
 """
 
 from __future__ import annotations
@@ -43,19 +47,45 @@ from scipy import ndimage
 from scipy import sparse
 from scipy.sparse import csgraph
 
+# Why a decoded cube gives no atoms although it is not empty (`Atoms.reason`).
+NON_FINITE = "non_finite"
+TOO_MANY_ATOMS = "too_many_atoms"
+# The most atoms read in one cube's cell: twice the 64 a dataset's cell holds by default
+# (`crystals.CrystalLimits`), a unit cell's atoms on its faces being decoded on both. A noisy
+# decoded density gives hundreds, each costing the fits minutes.
+MAX_ATOMS = 128
+
 
 @dataclasses.dataclass(frozen=True)
 class Atoms:
   """The atoms found in one cube: species (n,) int32, positions (n, 3) Å in cube coordinates,
-  voxels (n,) voxel count of each atom, on_boundary (n,) whether it touches a cube face."""
+  voxels (n,) voxel count of each atom, on_boundary (n,) whether it touches a cube face; where
+  the cube gave none because it could not be read, the `reason` (`NON_FINITE`,
+  `TOO_MANY_ATOMS`) and a `detail`."""
 
   species: np.ndarray
   positions: np.ndarray
   voxels: np.ndarray
   on_boundary: np.ndarray
+  reason: str | None = None
+  detail: str = ""
 
   def __len__(self) -> int:
     return int(self.species.shape[0])
+
+
+def no_atoms(reason: str, detail: str) -> Atoms:
+  """The `Atoms` of a cube that could not be read, with the reason."""
+  return Atoms(np.zeros(0, np.int32), np.zeros((0, 3)), np.zeros(0, np.int64), np.zeros(0, bool),
+               reason=reason, detail=detail)
+
+
+def non_finite_detail(values: np.ndarray, name: str = "density") -> str | None:
+  """How many of a decoded output's `values` are NaN or infinite, or None if none is."""
+  bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+  if not bad:
+    return None
+  return f"{bad} of {np.size(values)} values of the decoded {name} are NaN or infinite"
 
 
 def _face_pairs(shape: tuple[int, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -168,12 +198,22 @@ def segment_batch(species: np.ndarray, box: float, *, density: np.ndarray | None
     min_size: components with fewer voxels are absorbed into a touching atom or dropped.
     species_radius: the radius (Å) of one atom's voxels in the grid, for splitting close atoms.
   Returns:
-    one `Atoms` per structure, atoms in the order of their first voxel (x-major scan).
+    one `Atoms` per structure, atoms in the order of their first voxel (x-major scan); none,
+    with the reason `NON_FINITE`, for a structure whose density has a NaN or infinite voxel.
   """
   species = np.asarray(species)
   if species.ndim != 4:
     raise ValueError(f"species must be (B, G, G, G), got shape {species.shape}")
   batch, grid = species.shape[0], species.shape[1]
+  unreadable = {}
+  if density is not None:
+    for index, cube in enumerate(density):
+      detail = non_finite_detail(cube)
+      if detail is not None:
+        unreadable[index] = no_atoms(NON_FINITE, detail)
+    if unreadable:  # their voxels are left out (and with them their densities' weights)
+      species = species.copy()
+      species[list(unreadable)] = 0
   flat_species = species.reshape(-1)
   occupied = np.flatnonzero(flat_species)
   node_of = np.full(flat_species.shape[0], -1, dtype=np.int64)
@@ -238,9 +278,10 @@ def segment_batch(species: np.ndarray, box: float, *, density: np.ndarray | None
   structure_of_atom = np.zeros(num_atoms, np.int64)
   structure_of_atom[atom_of_node] = structure_of_voxel
   bounds = np.searchsorted(structure_of_atom, np.arange(batch + 1))
-  return [Atoms(species=atom_species[start:stop], positions=positions[start:stop],
-                voxels=voxels[start:stop], on_boundary=on_boundary[start:stop])
-          for start, stop in zip(bounds[:-1], bounds[1:])]
+  return [unreadable[index] if index in unreadable else Atoms(
+              species=atom_species[start:stop], positions=positions[start:stop],
+              voxels=voxels[start:stop], on_boundary=on_boundary[start:stop])
+          for index, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:]))]
 
 
 def species_grid(atoms: Atoms, grid: int, box: float, radius: float) -> np.ndarray:
@@ -323,7 +364,7 @@ def _closest_pair(positions: np.ndarray) -> tuple[int, int, float]:
 
 def atoms_from_density(density: np.ndarray, box: float, sigma: float, max_z: int, *,
                        min_z: float = 2.0, min_separation: float = 1.8, max_rounds: int = 10,
-                       iterations: int = 4) -> Atoms:
+                       iterations: int = 4, max_atoms: int = MAX_ATOMS) -> Atoms:
   """The atoms of a unit-cell cube read off its (decoded) density alone, by least squares.
 
   The density of atoms at r_m with atomic numbers Z_m is M(x) = Σ_m Z_m g(x − r_m), g the
@@ -333,9 +374,14 @@ def atoms_from_density(density: np.ndarray, box: float, sigma: float, max_z: int
   0.7 `min_separation` are merged and those with Z < `min_z` dropped, each time refitting;
   until no residual peak is left. A light atom between heavy ones (a perovskite's O, 2 Å from
   two cations: a saddle of M) is a peak of the residual once the heavy ones are fitted. Z is
-  finally rounded to the nearest integer in [1, max_z].
+  finally rounded to the nearest integer in [1, max_z]. A density with a NaN or infinite voxel
+  gives no atoms (reason `NON_FINITE`), nor does one that would need more than `max_atoms`
+  (`TOO_MANY_ATOMS`: noise, whose fits would take minutes).
   """
   density = np.asarray(density, np.float64)
+  detail = non_finite_detail(density)
+  if detail is not None:
+    return no_atoms(NON_FINITE, detail)
   grid = density.shape[0]
   axis = (np.arange(grid) + 0.5) * (box / grid)
   target = density.reshape(-1)
@@ -353,6 +399,9 @@ def atoms_from_density(density: np.ndarray, box: float, sigma: float, max_z: int
       if all(np.linalg.norm(point - other) >= min_separation
              for other in [*positions, *added]):
         added.append(point)
+        if len(positions) + len(added) > max_atoms:
+          return no_atoms(TOO_MANY_ATOMS, f"more than {max_atoms} atoms (peaks of Z >="
+                          f" {0.5 * min_z:g} at least {min_separation} Å apart) in the density")
     if not added:
       break
     positions = np.concatenate([positions, np.array(added)])
@@ -365,6 +414,8 @@ def atoms_from_density(density: np.ndarray, box: float, sigma: float, max_z: int
         positions = np.delete(positions, second, axis=0)
       else:
         positions = positions[z >= min_z]
+      if not len(positions):  # every atom too light (noise): the next round would be this one
+        return Atoms(np.zeros(0, np.int32), positions, np.zeros(0, np.int64), np.zeros(0, bool))
       positions, z = _fit_gaussians(positions, target, axis, sigma, iterations, min_separation / 2)
   species = np.clip(np.rint(z), 1, max_z).astype(np.int32)
   voxel = np.floor(positions / (box / grid)).astype(np.int64)
