@@ -85,7 +85,6 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
   if FLAGS.jax_distributed:
     # CPU processes exchange gradients through gloo; GPUs use NCCL whatever this says.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -115,4 +114,6 @@ def with_saved_config(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
   process_settings.apply()  # before JAX's first computation
+  # Before the flags are parsed: a saved config is restored while parsing `--config.*` flags.
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   app.run(main, argv=with_saved_config(sys.argv), flags_parser=parse_flags)
