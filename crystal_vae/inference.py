@@ -38,6 +38,12 @@ from crystal_vae import segmentation
 from crystal_vae import voxelize
 
 
+def _one_blas_thread() -> threadpoolctl.threadpool_limits:
+  """The density fits are many small matrix products: BLAS threads only contend with each other
+  and with XLA's (3.7x slower per crystal on 2 busy cores), so one thread does them."""
+  return threadpoolctl.threadpool_limits(limits=1, user_api="blas")
+
+
 def dataset_on_this_machine(dataset: ml_collections.ConfigDict) -> bool:
   """Whether `dataset` can be read here without a network: embedded, or a directory that exists."""
   if dataset.path:
@@ -324,10 +330,11 @@ class TrainedModel:
     (`segmentation.atoms_from_density`); else the connected components (of at least
     `eval.min_component_size` voxels) of the species grids, at their density-weighted centres."""
     if self.fits_density and self.config.representation == "unit_cell":
-      return [segmentation.atoms_from_density(density, self.spec.box, self.spec.sigma,
-                                              self.config.dataset.max_z,
-                                              min_z=self.config.eval.min_site_z)
-              for density in grids["density"]]
+      with _one_blas_thread():
+        return [segmentation.atoms_from_density(density, self.spec.box, self.spec.sigma,
+                                                self.config.dataset.max_z,
+                                                min_z=self.config.eval.min_site_z)
+                for density in grids["density"]]
     return segmentation.segment_batch(grids["species"], self.spec.box, density=grids["density"],
                                       min_size=self.config.eval.min_component_size,
                                       species_radius=self.spec.species_radius)
@@ -350,9 +357,7 @@ class TrainedModel:
     `composition` the species follow it (`reconstruction.species_from_composition`) unless
     `eval.species_from_composition` is off, except in the repeat representation read off
     segmented atoms, whose cube holds many cells."""
-    # The fits are many small matrix products: BLAS threads only contend with each other and
-    # with XLA's (3.7x slower per crystal on 2 busy cores), so one thread does them.
-    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+    with _one_blas_thread():
       return self._to_crystals(grids, atoms)
 
   def _to_crystals(self, grids: dict[str, np.ndarray], atoms: list[segmentation.Atoms] | None
