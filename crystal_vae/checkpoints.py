@@ -1,19 +1,31 @@
-"""Orbax checkpoints holding the train state and the config it was trained with."""
+"""Orbax checkpoints holding the train state and the config it was trained with.
+
+A checkpoint that cannot be written (`CheckpointWriteError`) or restored
+(`CheckpointRestoreError`) is said in one line; the "Event loop is closed" errors that
+tensorstore's outstanding reads report, each with a traceback, once orbax has given up a restore
+are dropped (`_drop_closed_loop_errors`).
+"""
 
 import contextlib
 import pathlib
+import sys
+import traceback
 from typing import Any
 
 from absl import logging
 import ml_collections
 import orbax.checkpoint as ocp
 
+from crystal_vae import config_checks
 from crystal_vae import default_config
 
 
 def checkpoint_manager(workdir: str | pathlib.Path, *, max_to_keep: int = 3,
                        read_only: bool = False) -> ocp.CheckpointManager:
-  """A manager for `workdir/checkpoints` with two items: `state` and `config`."""
+  """A manager for `workdir/checkpoints` with two items: `state` and `config`; a workdir that
+  cannot be one is refused first (`config_checks.check_workdir`)."""
+  config_checks.check_workdir(workdir, writable=not read_only)
+  _drop_closed_loop_errors()
   directory = pathlib.Path(workdir).absolute() / "checkpoints"
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
                                          read_only=read_only)
@@ -22,6 +34,35 @@ def checkpoint_manager(workdir: str | pathlib.Path, *, max_to_keep: int = 3,
 
 class CheckpointWriteError(OSError):
   """A checkpoint could not be written (e.g. a full disk); the complete ones are intact."""
+
+
+class CheckpointRestoreError(RuntimeError):
+  """No checkpoint (or not the one asked for) could be restored; said in one line."""
+
+
+def _is_closed_loop_error(unraisable: Any) -> bool:
+  """Whether an unraisable error is asyncio's "Event loop is closed", raised in a callback that
+  tensorstore scheduled on the loop of a restore orbax had already given up."""
+  error = unraisable.exc_value
+  if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+    return False
+  frames = traceback.extract_tb(unraisable.exc_traceback)
+  return bool(frames) and pathlib.Path(frames[-1].filename).parent.name == "asyncio"
+
+
+def _drop_closed_loop_errors() -> None:
+  """Installs (once) an unraisable-error hook that drops `_is_closed_loop_error` errors and
+  passes every other one to the hook it replaces."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_errors", False):
+    return
+
+  def hook(unraisable: Any) -> None:
+    if not _is_closed_loop_error(unraisable):
+      previous(unraisable)
+
+  hook.drops_closed_loop_errors = True
+  sys.unraisablehook = hook
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
@@ -57,6 +98,7 @@ def _write_errors(directory: Any, manager: ocp.CheckpointManager | None = None):
 def save_pytree(tree: Any, directory: str | pathlib.Path) -> None:
   """Writes a pytree of arrays (e.g. a discriminator's parameters) to `directory` with orbax,
   replacing an earlier save, and waits until it is written."""
+  _drop_closed_loop_errors()
   checkpointer = ocp.StandardCheckpointer()
   with _write_errors(directory):
     checkpointer.save(pathlib.Path(directory).absolute(), tree, force=True)
@@ -64,8 +106,14 @@ def save_pytree(tree: Any, directory: str | pathlib.Path) -> None:
 
 
 def restore_pytree(directory: str | pathlib.Path, template: Any) -> Any:
-  """Reads a pytree written by `save_pytree` into the layout of `template`."""
-  return ocp.StandardCheckpointer().restore(pathlib.Path(directory).absolute(), template)
+  """Reads a pytree written by `save_pytree` into the layout of `template`; one that does not
+  restore raises `CheckpointRestoreError`."""
+  _drop_closed_loop_errors()
+  try:
+    return ocp.StandardCheckpointer().restore(pathlib.Path(directory).absolute(), template)
+  except Exception as error:  # pylint: disable=broad-exception-caught
+    raise CheckpointRestoreError(f"{directory} does not restore: {_error_line(error)}"
+                                 ) from error
 
 
 def restore_config(manager: ocp.CheckpointManager, step: int | None = None
@@ -121,7 +169,11 @@ def _restore(manager: ocp.CheckpointManager, step: int | None, args: Any) -> tup
   if step is not None:
     if step not in manager.all_steps():
       raise FileNotFoundError(f"no checkpoint {step} in {manager.directory}")
-    return step, manager.restore(step, args=args)
+    try:
+      return step, manager.restore(step, args=args)
+    except Exception as error:  # pylint: disable=broad-exception-caught
+      raise CheckpointRestoreError(f"checkpoint {step} in {manager.directory} does not restore:"
+                                   f" {_error_line(error)}") from error
   steps = sorted(manager.all_steps(), reverse=True)
   if not steps:
     raise FileNotFoundError(f"no checkpoint in {manager.directory}")
@@ -129,9 +181,15 @@ def _restore(manager: ocp.CheckpointManager, step: int | None, args: Any) -> tup
     try:
       return step, manager.restore(step, args=args)
     except Exception as error:  # pylint: disable=broad-exception-caught
-      logging.warning("checkpoint %d in %s does not restore, skipped: %s: %s", step,
-                      manager.directory, type(error).__name__, _first_line(error))
-  raise RuntimeError(f"no checkpoint in {manager.directory} restores (tried {steps})")
+      reason = _error_line(error)
+      logging.warning("checkpoint %d in %s does not restore, skipped: %s", step,
+                      manager.directory, reason)
+  raise CheckpointRestoreError(f"no checkpoint in {manager.directory} restores (tried {steps};"
+                               f" the oldest: {reason})")
+
+
+def _error_line(error: Exception) -> str:
+  return f"{type(error).__name__}: {_first_line(error)}"
 
 
 def _first_line(error: Exception) -> str:

@@ -22,9 +22,16 @@ Every entry goes through `crystals.crystal_from_cif` / `crystal_from_structure` 
 configured `CrystalLimits`. Entries that fail are skipped and listed in `rejected.csv`
 (`split,id,reason,detail,source`) in the build directory
 `<data_dir>/crystal_dataset/<config name>/<version>/`; the build prints and logs
-`kept / skipped-by-reason` per split. Limits, split settings and the source directory (its
-path and the names, sizes and modification times of its files) are part of the config name,
-so changing any of them builds a new dataset instead of reusing an old one.
+`kept / skipped-by-reason` per split. So are the rows a CSV cannot give a crystal from before
+parsing: a row without its `cif` field, a CIF that is binary (a NUL or non-UTF-8 byte; a binary
+`.cif` file too), and an id already kept (`duplicate_id`: the first entry with an id is kept,
+in split order). Limits, split settings and the source directory (its path and the names, sizes
+and modification times of its files) are part of the config name, so changing any of them
+builds a new dataset instead of reusing an old one.
+
+What cannot be built or used at all raises `DatasetError`, one line naming the file or split
+and why: an unknown name, a CSV without a `cif` column or that is not a CSV (nor gzip), a
+dataset none of whose entries passes, a split asked for that has no crystal.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import hashlib
 import importlib.util
 import json
 import pathlib
+import re
 import socket
 import sys
 import urllib.parse
@@ -62,6 +70,10 @@ SPLITS = ("train", "validation", "test")
 DEFAULT_SPLIT_SEED = 0
 DEFAULT_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 REJECTED_FILE = "rejected.csv"
+# The reason an entry whose id an entry kept before has is skipped (beside `crystals.REASONS`).
+DUPLICATE_ID = "duplicate_id"
+# A NUL, or a byte that is not UTF-8 (read as a lone surrogate): binary data, not CIF text.
+_BINARY = re.compile("[\x00\udc80-\udcff]")
 
 # CSV file stems that name a split, and the split they map to.
 _CSV_SPLIT_STEMS = {"train": "train", "val": "validation", "validation": "validation",
@@ -88,15 +100,21 @@ class CrystalConfig(tfds.core.BuilderConfig):
     return crystals.CrystalLimits(box=self.box, max_z=self.max_z, max_atoms=self.max_atoms)
 
 
+class DatasetError(ValueError):
+  """A dataset that cannot be built, or has no crystal where one is needed (said in one line)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class _Entry:
-  """One raw entry of a source: CIF text or a pymatgen structure, and where it came from."""
+  """One raw entry of a source: CIF text or a pymatgen structure, and where it came from; an
+  entry found unusable before parsing has its (reason, detail) as `rejection`."""
 
   id: str
   source: str
   cif: str | None = None
   structure: Any = None
   properties: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  rejection: tuple[str, str] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,14 +157,16 @@ class CrystalDataset(tfds.core.GeneratorBasedBuilder):
     config: CrystalConfig = self.builder_config
     self._rejections: list[_Rejection] = []
     self._logs: dict[str, crystals.RejectionLog] = {}
+    self._kept_ids: dict[str, str] = {}  # id -> source of the entry kept with it
     generators = {}
     for split, entries in _split_entries(config, dl_manager).items():
       records = self._convert(split, entries, config.limits)
       if records:
         generators[split] = self._generate_examples(records)
     if not generators:
-      raise ValueError(f"no crystal of {config.name} passes the limits: "
-                       + "; ".join(_summary_lines(self._logs)))
+      raise DatasetError(f"no entry of the {config.source} dataset"
+                         f"{' in ' + config.path if config.path else ''} gives a usable crystal: "
+                         + ("; ".join(_summary_lines(self._logs)) or "it has none"))
     return generators
 
   def _convert(self, split: str, entries: Iterator[_Entry],
@@ -154,7 +174,12 @@ class CrystalDataset(tfds.core.GeneratorBasedBuilder):
     log = self._logs.setdefault(split, crystals.RejectionLog())
     records = []
     for entry in entries:
+      rejection = entry.rejection
+      if rejection is None and entry.id in self._kept_ids:
+        rejection = (DUPLICATE_ID, f"the id of {self._kept_ids[entry.id]}, kept")
       try:
+        if rejection is not None:
+          raise crystals.RejectedCrystal(entry.id, *rejection)
         if entry.structure is not None:
           crystal = crystals.crystal_from_structure(entry.structure, entry.id, limits,
                                                     entry.properties)
@@ -171,6 +196,7 @@ class CrystalDataset(tfds.core.GeneratorBasedBuilder):
         self._rejections.append(_Rejection(split, entry.source, error))
         continue
       log.keep()
+      self._kept_ids[entry.id] = entry.source
       records.append(crystal)
     return records
 
@@ -221,13 +247,13 @@ def builder_config(dataset_config: Any) -> CrystalConfig:
   """
   name = _field(dataset_config, "name", "prototypes")
   if name not in NAMES:
-    raise ValueError(f"unknown dataset name {name!r}; expected one of {NAMES}")
+    raise DatasetError(f"unknown dataset name {name!r}; expected one of {NAMES}")
   path = _field(dataset_config, "path", "")
   path = str(pathlib.Path(path).expanduser().resolve()) if path else ""
   if name == "prototypes" and path:
-    raise ValueError("the prototypes dataset is embedded; leave path empty")
+    raise DatasetError("the prototypes dataset is embedded; leave path empty")
   if name in ("csv", "cif_dir") and not path:
-    raise ValueError(f"the {name} dataset needs a path to a directory")
+    raise DatasetError(f"the {name} dataset needs a path to a directory")
   config = CrystalConfig(
       name=name, source=name, path=path,
       box=float(_field(dataset_config, "box", crystals.CrystalLimits.box)),
@@ -238,8 +264,8 @@ def builder_config(dataset_config: Any) -> CrystalConfig:
                                                      DEFAULT_SPLIT_FRACTIONS)))
   if len(config.split_fractions) != 3 or min(config.split_fractions) < 0 or not sum(
       config.split_fractions) > 0:
-    raise ValueError(f"split_fractions must be 3 non-negative numbers, got "
-                     f"{config.split_fractions}")
+    raise DatasetError(f"split_fractions must be 3 non-negative numbers, got "
+                       f"{config.split_fractions}")
   suffix = ""
   if config.limits != crystals.CrystalLimits():
     suffix += f"-box{config.box:g}-z{config.max_z}-n{config.max_atoms}"
@@ -282,11 +308,15 @@ def load_data_sources(dataset_config: Any) -> dict[str, Sequence[Mapping[str, An
 
 
 def split_source(dataset_config: Any, split: str) -> Sequence[Mapping[str, Any]]:
-  """The source of one split; a clear error when the dataset does not have it."""
+  """The source of one split; `DatasetError` when the dataset has no crystal in it."""
   sources = load_data_sources(dataset_config)
   if split not in sources:
-    raise ValueError(f"dataset {dataset_config.name!r} has no {split!r} split"
-                     f" (it has {sorted(sources)})")
+    builder = make_builder(dataset_config)
+    counts = [line for line in build_summary(builder) if line.startswith(f"{split}:")]
+    raise DatasetError(
+        f"dataset {dataset_config.name!r} has no {split!r} crystal (its splits: "
+        f"{', '.join(sorted(sources))})" + (f"; {counts[0]}, see {rejected_path(builder)}"
+                                            if counts else ""))
   return sources[split]
 
 
@@ -309,7 +339,19 @@ def build_summary(builder: CrystalDataset) -> list[str]:
 
 
 def _summary_lines(logs: Mapping[str, crystals.RejectionLog]) -> list[str]:
-  return [f"{split}: {logs[split].summary()}" for split in SPLITS if split in logs]
+  """`<split>: kept N, skipped M (reason=k, ...)`, the crystal reasons first, then the others
+  (`DUPLICATE_ID`)."""
+  lines = []
+  for split in SPLITS:
+    if split not in logs:
+      continue
+    counts = logs[split].counts()
+    reasons = [*[r for r in crystals.REASONS if r in counts], *sorted(set(counts) - set(
+        crystals.REASONS))]
+    by_reason = ", ".join(f"{reason}={counts[reason]}" for reason in reasons)
+    lines.append(f"{split}: kept {logs[split].kept}, skipped {len(logs[split].rejected)}"
+                 + (f" ({by_reason})" if by_reason else ""))
+  return lines
 
 
 def _write_rejections(path: pathlib.Path, rejections: Sequence[_Rejection]) -> None:
@@ -388,29 +430,50 @@ def _csv_split_files(directory: pathlib.Path) -> dict[str | None, pathlib.Path]:
     if stem in _CSV_SPLIT_STEMS:
       split = _CSV_SPLIT_STEMS[stem]
       if split in by_split:
-        raise ValueError(f"two files for split {split}: {by_split[split]} and {file}")
+        raise DatasetError(f"two files for split {split}: {by_split[split]} and {file}")
       by_split[split] = file
   if by_split:
     return by_split
   if len(csv_files) == 1:
     return {None: csv_files[0]}
-  raise ValueError(f"{directory} must hold train/val/test.csv[.gz] or exactly one CSV file; "
-                   f"found {[p.name for p in csv_files]}")
+  raise DatasetError(f"{directory} must hold train/val/test.csv[.gz] or exactly one CSV file;"
+                     f" found {[p.name for p in csv_files]}")
+
+
+def _text_rejection(text: str | None, what: str) -> tuple[str, str] | None:
+  """(UNPARSABLE, why) for CIF text that is missing or binary, else None."""
+  if text is None:
+    return crystals.UNPARSABLE, f"{what} is missing"
+  binary = _BINARY.search(text)
+  if binary:
+    byte = ord(binary.group()) & 0xFF
+    return crystals.UNPARSABLE, (f"{what} is binary, not CIF text (byte 0x{byte:02x} at"
+                                 f" character {binary.start()})")
+  return None
 
 
 def _csv_entries(path: pathlib.Path) -> Iterator[_Entry]:
-  """Rows of a CDVAE-style CSV; non-numeric and unnamed index columns are not properties."""
+  """Rows of a CDVAE-style CSV; non-numeric and unnamed index columns are not properties. A
+  row without its `cif` field or whose CIF is binary is an entry rejected before parsing; a file
+  that is not a CSV (or not gzip) raises `DatasetError`."""
   csv.field_size_limit(sys.maxsize)
-  with (gzip.open if path.name.endswith(".gz") else open)(path, "rt", newline="") as handle:
-    reader = csv.DictReader(handle)
-    if "cif" not in (reader.fieldnames or []):
-      raise ValueError(f"{path} has no 'cif' column; columns: {reader.fieldnames}")
-    index_columns = [c for c in reader.fieldnames if not c or c.startswith("Unnamed")]
-    for row_number, row in enumerate(reader, start=1):
-      crystal_id = (row.get("material_id") or "").strip() or f"{path.name}:{row_number}"
-      yield _Entry(id=crystal_id, source=f"{path}:row {row_number}", cif=row["cif"],
-                   properties=crystals.numeric_properties(
-                       row, exclude=["material_id", "cif", *index_columns]))
+  opener = gzip.open if path.name.endswith(".gz") else open
+  try:
+    with opener(path, "rt", newline="", errors="surrogateescape") as handle:
+      reader = csv.DictReader(handle)
+      if "cif" not in (reader.fieldnames or []):
+        raise DatasetError(f"{path} has no 'cif' column (its columns: {reader.fieldnames});"
+                           " a CDVAE-style CSV has material_id, cif and property columns")
+      index_columns = [c for c in reader.fieldnames if not c or c.startswith("Unnamed")]
+      for row_number, row in enumerate(reader, start=1):
+        crystal_id = (row.get("material_id") or "").strip() or f"{path.name}:{row_number}"
+        yield _Entry(id=crystal_id, source=f"{path}:row {row_number}", cif=row["cif"],
+                     properties=crystals.numeric_properties(
+                         row, exclude=["material_id", "cif", *index_columns]),
+                     rejection=_text_rejection(row["cif"], "the row's cif field"))
+  except (csv.Error, OSError, EOFError) as error:
+    raise DatasetError(f"{path} cannot be read as a CSV{' (gzip)' if opener is gzip.open else ''}:"
+                       f" {type(error).__name__}: {error}") from None
 
 
 def _cif_dir_entries(directory: pathlib.Path) -> list[_Entry]:
@@ -419,10 +482,11 @@ def _cif_dir_entries(directory: pathlib.Path) -> list[_Entry]:
   entries = []
   for path in sorted(directory.glob("*.cif")):
     try:
-      text = path.read_text()
-    except (OSError, UnicodeDecodeError):
-      text = ""  # Rejected as unparsable, with the file as its source.
-    entries.append(_Entry(id=path.stem, source=str(path), cif=text))
+      text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+      rejection = _text_rejection(text, "the file")
+    except OSError as error:
+      text, rejection = "", (crystals.UNPARSABLE, f"cannot be read: {error}")
+    entries.append(_Entry(id=path.stem, source=str(path), cif=text, rejection=rejection))
   return entries
 
 

@@ -17,6 +17,7 @@ import jax
 from ml_collections import config_flags
 
 from crystal_vae import checkpoints
+from crystal_vae import config_checks
 from crystal_vae import crystals
 from crystal_vae import datasets
 from crystal_vae import inference
@@ -59,11 +60,14 @@ class _QuietLibraries(python_logging.Filter):
     return record.levelno >= python_logging.ERROR
 
 
-# Errors in what the user gave (a missing file, folder or checkpoint; a crystal that cannot be
-# voxelised) or in writing a checkpoint (a full disk) end the run with one line, not a traceback.
-_ONE_LINE_ERRORS = (FileNotFoundError, NotADirectoryError, crystals.RejectedCrystal,
-                    datasets.DownloadError,
-                    checkpoints.CheckpointWriteError, inference.ConfigMismatch,
+# Errors in what the user gave (a missing file, folder or checkpoint; a setting out of range; a
+# workdir that cannot be one; a crystal that cannot be voxelised; data with nothing usable left)
+# or in writing or restoring a checkpoint (a full disk) end the run with one line, not a
+# traceback.
+_ONE_LINE_ERRORS = (FileNotFoundError, NotADirectoryError, PermissionError,
+                    crystals.RejectedCrystal, datasets.DownloadError, datasets.DatasetError,
+                    config_checks.ConfigError, checkpoints.CheckpointWriteError,
+                    checkpoints.CheckpointRestoreError, inference.ConfigMismatch,
                     inference.SettingsError, models.ModelConfigError)
 
 

@@ -7,7 +7,6 @@ step; `train_step(state, batch, rng)` is pure and derives its reparameterisation
 
 import functools
 import math
-import pathlib
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -24,6 +23,7 @@ import numpy as np
 import optax
 
 from crystal_vae import checkpoints
+from crystal_vae import config_checks
 from crystal_vae import crystals
 from crystal_vae import datasets
 from crystal_vae import input_pipeline
@@ -472,12 +472,11 @@ _REDRAW_SECONDS = 60.0
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains for `config.num_train_steps`, resuming from the latest checkpoint in `workdir`."""
-  workdir = pathlib.Path(workdir)
+  """Trains for `config.num_train_steps`, resuming from the latest checkpoint in `workdir`; a
+  setting out of range or a workdir that cannot be one is refused first (`config_checks`)."""
+  config_checks.check_config(config)
+  workdir = config_checks.check_workdir(workdir)
   mesh = create_mesh(config)
-  if config.batch_size % mesh.size or config.eval.batch_size % mesh.size:
-    raise ValueError(f"batch sizes ({config.batch_size}, eval {config.eval.batch_size}) must be"
-                     f" divisible by the {mesh.size} devices")
   train_source = datasets.split_source(config.dataset, "train")
   with_property_scaling(config, train_source)
   # eval.split "" or "none" turns periodic evaluation off; any other missing split is an error.
