@@ -60,15 +60,14 @@ class _QuietLibraries(python_logging.Filter):
     return record.levelno >= python_logging.ERROR
 
 
-# Errors in what the user gave (a missing file, folder or checkpoint; a setting out of range; a
-# workdir that cannot be one; a crystal that cannot be voxelised; data with nothing usable left)
-# or in writing or restoring a checkpoint (a full disk) end the run with one line, not a
-# traceback.
-_ONE_LINE_ERRORS = (FileNotFoundError, NotADirectoryError, PermissionError,
-                    crystals.RejectedCrystal, datasets.DownloadError, datasets.DatasetError,
-                    config_checks.ConfigError, checkpoints.CheckpointWriteError,
-                    checkpoints.CheckpointRestoreError, inference.ConfigMismatch,
-                    inference.SettingsError, models.ModelConfigError)
+# Errors in what the user gave (a setting out of range; a workdir that cannot be one; a crystal
+# that cannot be voxelised; data with nothing usable left; a checkpoint that does not restore)
+# and of the file system (OSError: a missing file, folder or checkpoint, no permission, a full
+# disk while writing a checkpoint (`checkpoints.CheckpointWriteError`) or metrics, a failed
+# download) end the run with one line, not a traceback.
+_ONE_LINE_ERRORS = (OSError, crystals.RejectedCrystal, datasets.DatasetError,
+                    config_checks.ConfigError, checkpoints.CheckpointRestoreError,
+                    inference.ConfigMismatch, inference.SettingsError, models.ModelConfigError)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

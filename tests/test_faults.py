@@ -95,8 +95,9 @@ def test_a_truncated_newest_checkpoint_is_skipped_with_one_warning_and_no_traceb
     params = _params(workdir)
   warnings = [r.getMessage() for r in caplog.records
               if r.levelno >= logging.WARNING and "crystal_vae" in r.pathname]
+  directory = workdir.absolute() / "checkpoints"
   assert len(warnings) == 1 and warnings[0].startswith(
-      f"checkpoint 4 in {workdir.absolute() / 'checkpoints'} does not restore, skipped: ValueError:")
+      f"checkpoint 4 in {directory} does not restore, skipped: ValueError:")
   assert "\n" not in warnings[0]
   _assert_same(params, _params(trained))
   for _ in range(3):  # how many reads are left running, and so report errors, depends on timing
