@@ -45,6 +45,7 @@ from pymatgen.io.cif import CifWriter
 from scipy import spatial
 from scipy.cluster import hierarchy
 
+from crystal_vae import crystals
 from crystal_vae import density_fit
 from crystal_vae import segmentation
 from crystal_vae import symmetry
@@ -97,13 +98,11 @@ def _invalid(reason: str, detail: str, cube_atoms: Atoms | None = None) -> Recon
 
 def _unreadable_atoms(atoms: Atoms, max_atoms: int) -> Reconstruction | None:
   """Why a cube's atoms cannot be read as a crystal, or None: the cube could not be read
-  (`Atoms.reason`), has no atoms, an atom not at a finite position, or more than `max_atoms`."""
+  (`Atoms.reason`), has no atoms or more than `max_atoms`."""
   if atoms.reason is not None:
     return _invalid(atoms.reason, atoms.detail)
   if len(atoms) == 0:
     return _invalid(NO_ATOMS, "the species grid has no atoms")
-  if not np.all(np.isfinite(atoms.positions)):
-    return _invalid(NON_FINITE, "an atom's position is NaN or infinite")
   if len(atoms) > max_atoms:
     return _invalid(TOO_MANY_ATOMS, f"{len(atoms)} atoms in the cube (more than {max_atoms})")
   return None
@@ -148,8 +147,8 @@ def _merge_sites(lattice: np.ndarray, frac: np.ndarray, species: np.ndarray,
 
 def structure_from_sites(lattice: np.ndarray, species: np.ndarray, frac: np.ndarray,
                          min_distance: float, max_atoms: int = MAX_ATOMS) -> Reconstruction:
-  """Checks the sites (at most `max_atoms`, each an element, at finite positions) and their
-  distances and returns the structure in its right-handed Niggli cell, standard orientation."""
+  """Checks the sites (at most `max_atoms`, each an element) and their distances and returns the
+  structure in its right-handed Niggli cell, standard orientation."""
   species = np.asarray(species)
   if len(species) > max_atoms:
     return _invalid(TOO_MANY_ATOMS, f"{len(species)} sites in the cell (more than {max_atoms})")
@@ -157,18 +156,13 @@ def structure_from_sites(lattice: np.ndarray, species: np.ndarray, frac: np.ndar
   if outside.size:
     return _invalid(Z_OUT_OF_RANGE, f"a site's Z of {int(outside[0])} is no element's (1 to"
                     f" {MAX_Z})")
-  if not (np.all(np.isfinite(lattice)) and np.all(np.isfinite(frac))):
-    return _invalid(NON_FINITE, "the cell or a site's position is NaN or infinite")
   structure = Structure(Lattice(lattice), [int(z) for z in species], frac)
   if len(structure) > 1:
     distances = structure.distance_matrix + np.diag(np.full(len(structure), np.inf))
     closest = float(distances.min())
     if closest < min_distance:
       return _invalid(ATOMS_TOO_CLOSE, f"two sites {closest:.3f} Å apart (< {min_distance} Å)")
-  try:
-    reduced = structure.get_reduced_structure("niggli")
-  except ValueError as error:  # pymatgen: "can't find niggli" (a cell too skewed to reduce)
-    return _invalid(INVALID_LATTICE, f"the cell {np.round(lattice, 3).tolist()}: {error}")
+  reduced = structure.get_reduced_structure("niggli")
   matrix, reduced_frac = reduced.lattice.matrix, reduced.frac_coords
   if np.linalg.det(matrix) < 0:  # Inversion keeps every position and makes the basis right-handed.
     matrix, reduced_frac = -matrix, -reduced_frac
@@ -188,8 +182,10 @@ def reconstruct_unit_cell(atoms: Atoms, lattice: np.ndarray, box: float, *,
                           ) -> Reconstruction:
   """Places decoded atoms (cube coordinates) in the cell centred in the cube whose vectors are the
   rows of `lattice` (3, 3), oriented as in the cube (the lattice head's output); merges atoms
-  closer than 0.3 Å (periodic). A cell of volume < `min_volume` Å³ or with a vector longer than
-  three cube sides is invalid, and so are more than `max_atoms` atoms or sites. With a predicted
+  closer than 0.3 Å (periodic). A cell of volume < `min_volume` Å³, with lattice planes closer
+  than `crystals.MIN_PLANE_SPACING` (no crystal's; pymatgen takes minutes to reduce such a cell)
+  or a vector longer than three cube sides is invalid, and so are more than `max_atoms` atoms or
+  sites. With a predicted
   `composition` (fractions per Z) the species are `species_from_composition` of the segmented
   ones (with `site_z_sigma`). With `symprec` > 0 the cell is symmetrised
   (`symmetry.symmetrize`) and each decoded atom moves with its site.
@@ -211,6 +207,11 @@ def reconstruct_unit_cell(atoms: Atoms, lattice: np.ndarray, box: float, *,
   if longest > _MAX_CELL_BOXES * box:
     return _invalid(INVALID_LATTICE, f"a cell vector is {longest:.3g} Å long, more than"
                     f" {_MAX_CELL_BOXES} cube sides ({_MAX_CELL_BOXES * box:g} Å)")
+  spacing = abs(volume) / np.linalg.norm(np.cross(lattice[[1, 2, 0]], lattice[[2, 0, 1]]),
+                                         axis=-1).max()
+  if spacing < crystals.MIN_PLANE_SPACING:
+    return _invalid(INVALID_LATTICE, f"lattice planes {spacing:.3g} Å apart (< "
+                    f"{crystals.MIN_PLANE_SPACING} Å) in the cell {np.round(lattice, 3).tolist()}")
   if volume < 0:  # A left-handed basis: -lattice spans the same points, right-handed.
     lattice = -lattice
   cartesian = atoms.positions - box / 2 + 0.5 * lattice.sum(axis=0)
@@ -614,8 +615,6 @@ def reconstruct_repeat_from_density(fit: density_fit.DensityFit, *, max_z: int, 
   z, site_frac, basis = density_fit.find_sites(fit, basis, min_z=min_z)
   if z.size == 0:
     return _invalid(NO_ATOMS, f"no site of the density has Z >= {min_z}", none)
-  if not (np.all(np.isfinite(z)) and np.all(np.isfinite(basis))):
-    return _invalid(NON_FINITE, "the fit of the density's sites is not finite", none)
   if z.size > max_atoms:
     return _invalid(TOO_MANY_ATOMS, f"{z.size} sites in the cell (more than {max_atoms})", none)
   count = None if composition is None else atom_count(z, composition)

@@ -53,12 +53,12 @@ def symmetrize(lattice: np.ndarray, species: np.ndarray, frac: np.ndarray, sympr
                ) -> tuple[np.ndarray, np.ndarray]:
   """(lattice rows, fractional sites in [0, 1)) made symmetric under the operations spglib
   finds within `symprec` Å; unchanged when `symprec` <= 0 (off), when spglib finds no operation
-  beyond the identity (or fails: atoms on top of each other, a flat cell, values that are not
-  finite), or when an operation does not permute the sites (within 2 × `symprec`)."""
+  beyond the identity (or fails: atoms on top of each other, a flat cell), or when an operation
+  does not permute the sites (within 2 × `symprec`)."""
   lattice = np.asarray(lattice, np.float64)
   frac = np.asarray(frac, np.float64)
   species = np.asarray(species)
-  if not symprec > 0 or not (np.all(np.isfinite(lattice)) and np.all(np.isfinite(frac))):
+  if symprec <= 0:
     return lattice, frac
   try:
     with warnings.catch_warnings():  # spglib 2.x: a DeprecationWarning about its error handling
@@ -83,8 +83,6 @@ def symmetrize(lattice: np.ndarray, species: np.ndarray, frac: np.ndarray, sympr
   metric = lattice @ lattice.T
   mean_metric = sum(r.T @ metric @ r for r in dataset.rotations) / count
   values, vectors = np.linalg.eigh(mean_metric)
-  if not values.min() > 0:  # a flat cell that spglib took for a lattice
-    return lattice, frac
   root = vectors @ np.diag(np.sqrt(values)) @ vectors.T
   left, _, right = np.linalg.svd(root.T @ lattice)
   return root @ (left @ right), new_frac

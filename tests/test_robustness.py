@@ -214,6 +214,20 @@ def test_a_non_finite_or_empty_density_is_named(representation, atoms_from, valu
     assert result.detail.startswith(f"{poisoned} of {GRID ** 3} values of the decoded density")
 
 
+@pytest.mark.parametrize("representation, atoms_from", [
+    ("repeat", "density"), ("unit_cell", "density"), ("unit_cell", "segmenter")])
+def test_a_non_finite_composition_is_named(representation, atoms_from):
+  """A composition head's NaN fractions (its logits diverged) with true grids: before, the
+  elements chosen from them were left unset (`np.empty`: whatever memory held)."""
+  grid = GRID if atoms_from == "density" else SEGMENTED_GRID
+  grids = dict(_true_grids(representation, grid))
+  grids["composition"] = np.full_like(grids["composition"], np.nan)
+  model = _model(representation, atoms_from, composition_head=True, grid=grid)
+  for result in _crystals_of(model, grids):
+    assert result.reason == reconstruction.NON_FINITE
+    assert result.detail == "101 of 101 values of the decoded composition are NaN or infinite"
+
+
 def test_segmented_atoms_of_other_cubes_do_not_see_a_non_finite_cube():
   grids = _true_grids("repeat")
   density = grids["density"][:2].copy()
@@ -306,16 +320,23 @@ def test_noise_whose_atoms_are_all_too_light_has_no_atoms():
   assert len(atoms) == 0 and atoms.reason is None
 
 
-@pytest.mark.parametrize("lattice", [np.eye(3) * 1e30, np.diag([1e6, 4.0, 4.0]),
-                                     np.diag([31.0, 4.0, 4.0])])
-def test_a_unit_cell_far_larger_than_the_cube_is_an_invalid_lattice(lattice):
-  """A lattice head's cell with a vector longer than three cube sides (before: pymatgen's Niggli
-  reduction of a 1e30 Å cell ran for more than 10 minutes)."""
+@pytest.mark.parametrize("lattice, detail", [
+    (np.eye(3) * 1e30, "a cell vector is 1e+30 Å long, more than 3 cube sides (30 Å)"),
+    (np.diag([1e6, 4.0, 4.0]), "a cell vector is 1e+06 Å long, more than 3 cube sides (30 Å)"),
+    (np.diag([31.0, 4.0, 4.0]), "a cell vector is 31 Å long, more than 3 cube sides (30 Å)"),
+    ([[12, 5, 0], [-3, 14, 0], [9, 19, 0.01]], "lattice planes 0.01 Å apart (< 1.0 Å)"),
+    (np.diag([4.0, 4.0, 0.9]), "lattice planes 0.9 Å apart (< 1.0 Å)"),
+])
+def test_a_unit_cell_no_crystal_has_is_an_invalid_lattice(lattice, detail):
+  """A lattice head's cell with a vector longer than three cube sides, or lattice planes closer
+  than any crystal's: before, pymatgen's Niggli reduction of the 1e30 Å cell ran for more than
+  10 minutes, of the flat one (1.8 Å³ over 12 to 21 Å sides) 99 s, to a "crystal"."""
   atoms = segmentation.Atoms(np.array([8, 26], np.int32), np.array([[5.0, 5, 5], [6.5, 5, 5]]),
                              np.zeros(2, np.int64), np.zeros(2, bool))
-  result = reconstruction.reconstruct_unit_cell(atoms, lattice, BOX)
-  assert result.reason == reconstruction.INVALID_LATTICE
-  assert "more than 3 cube sides (30 Å)" in result.detail
+  result = reconstruction.reconstruct_unit_cell(atoms, np.asarray(lattice, float), BOX)
+  assert result.reason == reconstruction.INVALID_LATTICE and result.detail.startswith(detail)
+  # Planes 1.2 Å apart are a crystal's.
+  assert reconstruction.reconstruct_unit_cell(atoms, np.diag([4.0, 4.0, 1.2]), BOX).valid
 
 
 @pytest.fixture(scope="module")
