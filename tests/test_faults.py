@@ -296,14 +296,16 @@ def test_a_workdir_without_write_permission_is_one_line(tfds_dir, tmp_path, monk
     access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: (
         not mode & os.W_OK if pathlib.Path(path) == locked else access(path, mode)))
-  with pytest.raises(config_checks.ConfigError) as raised:
-    train.train_and_evaluate(tiny_config(tfds_dir), str(locked))
-  assert _one_line(raised.value) == f"error: --workdir={locked}: no permission to write in it"
-  with pytest.raises(config_checks.ConfigError) as raised:
-    train.train_and_evaluate(tiny_config(tfds_dir), str(locked / "run"))
-  assert _one_line(raised.value) == (
-      f"error: --workdir={locked / 'run'}: no permission to make it in {locked}")
-  locked.chmod(0o700)
+  try:
+    with pytest.raises(config_checks.ConfigError) as raised:
+      train.train_and_evaluate(tiny_config(tfds_dir), str(locked))
+    assert _one_line(raised.value) == f"error: --workdir={locked}: no permission to write in it"
+    with pytest.raises(config_checks.ConfigError) as raised:
+      train.train_and_evaluate(tiny_config(tfds_dir), str(locked / "run"))
+    assert _one_line(raised.value) == (
+        f"error: --workdir={locked / 'run'}: no permission to make it in {locked}")
+  finally:
+    locked.chmod(0o700)
   assert list(locked.iterdir()) == []
 
 
