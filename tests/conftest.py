@@ -64,6 +64,7 @@ def tiny_config(data_dir: str, representation: str = "repeat") -> ml_collections
   config.eval.symprec = 0.0
   config.eval.min_site_z = 3.0
   config.eval.after_training = 0
+  config.eval.refine_steps = 0
   config.voxel.grid = 16
   config.model.latent_dim = 8
   config.model.encoder_features = (4, 4, 8, 8)
