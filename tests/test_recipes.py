@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from crystal_vae import checkpoints
+from crystal_vae import datasets
 from crystal_vae import default_config
+from crystal_vae import inference
 from crystal_vae import train
 from conftest import prototypes
 
@@ -56,3 +58,28 @@ def test_the_cpu_recipe_trains_on_a_materials_project_like_csv(representation, t
   losses = [r["loss"] for r in records if r["split"] == "train"]
   assert len(losses) == 2 and np.all(np.isfinite(losses))
   assert any(r["split"] == "validation" and np.isfinite(r["mse"]) for r in records)
+
+
+@pytest.mark.slow
+def test_a_short_quick_run_beats_the_mean_density_on_held_out_crystals(tmp_path, tfds_dir):
+  """The quick recipe on the embedded perov_5, 300 steps: on validation crystals it never saw, the
+  decoded density is closer to the true one than each cube's own mean density (the best a model
+  that learned nothing of the structure can do), measured here with a numpy reference."""
+  config = default_config.get_config("repeat", "quick")
+  config.dataset.data_dir = tfds_dir
+  config.num_train_steps = 300
+  config.warmup_steps = 50
+  config.eval_every_steps = config.checkpoint_every_steps = 300
+  config.eval.after_training = 0
+  config.eval.refine_steps = 0  # the encoder's mean itself, not refined towards the truth
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  model = inference.TrainedModel.restore(tmp_path / "run")
+  source = datasets.split_source(config.dataset, "validation")
+  held_out = [datasets.record_to_crystal(source[i]) for i in range(0, 640, 20)]
+  grids = model.voxelize(held_out)
+  _, decoded = model.reconstruct(grids)
+  true = np.asarray(grids["density"], np.float64).reshape(len(held_out), -1)
+  model_mse = np.mean((np.asarray(decoded["density"], np.float64).reshape(true.shape) - true)**2)
+  mean_density_mse = np.mean((true - true.mean(axis=1, keepdims=True))**2)
+  # (0.23 for these 32 crystals; the 2,500-step quick model reaches 0.024 on validation.)
+  assert model_mse < 0.8 * mean_density_mse, (model_mse, mean_density_mse)
