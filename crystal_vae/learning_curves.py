@@ -2,11 +2,12 @@
 (training and evaluation lines) to WORKDIR/learning_curves.png; training redraws it at a checkpoint
 once a minute has passed since the last drawing, and at its last step."""
 
-import json
 import pathlib
 from collections.abc import Sequence
 
 from absl import app
+
+from crystal_vae import metric_writer
 
 # (panel title, y label, metric names, log scale)
 PANELS = (
@@ -27,7 +28,7 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
   path = pathlib.Path(workdir) / "metrics.jsonl"
   if not path.exists():
     raise FileNotFoundError(f"no metrics.jsonl in {workdir}: has a training run written there?")
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return metric_writer.read_records(path)
 
 
 def plot(records: Sequence[dict], path: str | pathlib.Path, title: str = "") -> pathlib.Path:

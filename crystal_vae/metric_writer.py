@@ -9,6 +9,18 @@ import numpy as np
 import tensorboardX
 
 
+def read_records(path: pathlib.Path) -> list[dict]:
+  """The records of a metrics.jsonl, in file order; a line cut short (a run killed or a disk full
+  while it was written) is left out."""
+  records = []
+  for line in path.read_text().splitlines():
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
+  return records
+
+
 class MetricWriter:
   """Appends `{"step": s, "split": name, **metrics}` lines to `metrics.jsonl` and event files.
 
@@ -25,9 +37,8 @@ class MetricWriter:
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "metrics.jsonl"
     if path.exists():
-      kept = [line for line in path.read_text().splitlines()
-              if line.strip() and json.loads(line)["step"] <= start_step]
-      path.write_text("".join(line + "\n" for line in kept))
+      kept = [record for record in read_records(path) if record["step"] <= start_step]
+      path.write_text("".join(json.dumps(record) + "\n" for record in kept))
     self._jsonl = open(path, "a")
     self._tensorboard_dir = workdir / "tensorboard"
     self._tensorboard = None  # opened at the first write: a finished run re-run adds no file

@@ -6,7 +6,6 @@ dataset; the command line gives the mode's own settings `config.<section>` and, 
 `--config.dataset.*`, another dataset) and writes under `workdir/<folder>/`.
 """
 
-import json
 import math
 import pathlib
 import time
@@ -19,6 +18,7 @@ from crystal_vae import discriminator
 from crystal_vae import evaluate
 from crystal_vae import generation
 from crystal_vae import inference
+from crystal_vae import metric_writer
 from crystal_vae import optimize
 from crystal_vae import progress
 from crystal_vae import train
@@ -104,5 +104,4 @@ def _metric_records(workdir: pathlib.Path) -> list[dict]:
   path = workdir / "metrics.jsonl"
   if not path.exists():
     return []
-  with open(path) as handle:
-    return [json.loads(line) for line in handle if line.strip()]
+  return metric_writer.read_records(path)

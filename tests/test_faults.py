@@ -457,3 +457,18 @@ def test_a_dataset_with_nothing_usable_is_refused_in_one_line(tmp_path):
       f"error: no entry of the csv dataset in {source} gives a usable crystal: train: kept 0,"
       " skipped 2 (unparsable_cif=2); validation: kept 0, skipped 1 (unparsable_cif=1); test:"
       " kept 0, skipped 0")
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_left_out_on_resume(tmp_path):
+  """A run killed (or a disk full) while writing metrics.jsonl leaves half a line: the resumed run
+  and the learning curves read the whole lines and drop that one."""
+  from crystal_vae import learning_curves, metric_writer  # pylint: disable=import-outside-toplevel
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 2, "split": "train", "loss": 1.5}\n'
+                  '{"step": 4, "split": "train", "loss": 1.2}\n{"step": 6, "split": "tr')
+  assert [r["step"] for r in learning_curves.read_metrics(tmp_path)] == [2, 4]
+  writer = metric_writer.MetricWriter(tmp_path, start_step=4)
+  writer.write(6, "train", {"loss": 1.0})
+  writer.close()
+  assert [r["step"] for r in metric_writer.read_records(path)] == [2, 4, 6]
+  assert path.read_text().count("\n") == 3
