@@ -1,8 +1,8 @@
-"""The ablation of issue 8: the CPU recipe on perov_5 with each of its changes undone, same budget.
+"""An ablation of the CPU recipe: the recipe on perov_5 with each of its changes undone, same budget.
 
     python launch/ablation.py --runs=runs/ablation --steps=400
 
-Trains the CPU recipe with the U-Net (`configs/repeat.py:cpu` as it was until the tenth session,
+Trains the CPU recipe with the U-Net (`configs/repeat.py:cpu` with a U-Net,
 `SEGMENTER_RECIPE`) for `--steps` steps once as is and once per variant below (each a separate
 workdir under `--runs`; re-running resumes or skips what is done), evaluates each on
 the first `--eval_crystals` validation crystals, reading atoms both off the decoded density (the
@@ -25,7 +25,7 @@ _DATA = flags.DEFINE_string("data", "../shared/data/perov_5", "The perov_5 CSV f
 _EVAL_CRYSTALS = flags.DEFINE_integer("eval_crystals", 64, "Validation crystals evaluated.")
 _ONLY = flags.DEFINE_list("only", [], "Run only these variants (default: all, in order).")
 
-# configs/repeat.py:cpu back to the sixth session's recipe, whose changes the variants undo: the
+# configs/repeat.py:cpu back to its earlier recipe, whose changes the variants undo: the
 # U-Net (mask + Z head, balanced loss, teacher forcing), a 64-d latent, no composition head.
 SEGMENTER_RECIPE = (
     "--config.model.segmenter=True", "--config.loss.teacher_forcing=1.0",

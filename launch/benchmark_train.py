@@ -98,8 +98,8 @@ def _conv_depth_sum_dot_kernel_grad(x, kernel, strides, pads):
   dot per kernel tap, dW[a, b, c] = patch(a, b, c)ᵀ · dY contracted over all output voxels,
   instead of what autodiff gives: 2-D convolutions whose window is the whole output plane
   (32x32 for the paper decoder) and whose output is the 3x3..5x5 kernel, which XLA:CPU runs at
-  ~1-2 GFLOP/s and which took over half of the paper model's step (profile, issue 11).
-  Measured (issue 11): each hot layer's gradient 1.3-2.3x faster in isolation, but the whole
+  ~1-2 GFLOP/s and which took over half of the paper model's step (profile).
+  Measured: each hot layer's gradient 1.3-2.3x faster in isolation, but the whole
   step no faster (paper 18.1 vs 18.4 s, cpu 4.45 vs 4.51 s, quick slower) and peak RSS 2.7x
   (the per-tap slices are materialised): kept as a variant to measure, not a fix."""
   import jax  # pylint: disable=g-import-not-at-top
