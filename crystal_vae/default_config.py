@@ -199,7 +199,7 @@ VARIANTS = ("paper", "cpu", "gpu", "quick", "mp_cpu", "mp_gpu")
 
 
 def _learns_on_cpu(config: ml_collections.ConfigDict) -> None:
-  """What makes the model learn within a CPU budget (README, "What makes it learn"): the
+  """What makes the model learn within a CPU budget (docs/training.md, "What makes the model learn"): the
   mask + Z species head, a balanced species loss, the U-Net also trained on the true density,
   a softplus decoder output, a warmed-up, cosine-decayed learning rate with gradient clipping,
   cubes placed as at evaluation (no random offset or rotation) and crystals read off the
@@ -216,7 +216,7 @@ def _learns_on_cpu(config: ml_collections.ConfigDict) -> None:
   # learned little more than each cube's mean density within the budget.
   config.voxel.random_offset = False
   # Unit cells unrotated, as at evaluation: with random rotations the lattice head, which must then
-  # read the cell's orientation, stayed at the constant answer (README, "Unit cell").
+  # read the cell's orientation, stayed at the constant answer (docs/training.md, "Making the model learn").
   config.voxel.rotate = False
   config.eval.atoms_from = "density"
   # On decoded densities the fit finds spurious light sites: of 64 perov_5 validation cubes the
@@ -247,7 +247,7 @@ def _perov5(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.eval.num_batches = 8
   # perov_5's crystals are (nearly) cubic perovskites: on the first 1,024 validation crystals
   # the `cpu` repeat model's median nearest-atom distances fall from 0.22 / 0.23 Å to
-  # 0.13 / 0.13 Å (README, "Symmetrised crystals").
+  # 0.13 / 0.13 Å (docs/evaluation.md, "Symmetrised crystals").
   config.eval.symprec = 0.8
   return config
 
@@ -256,7 +256,7 @@ def _cpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """perov_5 in about two hours on a 2-core CPU. No U-Net (two thirds of the step's time, and
   both representations read their atoms off the decoded density): the time goes to 5,000 steps
   of a 128-d latent, a strided encoder (30 -> 15 -> 15 -> 8 -> 4) and the composition head,
-  whose layers take 10x the learning rate (at 1x it learned too slowly: README, "Making the
+  whose layers take 10x the learning rate (at 1x it learned too slowly: docs/training.md, "Making the
   model learn")."""
   _perov5(config)
   config.model.decoder_features = (32, 16, 8)

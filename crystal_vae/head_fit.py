@@ -14,7 +14,7 @@ validation loss (the head reads the latent MEANS of the validation crystals):
                head (its encoder reads the composition into the latent). The joint head reads
                only the training crystals' means and overfits them; drawing the training inputs
                from the posterior (z ~ N(mean, exp(logvar))) and dropping out hidden units
-               generalises far better (README, "Species from the composition and the density");
+               generalises far better (docs/evaluation.md, "Species from the composition and the density");
                an ensemble of such heads, each fitted alone with its own seed, better still.
 The result is a workdir like a jointly trained one, so every mode uses it unchanged.
 """

@@ -524,7 +524,7 @@ def species_from_composition(site_z: np.ndarray, composition: np.ndarray,
   elements (in order of Z: those within 6σ of a site's Z, and those with f > 1e-3) and the
   sites (in order of their Z) finds the optimum. On the shipped perov_5 model this rebuilt 45%
   of 256 validation crystals right against 25% for the best element of each site alone and 39%
-  for the composition's rounded counts given in order of Z (README, "Species from the
+  for the composition's rounded counts given in order of Z (docs/evaluation.md, "Species from the
   composition and the density")."""
   site_z = np.asarray(site_z, np.float64)
   if site_z_sigma is None or not site_z_sigma > 0:
@@ -594,7 +594,7 @@ def reconstruct_repeat_from_density(fit: density_fit.DensityFit, *, max_z: int, 
   (fractions per Z) `species_from_composition` (with `site_z_sigma`); with it, sites beyond the
   `atom_count` the density and the composition agree on are dropped, weakest first (on the first
   1,024 perov_5 validation cubes of the `cpu` model: lattice and positions right for 79.4% instead
-  of 71.6%; README, "Atom count from the composition"). With `symprec` > 0 the crystal is
+  of 71.6%; docs/evaluation.md, "Atom count from the composition"). With `symprec` > 0 the crystal is
   symmetrised (`symmetry.symmetrize`) before its images are placed. `cube_atoms` holds the
   crystal's atoms inside the cube (those within `boundary` Å of a face marked `on_boundary`).
   A density (or composition) with NaN or infinite values, a lattice of the density with a

@@ -1,6 +1,6 @@
 """A rebuilt crystal made exactly symmetric, in its own frame.
 
-Decoded densities place light atoms a few tenths of an Å off (README, "Symmetrised crystals");
+Decoded densities place light atoms a few tenths of an Å off (docs/evaluation.md, "Symmetrised crystals");
 the crystals they come from are symmetric. `symmetrize` finds the space-group operations that
 hold within `symprec` Å (spglib, as pymatgen's `SpacegroupAnalyzer`) and projects the sites
 onto them: each site becomes the mean of its images under every operation (the operation's
