@@ -60,6 +60,7 @@ import tensorflow_datasets as tfds
 from pymatgen.core import Structure
 
 from crystal_vae import crystals
+from crystal_vae import progress
 
 FLAGS = flags.FLAGS
 
@@ -173,7 +174,10 @@ class CrystalDataset(tfds.core.GeneratorBasedBuilder):
                limits: crystals.CrystalLimits) -> list[crystals.Crystal]:
     log = self._logs.setdefault(split, crystals.RejectionLog())
     records = []
+    counter = progress.Progress(f"{self.builder_config.name}: reading {split}", 0,
+                                unit="entries")
     for entry in entries:
+      counter.advance()
       rejection = entry.rejection
       if rejection is None and entry.id in self._kept_ids:
         rejection = (DUPLICATE_ID, f"the id of {self._kept_ids[entry.id]}, kept")

@@ -24,7 +24,8 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-  """Counts work done and prints a line at most every `every` seconds, and one when done."""
+  """Counts work done and prints a line at most every `every` seconds, and one when done
+  (`total` <= 0: an unknown total, lines of the count so far)."""
 
   def __init__(self, what: str, total: int, unit: str = "crystals", every: float = 10.0,
                stream=None):
@@ -35,9 +36,10 @@ class Progress:
 
   def line(self) -> str:
     elapsed = time.monotonic() - self.start
+    if self.total <= 0:  # an unknown total: the count so far
+      return f"{self.what} {self.done} {self.unit}, {format_duration(elapsed)}"
     text = f"{self.what} {self.done}/{self.total} {self.unit}"
-    if self.total > 0:
-      text += f" ({100 * self.done / self.total:.0f}%)"
+    text += f" ({100 * self.done / self.total:.0f}%)"
     text += f", {format_duration(elapsed)}"
     if 0 < self.done < self.total:
       text += f", about {format_duration(elapsed * (self.total - self.done) / self.done)} left"
@@ -46,6 +48,6 @@ class Progress:
   def advance(self, count: int = 1) -> None:
     self.done += count
     now = time.monotonic()
-    if self.done >= self.total or now - self.last >= self.every:
+    if (0 < self.total <= self.done) or now - self.last >= self.every:
       self.last = now
       print(self.line(), file=self.stream, flush=True)

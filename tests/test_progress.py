@@ -27,3 +27,15 @@ def test_progress_lines_say_counts_and_time_left(monkeypatch):
 def test_durations_read_as_a_person_writes_them():
   assert [progress.format_duration(s) for s in (0.4, 59, 61, 3599, 3720)] == [
       "0 s", "59 s", "1 min 1 s", "59 min 59 s", "1 h 2 min"]
+
+
+def test_an_unknown_total_gives_the_count_so_far(monkeypatch):
+  now = [0.0]
+  monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+  stream = io.StringIO()
+  counter = progress.Progress("csv: reading train", 0, unit="entries", every=10.0, stream=stream)
+  for second in range(1, 26):
+    now[0] = float(second)
+    counter.advance(100)
+  assert stream.getvalue().splitlines() == ["csv: reading train 1000 entries, 10 s",
+                                            "csv: reading train 2000 entries, 20 s"]
