@@ -97,11 +97,11 @@ def composition_workdir(tmp_path_factory):
   root = tmp_path_factory.mktemp("composition")
   chosen = [c for c in prototypes() if c.num_atoms <= 8][:16]
   (root / "csv").mkdir()
-  for name in ("train.csv", "val.csv"):
+  for name, suffix in (("train.csv", ""), ("val.csv", "-val")):  # one id per crystal and split
     with open(root / "csv" / name, "w", newline="") as handle:
       writer = csv.writer(handle)
       writer.writerow(["material_id", "cif"])
-      writer.writerows([c.id, c.to_structure().to(fmt="cif")] for c in chosen)
+      writer.writerows([c.id + suffix, c.to_structure().to(fmt="cif")] for c in chosen)
   config = tiny_config(str(root / "tfds"))
   config.dataset.name = "csv"
   config.dataset.path = str(root / "csv")
