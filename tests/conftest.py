@@ -90,7 +90,7 @@ def tiny_config(data_dir: str, representation: str = "repeat") -> ml_collections
 
 @pytest.fixture(scope="session")
 def tfds_dir(tmp_path_factory) -> str:
-  """One TFDS data dir per test session, so the prototypes dataset is built once."""
+  """One TFDS data dir per pytest run, so each dataset is built once."""
   return str(tmp_path_factory.mktemp("tfds"))
 
 
@@ -169,7 +169,7 @@ def small_config(tfds_dir: str, conditional_model: bool = False):
 
 def trained_checkpoint(tmp_path_factory, tfds_dir: str, conditional_model: bool = False
                        ) -> pathlib.Path:
-  """A workdir with a 2-step checkpoint, trained once per test session (shared by modules)."""
+  """A workdir with a 2-step checkpoint, trained once per pytest run (shared by modules)."""
   workdir = tmp_path_factory.getbasetemp() / ("conditional" if conditional_model else "tiny")
   if not (workdir / "checkpoints" / "2").exists():
     config = small_config(tfds_dir, conditional_model)
