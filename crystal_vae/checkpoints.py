@@ -145,12 +145,14 @@ def restore_state(manager: ocp.CheckpointManager, abstract_state: Any, step: int
 
 
 def restore_variables(manager: ocp.CheckpointManager, abstract_variables: Any,
-                      step: int | None = None) -> Any:
-  """The model's variables alone (`params`, `batch_stats`, in `abstract_variables`' layout) from
-  the state of checkpoint `step` (default: the newest that restores), without the optimiser."""
+                      step: int | None = None) -> tuple[int, Any]:
+  """(step, the model's variables alone: `params`, `batch_stats`, in `abstract_variables`'
+  layout) from the state of checkpoint `step` (default: the newest that restores), without the
+  optimiser."""
   restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_variables)
-  return _restore(manager, step, ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      abstract_variables, restore_args=restore_args, partial_restore=True)))[1].state
+  step, restored = _restore(manager, step, ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      abstract_variables, restore_args=restore_args, partial_restore=True)))
+  return step, restored.state
 
 
 def set_aside_newer(manager: ocp.CheckpointManager, step: int) -> None:

@@ -28,6 +28,7 @@ from scipy import spatial
 
 from crystal_vae import generation
 from crystal_vae import inference
+from crystal_vae import latent_prior
 from crystal_vae import plots
 from crystal_vae import reconstruction
 from crystal_vae import segmentation
@@ -114,8 +115,8 @@ def conditional(model: inference.TrainedModel, settings: ml_collections.ConfigDi
                 out_dir: pathlib.Path) -> dict:
   """`--mode=conditional`: see the module docstring."""
   targets = targets_of(settings)
-  z = generation.random_latents(settings.num_samples, model.config.model.latent_dim,
-                                settings.seed)
+  z = latent_prior.GaussianPrior.standard(model.config.model.latent_dim).sample(
+      settings.num_samples, settings.seed)
   decoded = decode_at_targets(model, z, targets, settings.batch_size)
   maxima = np.stack([g["density"].reshape(z.shape[0], -1).max(axis=1) for g in decoded])
   results = {"num_samples": settings.num_samples, "seed": settings.seed,

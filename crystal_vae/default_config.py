@@ -119,11 +119,18 @@ def get_config(representation: str, arg: str | None = None) -> ml_collections.Co
   config.sample = ml_collections.ConfigDict()  # --mode=sample (generation.py)
   config.sample.num = 64
   config.sample.seed = 0
-  config.sample.temperature = 1.0  # z ~ N(0, temperature²)
-  # standard: the VAE's N(0, I) (the paper); fitted: the Gaussian of the latent means of
-  # `prior_crystals` training crystals (for models trained at small β, generation.GaussianPrior).
-  config.sample.prior = "standard"
-  config.sample.prior_crystals = 2000
+  config.sample.temperature = 1.0  # the prior's spread scaled by this (1 = the prior itself)
+  # Where the latents are drawn from (latent_prior.py): learned (a diffusion model over the
+  # latent means of `prior_crystals` training crystals), mixture (a Gaussian mixture of
+  # `prior_components`), fitted (their Gaussian) or standard (the VAE's N(0, I), the paper's).
+  # A fitted prior is saved in the workdir (latent_prior/) and reused with the same checkpoint.
+  config.sample.prior = "learned"
+  config.sample.prior_crystals = 5000  # -1 = every training crystal
+  config.sample.prior_components = 32  # mixture
+  config.sample.prior_features = 512  # learned: the denoiser's width,
+  config.sample.prior_blocks = 3  # its residual blocks,
+  config.sample.prior_train_steps = 4000  # its Adam steps (batch 256)
+  config.sample.prior_sampling_steps = 100  # and the denoising steps of a draw
   config.sample.batch_size = 16
   config.sample.num_train_structures = 500  # training crystals for the nearest-neighbour figure
   # Reference crystals of CDVAE's coverage and Wasserstein distances (CDVAE: the test split).

@@ -33,6 +33,7 @@ from crystal_vae import checkpoints
 from crystal_vae import datasets
 from crystal_vae import generation
 from crystal_vae import inference
+from crystal_vae import latent_prior
 from crystal_vae import plots
 from crystal_vae import models
 from crystal_vae import reconstruction
@@ -163,13 +164,13 @@ def discriminate(model: inference.TrainedModel, settings: ml_collections.ConfigD
   draw_conditions = None
   if real_conditions is not None:
     draw_conditions = np.random.default_rng(settings.seed).choice(real_conditions, size=num)
+  standard = latent_prior.GaussianPrior.standard(latent_dim)
   scores = {
       "real": trainer.score_latents(params, eval_latents, eval_conditions),
-      "random": trainer.score_latents(
-          params, generation.random_latents(num, latent_dim, settings.seed + 1), draw_conditions),
+      "random": trainer.score_latents(params, standard.sample(num, settings.seed + 1),
+                                      draw_conditions),
       "out_of_distribution": trainer.score_latents(
-          params, generation.random_latents(num, latent_dim, settings.seed + 2,
-                                            settings.ood_scale), draw_conditions),
+          params, standard.sample(num, settings.seed + 2, settings.ood_scale), draw_conditions),
   }
   window = max(1, min(settings.log_every_steps, losses.size))
   results = {"loss": settings.loss, "num_train_steps": settings.num_train_steps,

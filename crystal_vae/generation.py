@@ -4,18 +4,20 @@ Three `--mode`s, each `(model, settings, out_dir) -> summary` like every mode (m
 restored model (its config decides representation, grid and dataset), the mode's own settings
 (`config.<mode>`) and the folder it writes (`workdir/<mode>/`):
 
-* `sample` (paper §4.4, Fig. 9): `config.sample.num` latents z ~ N(0, 1) · temperature from
-  `config.sample.seed` (or, with `config.sample.prior="fitted"`, from the Gaussian of the latent
-  means of `sample.prior_crystals` training crystals, `GaussianPrior.fitted`, saved as
-  `latent_prior.npz`), decoded, segmented and rebuilt into crystals. Writes `cifs/` (+
-  `invalid.csv`), `gallery.png` (a density slice of each sample with its segmentation),
-  `nearest_neighbours.png` (nearest-neighbour interatomic distances of the valid samples against
-  training crystals, Fig. 9A) and `summary.json`: `valid_fraction` (reconstructions that are
-  crystals: at least one atom, sites >= 0.5 Å apart) and CDVAE's generation metrics
-  (`generation_metrics.py`: structural / compositional validity, COV-R and COV-P against the
-  first `config.sample.num_reference` crystals of `config.sample.reference_split`, Wasserstein
-  distances of density and number of elements). The reference fingerprints are kept in
-  `reference_fingerprints.npz` and reused while the reference crystals are the same.
+* `sample` (paper §4.4, Fig. 9): `config.sample.num` latents drawn from the prior
+  `config.sample.prior` (latent_prior.py; by default a diffusion model learned over the training
+  crystals' latent means, fitted once and kept in `workdir/latent_prior/`) with its spread scaled
+  by `temperature`, from `config.sample.seed`, decoded, segmented and rebuilt into crystals.
+  Writes `cifs/` (+ `invalid.csv`), `gallery.png` (a density slice of each sample with its
+  segmentation), `nearest_neighbours.png` (nearest-neighbour interatomic distances of the valid
+  samples against training crystals, Fig. 9A) and `summary.json`: `valid_fraction`
+  (reconstructions that are crystals: at least one atom, sites >= 0.5 Å apart), CDVAE's
+  generation metrics (`generation_metrics.py`: structural / compositional validity, COV-R and
+  COV-P against the first `config.sample.num_reference` crystals of
+  `config.sample.reference_split`, Wasserstein distances of density and number of elements) and
+  the uniqueness and novelty (against every training crystal) of the CDVAE-valid samples. The
+  reference fingerprints are kept in `reference_fingerprints.npz` and reused while the reference
+  crystals are the same.
 * `interpolate` (Fig. 8): encodes `config.interpolate.start` and `.end` (CIF paths or dataset
   ids; empty = the first / second training crystal) to their latent means and decodes
   `config.interpolate.steps` points on the line between them, linear and spherical (slerp).
@@ -45,6 +47,8 @@ from crystal_vae import crystals
 from crystal_vae import datasets
 from crystal_vae import generation_metrics
 from crystal_vae import inference
+from crystal_vae import latent_prior
+from crystal_vae import metrics
 from crystal_vae import plots
 from crystal_vae import progress
 from crystal_vae import reconstruction
@@ -54,43 +58,6 @@ METHODS = ("linear", "slerp")
 
 # ---------------------------------------------------------------------------------------------
 # Latents, decoding, crystals.
-
-
-PRIORS = ("standard", "fitted")
-
-
-@dataclasses.dataclass(frozen=True)
-class GaussianPrior:
-  """A Gaussian over the latent space: z = mean + temperature · scale @ ε, ε ~ N(0, I)."""
-
-  mean: np.ndarray  # (L,)
-  scale: np.ndarray  # (L, L), lower triangular
-
-  @classmethod
-  def standard(cls, latent_dim: int) -> "GaussianPrior":
-    """The VAE's prior N(0, I)."""
-    return cls(np.zeros(latent_dim), np.eye(latent_dim))
-
-  @classmethod
-  def fitted(cls, latents: np.ndarray) -> "GaussianPrior":
-    """The Gaussian of `latents` (N, L): their mean and the Cholesky factor of their covariance
-    (plus 1e-6 of its mean variance on the diagonal, so that it factors when N <= L). A β-VAE
-    trained at small β (the shipped model: KL ~640 nats) places its crystals far from N(0, I);
-    drawing from the Gaussian of the training crystals' latent means (ex-post density
-    estimation, as for deterministic autoencoders) decodes crystals like them."""
-    latents = np.asarray(latents, np.float64)
-    covariance = np.atleast_2d(np.cov(latents, rowvar=False))
-    covariance += 1e-6 * np.mean(np.diag(covariance)) * np.eye(len(covariance))
-    return cls(latents.mean(axis=0), np.linalg.cholesky(covariance))
-
-
-def random_latents(num: int, latent_dim: int, seed: int, temperature: float = 1.0,
-                   prior: GaussianPrior | None = None) -> np.ndarray:
-  """`num` draws from `prior` (default N(0, I)) with its spread scaled by `temperature`, shape
-  (num, latent_dim), float32, a pure function of `seed`."""
-  prior = GaussianPrior.standard(latent_dim) if prior is None else prior
-  noise = np.random.default_rng(seed).standard_normal((num, latent_dim))
-  return (prior.mean + temperature * noise @ prior.scale.T).astype(np.float32)
 
 
 def write_cifs(reconstructions: Sequence[reconstruction.Reconstruction], ids: Sequence[str],
@@ -127,10 +94,46 @@ def load_crystal(name: str, config: ml_collections.ConfigDict, default_index: in
 
 def training_crystals(config: ml_collections.ConfigDict, num: int, seed: int
                       ) -> list[crystals.Crystal]:
-  """Up to `num` crystals of the train split of `config.dataset`, a random subset from `seed`."""
+  """Up to `num` crystals (-1: all) of the train split of `config.dataset`, a random subset
+  from `seed`."""
   source = datasets.split_source(config.dataset, "train")
-  chosen = np.random.default_rng(seed).permutation(len(source))[:num]
+  chosen = np.random.default_rng(seed).permutation(len(source))[:len(source) if num < 0 else num]
   return [datasets.record_to_crystal(source[int(i)]) for i in np.sort(chosen)]
+
+
+def prior_of(model: inference.TrainedModel, settings: ml_collections.ConfigDict
+             ) -> tuple[latent_prior.Prior, dict]:
+  """The prior `settings.prior` over `model`'s latents and its record: N(0, I), or a prior
+  fitted to the latent means of `settings.prior_crystals` training crystals (-1: all), restored
+  from the model's workdir (`latent_prior/`) when it was saved there for this checkpoint with
+  these settings, else fitted and saved there."""
+  try:
+    description = latent_prior.description(settings)
+  except ValueError as error:
+    raise inference.SettingsError(str(error)) from None
+  if description["kind"] == "standard":
+    return latent_prior.GaussianPrior.standard(model.config.model.latent_dim), description
+  expected = {**description, "model_step": model.step}
+  directory = None if model.workdir is None else model.workdir / latent_prior.FOLDER
+  if directory is not None:
+    restored = latent_prior.load(directory, expected)
+    if restored is not None:
+      print(f"latent prior: {description['kind']}, restored from {directory}", flush=True)
+      return restored, expected
+  chosen = training_crystals(model.config, settings.prior_crystals, settings.seed)
+  print(f"latent prior: fitting the {description['kind']} prior to the latent means of"
+        f" {len(chosen)} training crystals", flush=True)
+  prior, extra = latent_prior.fit(settings, model.encode_crystals(chosen)[0])
+  record = {"description": expected, "num_crystals": len(chosen),
+            "dataset": model.config.dataset.name, **extra}
+  if directory is not None:
+    try:
+      latent_prior.save(prior, record, directory)
+      print(f"latent prior: saved in {directory}", flush=True)
+    except OSError as error:
+      print(f"note: the latent prior could not be saved in {directory} ({error}); it is fitted"
+            " again next time", flush=True)
+  return prior, expected
 
 
 def split_crystals(config: ml_collections.ConfigDict, split: str, num: int
@@ -242,12 +245,14 @@ def label(r: reconstruction.Reconstruction) -> str:
 
 
 def generate(model: inference.TrainedModel, num: int, seed: int, temperature: float = 1.0, *,
-             prior: GaussianPrior | None = None, condition: np.ndarray | None = None,
+             prior: latent_prior.Prior | None = None, condition: np.ndarray | None = None,
              batch_size: int = 16
              ) -> tuple[np.ndarray, dict[str, np.ndarray], list[reconstruction.Reconstruction]]:
   """Random draws from `prior` (default N(0, I)): latents, decoded grids and their crystals (or
   reasons)."""
-  z = random_latents(num, model.config.model.latent_dim, seed, temperature, prior)
+  if prior is None:
+    prior = latent_prior.GaussianPrior.standard(model.config.model.latent_dim)
+  z = prior.sample(num, seed, temperature)
   grids = model.decode(z, condition, batch_size)
   counter = progress.Progress("sample: rebuilt", num, unit="draws")
   rebuilt = []
@@ -261,16 +266,9 @@ def generate(model: inference.TrainedModel, num: int, seed: int, temperature: fl
 def sample(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
            out_dir: pathlib.Path) -> dict:
   """`--mode=sample`: random draws from the prior; see the module docstring."""
-  if settings.prior not in PRIORS:
-    raise inference.SettingsError(f"sample.prior must be one of {PRIORS}, got {settings.prior!r}")
+  prior, prior_record = prior_of(model, settings)
   train_crystals = training_crystals(model.config, settings.num_train_structures, settings.seed)
   condition = draw_conditions(model, settings.num, settings.seed, train_crystals)
-  prior = None  # N(0, I)
-  if settings.prior == "fitted":
-    prior_crystals = training_crystals(model.config, settings.prior_crystals, settings.seed)
-    prior = GaussianPrior.fitted(model.encode_crystals(prior_crystals)[0])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(out_dir / "latent_prior.npz", mean=prior.mean, scale=prior.scale)
   _, grids, rebuilt = generate(model, settings.num, settings.seed, settings.temperature,
                                prior=prior, condition=condition, batch_size=settings.batch_size)
   ids = [f"sample_{index:04d}" for index in range(settings.num)]
@@ -283,11 +281,15 @@ def sample(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
       reference, [crystal.id for crystal in reference_crystals],
       out_dir / "reference_fingerprints.npz")
   results = {"seed": settings.seed, "temperature": settings.temperature,
-             "prior": (f"fitted to {len(prior_crystals)} training latent means"
-                       if settings.prior == "fitted" else "standard N(0, I)"), **counts,
+             "prior": prior_record, **counts,
              **sample_summary(rebuilt, reference, fingerprints, cutoffs),
              "reference": f"{settings.reference_split} ({len(reference)})",
              "coverage_cutoffs": list(cutoffs)}
+  valid = [r.structure for r in rebuilt if r.valid and metrics.cdvae_valid(r.structure)]
+  training = [crystal.to_structure()
+              for crystal in split_crystals(model.config, "train", -1)]
+  results.update(generation_metrics.uniqueness_and_novelty(valid, training))
+  results["novelty_against"] = f"train ({len(training)})"
   train_structures = [crystal.to_structure() for crystal in train_crystals]
   results["num_train_structures"] = len(train_structures)
   with warnings.catch_warnings():
@@ -310,7 +312,8 @@ def sample(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
   logging.info("wrote %s: %s", out_dir, results)
   print(f"{settings.num} samples written to {out_dir}")
   for key in ("valid_fraction", "cdvae_structure_valid", "cdvae_composition_valid", "cov_recall",
-              "cov_precision", "wasserstein_density", "wasserstein_num_elements"):
+              "cov_precision", "wasserstein_density", "wasserstein_num_elements", "uniqueness",
+              "novelty"):
     print(f"  {key}: {results[key]:.4f}")
   return results
 

@@ -75,6 +75,8 @@ class TrainedModel:
 
   config: ml_collections.ConfigDict
   variables: Any
+  workdir: pathlib.Path | None = None  # where it was restored from (its latent prior is kept there)
+  step: int | None = None  # its checkpoint's step
 
   @classmethod
   def restore(cls, workdir: str | pathlib.Path, step: int | None = None) -> "TrainedModel":
@@ -86,7 +88,8 @@ class TrainedModel:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                             abstract)
-    return cls(config, checkpoints.restore_variables(manager, abstract, step))
+    step, variables = checkpoints.restore_variables(manager, abstract, step)
+    return cls(config, variables, pathlib.Path(workdir), step)
 
   @classmethod
   def for_mode(cls, config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
@@ -130,7 +133,7 @@ class TrainedModel:
             f"{', ' + saved.dataset.path if saved.dataset.path else ''}) is not on this machine: "
             "using the embedded perov_5 crystals (give yours with --config.dataset.path=DIR)",
             flush=True)
-    return cls(resolved, model.variables)
+    return dataclasses.replace(model, config=resolved)
 
   @property
   def spec(self) -> voxelize.GridSpec:

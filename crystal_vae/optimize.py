@@ -9,8 +9,11 @@ was trained. At `num_saved` evenly spaced steps the latents are decoded and rebu
 
 * each rebuilt crystal is valid when CDVAE counts it valid (`metrics.cdvae_valid`);
 * its property is judged by ANOTHER model (`judge`: the workdir of a model with the same property
-  head trained with another seed): the rebuilt crystal is voxelised, encoded by the judge and
-  read by the judge's head; without a judge the optimised head judges itself, said as such;
+  head that shares no weights with the optimised one, e.g. trained with another seed or in the
+  other representation): the rebuilt crystal is voxelised, encoded by the judge and read by the
+  judge's head; no judge, or one that is or shares weights with the optimised model, is refused;
+* a latent stops once the head's prediction passes the training values' range, so the search
+  stays where the head and the judge have seen crystals;
 * SR5 / SR10 / SR15: the fraction of starts whose best judged value over the saved steps (valid
   crystals only) lies in the best 5 / 10 / 15% of the training split's values.
 
@@ -26,12 +29,14 @@ from collections.abc import Sequence
 
 from absl import logging
 import ml_collections
+import jax
 import numpy as np
 import optax
 
 from crystal_vae import crystals
 from crystal_vae import generation
 from crystal_vae import inference
+from crystal_vae import latent_prior
 from crystal_vae import metrics
 from crystal_vae import plots
 from crystal_vae import progress
@@ -55,11 +60,43 @@ def property_index(model: inference.TrainedModel, name: str) -> int:
   return names.index(name)
 
 
+def independent_judge(model: inference.TrainedModel, judge: str) -> inference.TrainedModel:
+  """The judge restored from workdir `judge`; refused (one line) when there is none, or when it
+  is the optimised model or shares any weight array with it (a head fitted on the same frozen
+  encoder, a model fine-tuned from it): such a judge grades the optimiser's own extrapolation."""
+  if not judge:
+    raise inference.SettingsError(
+        "optimize needs an independent judge: --config.optimize.judge=WORKDIR of a model with"
+        " the same property head that shares no weights with this one (the recipe trained with"
+        " another --config.seed, or the other representation's model)")
+  if model.workdir is not None and pathlib.Path(judge).resolve() == model.workdir.resolve():
+    raise inference.SettingsError(
+        f"the judge {judge} is the optimised model itself: give an independently trained one")
+  judging = inference.TrainedModel.restore(judge)
+  ours = dict(_flat_arrays(model.variables))
+  shared = [path for path, value in _flat_arrays(judging.variables)
+            if path in ours and ours[path].shape == value.shape
+            and np.array_equal(ours[path], value)]
+  if shared:
+    raise inference.SettingsError(
+        f"the judge {judge} shares {len(shared)} weight arrays with the optimised model (e.g."
+        f" {shared[0]}): it is not independent; give a model trained on its own")
+  return judging
+
+
+def _flat_arrays(variables) -> list[tuple[str, np.ndarray]]:
+  leaves, _ = jax.tree_util.tree_flatten_with_path(variables)
+  return [(jax.tree_util.keystr(path), np.asarray(leaf)) for path, leaf in leaves]
+
+
 def optimise_latents(model: inference.TrainedModel, z: np.ndarray, index: int, *,
-                     direction: str, steps: int, learning_rate: float, prior_weight: float
+                     direction: str, steps: int, learning_rate: float, prior_weight: float,
+                     bounds: tuple[float, float] = (-np.inf, np.inf)
                      ) -> tuple[np.ndarray, np.ndarray]:
   """Adam on the latents: returns the path (steps + 1, N, L) and the head's prediction along
-  it (steps + 1, N)."""
+  it (steps + 1, N). A latent whose prediction has passed `bounds` (the training values' range)
+  on the side it is pushed towards stays where it is: the search keeps to where the head (and a
+  judge) has seen crystals."""
   if direction not in DIRECTIONS:
     raise inference.SettingsError(f"direction {direction!r} not in {DIRECTIONS}")
   sign = 1.0 if direction == "minimize" else -1.0
@@ -77,6 +114,8 @@ def optimise_latents(model: inference.TrainedModel, z: np.ndarray, index: int, *
     if step == steps:
       break
     updates, state = optimiser.update(sign * gradient / scale + prior_weight * z, state)
+    beyond = values[:, index] <= bounds[0] if sign > 0 else values[:, index] >= bounds[1]
+    updates = np.where(beyond[:, None], 0.0, updates)
     z = np.asarray(optax.apply_updates(z, updates), np.float32)
     path.append(z)
   return np.stack(path), np.stack(predictions)
@@ -129,7 +168,8 @@ def success_rates(best: np.ndarray, training_values: np.ndarray, direction: str
 def _starting_latents(model: inference.TrainedModel, settings: ml_collections.ConfigDict
                       ) -> tuple[np.ndarray, list[str]]:
   if settings.start == "prior":
-    z = generation.random_latents(settings.num, model.config.model.latent_dim, settings.seed)
+    z = latent_prior.GaussianPrior.standard(model.config.model.latent_dim).sample(
+        settings.num, settings.seed)
     return z, [f"prior_{index}" for index in range(settings.num)]
   if settings.start != "encoded":
     raise inference.SettingsError(f"optimize.start {settings.start!r} not in {STARTS}")
@@ -146,12 +186,17 @@ def optimize(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
         "optimize decodes without a condition: use an unconditional model")
   index = property_index(model, settings.property)
   name = model.config.model.properties[index]
-  judge = inference.TrainedModel.restore(settings.judge) if settings.judge else model
+  judge = independent_judge(model, settings.judge)
   judge_index = property_index(judge, name)
+  training = generation.split_crystals(model.config, "train", -1)
+  training_values = np.array([crystal.properties.get(name, np.nan) for crystal in training])
+  training_values = training_values[np.isfinite(training_values)]
   z, start_ids = _starting_latents(model, settings)
+  bounds = ((float(training_values.min()), float(training_values.max()))
+            if training_values.size else (-np.inf, np.inf))
   path, predictions = optimise_latents(
       model, z, index, direction=settings.direction, steps=settings.steps,
-      learning_rate=settings.learning_rate, prior_weight=settings.prior_weight)
+      learning_rate=settings.learning_rate, prior_weight=settings.prior_weight, bounds=bounds)
 
   steps = saved_steps(settings.steps, settings.num_saved)
   judged = np.full((len(steps), len(z)), np.nan)
@@ -169,9 +214,6 @@ def optimize(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
     last_grids, last_rebuilt = grids, rebuilt
     logging.info("step %d: %d of %d valid", step, valid[row].sum(), len(z))
 
-  training = generation.split_crystals(model.config, "train", -1)
-  training_values = np.array([crystal.properties.get(name, np.nan) for crystal in training])
-  training_values = training_values[np.isfinite(training_values)]
   with np.errstate(all="ignore"):
     pick = np.nanmin if settings.direction == "minimize" else np.nanmax
     best = (pick(np.where(valid, judged, np.nan), axis=0) if valid.any(axis=0).any()
@@ -179,7 +221,7 @@ def optimize(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
   results = {
       "property": name, "direction": settings.direction, "start": settings.start,
       "num": len(z), "steps": settings.steps, "saved_steps": steps,
-      "judge": settings.judge or "the optimised head itself (not independent)",
+      "judge": settings.judge, "training_range": list(bounds),
       **success_rates(best, training_values, settings.direction),
       "valid_fraction_per_saved_step": valid.mean(axis=1).tolist(),
       "head_prediction_start_mean": float(predictions[0].mean()),

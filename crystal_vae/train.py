@@ -169,7 +169,7 @@ def initialised_from(state: TrainState, workdir: str) -> TrainState:
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
       jax.eval_shape(lambda: models.init_variables(saved_config, jax.random.key(0))))
-  saved = checkpoints.restore_variables(manager, abstract)
+  _, saved = checkpoints.restore_variables(manager, abstract)
   kept = []
 
   def take(path, initial, saved_values):

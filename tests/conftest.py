@@ -81,6 +81,12 @@ def tiny_config(data_dir: str, representation: str = "repeat") -> ml_collections
   config.learning_rate = 1e-3
   config.eval.batch_size = 8
   config.eval.num_batches = 1
+  # A learned latent prior that trains in a second or two.
+  config.sample.prior_crystals = 24
+  config.sample.prior_features = 32
+  config.sample.prior_blocks = 1
+  config.sample.prior_train_steps = 50
+  config.sample.prior_sampling_steps = 10
   config.num_train_steps = 4
   config.log_every_steps = 2
   config.eval_every_steps = 4

@@ -12,6 +12,7 @@ from crystal_vae import datasets
 from crystal_vae import discriminator
 from crystal_vae import generation
 from crystal_vae import inference
+from crystal_vae import latent_prior
 from crystal_vae import modes
 from conftest import small_config, trained_checkpoint
 
@@ -58,7 +59,7 @@ def test_training_reduces_the_loss_and_outputs_lie_in_unit_interval(workdir, tfd
   before = np.mean([trainer.mixed_loss(initial, key, real) for key in keys])
   after = np.mean([trainer.mixed_loss(params, key, real) for key in keys])
   assert after < before - 0.01 and after < np.log(2.0)  # better than predicting λ = 1/2
-  scores = trainer.score_latents(params, generation.random_latents(5, 8, 0, 3.0))
+  scores = trainer.score_latents(params, latent_prior.GaussianPrior.standard(8).sample(5, 0, 3.0))
   assert scores.shape == (5,) and np.all((scores >= 0) & (scores <= 1))
   checkpoints.save_pytree(params, tmp_path / "params")
   restored = checkpoints.restore_pytree(tmp_path / "params", initial)

@@ -24,6 +24,7 @@ from crystal_vae import default_config
 from crystal_vae import generation
 from crystal_vae import generation_metrics
 from crystal_vae import inference
+from crystal_vae import latent_prior
 from crystal_vae import metrics
 from crystal_vae import modes
 from crystal_vae import reconstruction
@@ -205,42 +206,34 @@ def test_sampling_is_reproducible_from_the_seed(model):
   np.testing.assert_array_equal(grids["species"], grids_again["species"])
   assert not np.array_equal(z, z_other)
   assert not np.array_equal(grids["density"], grids_other["density"])
-  np.testing.assert_array_equal(generation.random_latents(3, 8, 7, 2.0), 2 * z)
+  np.testing.assert_array_equal(latent_prior.GaussianPrior.standard(8).sample(3, 7, 2.0), 2 * z)
   # Batching does not change the decoded grids: padded batches of 4 vs one batch of 3.
   np.testing.assert_allclose(model.decode(z)["density"], grids["density"], rtol=1e-6, atol=1e-7)
 
 
-def test_fitted_prior_recovers_a_known_gaussian_and_draws_from_it():
-  """`GaussianPrior.fitted` on 20,000 draws of a known 3-D Gaussian gives back its mean and
-  covariance; its draws have them too (temperature 2: four times the covariance); the standard
-  prior draws what `random_latents` always drew."""
-  mean = np.array([1.0, -2.0, 0.5])
-  covariance = np.array([[2.0, 0.6, 0.0], [0.6, 1.0, -0.3], [0.0, -0.3, 0.5]])
-  latents = np.random.default_rng(0).multivariate_normal(mean, covariance, size=20_000)
-  prior = generation.GaussianPrior.fitted(latents)
-  np.testing.assert_allclose(prior.mean, mean, atol=0.03)
-  np.testing.assert_allclose(prior.scale @ prior.scale.T, covariance, atol=0.05)
-  draws = generation.random_latents(20_000, 3, seed=1, temperature=2.0, prior=prior)
-  np.testing.assert_allclose(draws.mean(axis=0), mean, atol=0.06)
-  np.testing.assert_allclose(np.cov(draws, rowvar=False), 4 * covariance, atol=0.2)
-  standard = generation.GaussianPrior.standard(3)
-  np.testing.assert_array_equal(generation.random_latents(5, 3, seed=4, prior=standard),
-                                np.random.default_rng(4).standard_normal((5, 3)).astype(np.float32))
-
-
-def test_sample_mode_with_the_fitted_prior(model, tmp_path):
-  """`sample.prior=fitted`: the draws come from the Gaussian of the training crystals' latent
-  means, saved beside the samples (mean = the mean of those crystals' encodings)."""
+def test_sample_mode_fits_saves_and_reuses_its_prior(model, tmp_path, capsys):
+  """`sample.prior=fitted`: the Gaussian of the chosen training crystals' latent means (its mean
+  is theirs), saved in the model's workdir with the checkpoint step and reused by the next run
+  (same draws); the default prior is the learned one; an unknown prior is refused."""
   settings = ml_collections.ConfigDict(model.config.sample.to_dict())
   settings.update(num=4, batch_size=4, num_train_structures=6, gallery=2, num_reference=3,
                   prior="fitted", prior_crystals=12)
-  summary = generation.sample(model, settings, tmp_path)
-  saved = np.load(tmp_path / "latent_prior.npz")
+  shutil.rmtree(model.workdir / "latent_prior", ignore_errors=True)
+  summary = generation.sample(model, settings, tmp_path / "first")
+  saved = np.load(model.workdir / "latent_prior" / "prior.npz")
   chosen = generation.training_crystals(model.config, 12, settings.seed)
   np.testing.assert_allclose(saved["mean"], model.encode_crystals(chosen)[0].mean(axis=0),
                              rtol=1e-5, atol=1e-6)
-  assert summary["prior"] == "fitted to 12 training latent means"
-  assert summary["num_samples"] == 4
+  assert summary["prior"] == {"kind": "fitted", "crystals": 12, "seed": 0,
+                              "model_step": model.step}
+  assert "fitting the fitted prior" in capsys.readouterr().out
+  again = generation.sample(model, settings, tmp_path / "second")
+  assert "restored from" in capsys.readouterr().out
+  assert {key: again[key] for key in ("num_valid", "cov_recall")} == {
+      key: summary[key] for key in ("num_valid", "cov_recall")}
+  assert sorted(p.read_text() for p in (tmp_path / "first" / "cifs").glob("*.cif")) == sorted(
+      p.read_text() for p in (tmp_path / "second" / "cifs").glob("*.cif"))
+  assert default_config.get_config("repeat").sample.prior == "learned"
   settings.prior = "uniform"
   with pytest.raises(ValueError, match="sample.prior"):
     generation.sample(model, settings, tmp_path)
@@ -378,7 +371,7 @@ def test_conditional_generation_follows_the_target(tmp_path_factory, tfds_dir, m
   # The saved means, recomputed: the same draws decoded at each target, one at a time.
   saved = json.loads((workdir / "conditional" / "summary.json").read_text())
   conditional_model = inference.TrainedModel.restore(workdir)
-  z = generation.random_latents(4, 8, config.conditional.seed)
+  z = latent_prior.GaussianPrior.standard(8).sample(4, config.conditional.seed)
   targets = np.array(config.conditional.targets)
   maxima = np.array([[conditional_model.decode(z[i:i + 1], np.array([target], np.float32))[
       "density"].max() for i in range(4)] for target in targets])  # (targets, latents)

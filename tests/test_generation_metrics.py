@@ -90,3 +90,21 @@ def test_cutoffs_per_dataset():
   assert generation_metrics.coverage_cutoffs("perov_5") == (0.2, 4.0)
   assert generation_metrics.coverage_cutoffs("mp_20") == (0.4, 10.0)
   assert generation_metrics.coverage_cutoffs("prototypes") == (0.4, 10.0)
+
+
+def test_uniqueness_and_novelty_of_hand_made_duplicates():
+  """Generated: rock salt, the same rock salt with its atoms moved 0.05 Å (a duplicate), a
+  2x1x1 supercell of it (a duplicate), NaCl in the CsCl structure (same composition, another
+  crystal), KCl (another composition) and None (no crystal, not counted). Against a training
+  set holding rock-salt NaCl: unique 3 of 5, novel 2 of 5 (CsCl-type NaCl, KCl), both 2 of 5."""
+  moved = _rock_salt()
+  moved.perturb(0.05, min_distance=0.05)
+  supercell = _rock_salt().make_supercell([2, 1, 1], in_place=False)
+  nacl_as_cscl = Structure(Lattice.cubic(3.3), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+  generated = [_rock_salt(), moved, supercell, nacl_as_cscl, _rock_salt(6.29, "K"), None]
+  results = generation_metrics.uniqueness_and_novelty(generated, [_rock_salt()])
+  assert results == {"uniqueness": pytest.approx(3 / 5), "novelty": pytest.approx(2 / 5),
+                     "unique_and_novel": pytest.approx(2 / 5)}
+  # Nothing in training: every unique crystal is novel.
+  alone = generation_metrics.uniqueness_and_novelty(generated, [])
+  assert alone["novelty"] == 1.0 and alone["unique_and_novel"] == pytest.approx(3 / 5)

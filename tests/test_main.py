@@ -38,7 +38,7 @@ SHIPPED = REPO / "pretrained" / "perov5_repeat"
 @pytest.mark.parametrize("arguments, message", [
     # inference.SettingsError: a mode's setting that cannot run on the model
     (["--config.sample.prior=uniform"],
-     "error: sample.prior must be one of ('standard', 'fitted'), got 'uniform'"),
+     "error: sample.prior must be one of ('learned', 'mixture', 'fitted', 'standard'), got 'uniform'"),
     # inference.ConfigMismatch: a --config of another model than the checkpoint's
     ([f"--config={REPO}/configs/unit_cell.py:quick"],
      f"error: --config describes another model than the checkpoint in {SHIPPED} (different "

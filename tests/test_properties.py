@@ -4,6 +4,7 @@ property-guided generation (`--mode=optimize`)."""
 import csv
 import json
 import pathlib
+import shutil
 
 from flax import traverse_util
 import jax
@@ -16,6 +17,7 @@ from crystal_vae import crystals
 from crystal_vae import generation
 from crystal_vae import head_fit
 from crystal_vae import inference
+from crystal_vae import latent_prior
 from crystal_vae import losses
 from crystal_vae import metrics
 from crystal_vae import models
@@ -61,11 +63,9 @@ def _write_csv(path: pathlib.Path, rows) -> None:
                        "sparse": 1.0 if index % 3 == 0 else ""})
 
 
-@pytest.fixture(scope="module")
-def property_workdir(tmp_path_factory) -> pathlib.Path:
+def _train_property_model(root: pathlib.Path, seed: int) -> pathlib.Path:
   """A tiny model whose head predicts each crystal's mean atomic number (a function of the
-  structure the density shows), trained on 32 small prototypes."""
-  root = tmp_path_factory.mktemp("properties")
+  structure the density shows), trained on 32 small prototypes from `seed`."""
   chosen = [c for c in prototypes() if c.num_atoms <= 8][:40]
   (root / "csv").mkdir()
   _write_csv(root / "csv" / "train.csv", chosen[:32])
@@ -80,8 +80,20 @@ def property_workdir(tmp_path_factory) -> pathlib.Path:
   config.log_every_steps = 40
   config.checkpoint_every_steps = 80
   config.eval_every_steps = 80
-  train.train_and_evaluate(config, str(root / "workdir"))
-  return root / "workdir"
+  config.seed = seed
+  train.train_and_evaluate(config, str(root / f"workdir_{seed}"))
+  return root / f"workdir_{seed}"
+
+
+@pytest.fixture(scope="module")
+def property_workdir(tmp_path_factory) -> pathlib.Path:
+  return _train_property_model(tmp_path_factory.mktemp("properties"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def judge_workdir(tmp_path_factory) -> pathlib.Path:
+  """The same recipe trained from another seed: it shares no weights with `property_workdir`."""
+  return _train_property_model(tmp_path_factory.mktemp("judge"), seed=1)
 
 
 def test_property_scaling_is_the_training_splits(property_workdir):
@@ -118,7 +130,7 @@ def test_evaluate_reports_the_properties_beside_the_baseline(property_workdir):
 
 def test_latent_optimisation_moves_the_prediction_monotonically(property_workdir):
   model = inference.TrainedModel.restore(property_workdir)
-  z = generation.random_latents(4, model.config.model.latent_dim, seed=1)
+  z = latent_prior.GaussianPrior.standard(model.config.model.latent_dim).sample(4, seed=1)
   for direction, sign in (("maximize", 1), ("minimize", -1)):
     _, predictions = optimize.optimise_latents(model, z, 0, direction=direction, steps=20,
                                                learning_rate=0.01, prior_weight=0.0)
@@ -127,12 +139,48 @@ def test_latent_optimisation_moves_the_prediction_monotonically(property_workdir
     assert (sign * (predictions[-1] - predictions[0]) > 0).all()
 
 
-def test_optimize_mode_writes_crystals_figure_and_success_rates(property_workdir):
+def test_the_head_stops_pushing_past_the_training_range(property_workdir):
+  """With a bound halfway along a latent's free path, the latent stops at the first step past
+  it: below where it would have gone, and still from then on."""
+  model = inference.TrainedModel.restore(property_workdir)
+  starts = latent_prior.GaussianPrior.standard(model.config.model.latent_dim).sample(3, seed=1)
+  for z in starts:
+    _, free = optimize.optimise_latents(model, z[None], 0, direction="maximize", steps=30,
+                                        learning_rate=0.01, prior_weight=0.0)
+    bound = float(free[0, 0] + 0.5 * (free[-1, 0] - free[0, 0]))
+    path, bounded = optimize.optimise_latents(model, z[None], 0, direction="maximize",
+                                              steps=30, learning_rate=0.01, prior_weight=0.0,
+                                              bounds=(-np.inf, bound))
+    crossed = int(np.argmax(bounded[:, 0] >= bound))
+    assert 0 < crossed < 30 and bound <= bounded[-1, 0] < free[-1, 0]
+    np.testing.assert_array_equal(path[crossed:], np.repeat(path[crossed:crossed + 1],
+                                                            31 - crossed, axis=0))
+    np.testing.assert_array_equal(bounded[:crossed + 1], free[:crossed + 1])
+
+
+def test_a_judge_that_is_or_shares_the_optimised_model_is_refused(property_workdir, tmp_path):
+  model = inference.TrainedModel.restore(property_workdir)
+  with pytest.raises(inference.SettingsError, match="needs an independent judge"):
+    optimize.independent_judge(model, "")
+  with pytest.raises(inference.SettingsError, match="is the optimised model itself"):
+    optimize.independent_judge(model, str(property_workdir))
+  copy = tmp_path / "copy"
+  shutil.copytree(property_workdir, copy)  # same weights under another name
+  with pytest.raises(inference.SettingsError, match=r"shares \d+ weight arrays"):
+    optimize.independent_judge(model, str(copy))
+  config = model.config
+  config.optimize.judge = ""
+  with pytest.raises(inference.SettingsError, match="needs an independent judge"):
+    modes.run("optimize", config, property_workdir)
+
+
+def test_optimize_mode_writes_crystals_figure_and_success_rates(property_workdir,
+                                                                 judge_workdir):
   config = inference.TrainedModel.restore(property_workdir).config
   config.optimize.num = 3
   config.optimize.steps = 6
   config.optimize.num_saved = 2
-  config.optimize.judge = str(property_workdir)
+  config.optimize.judge = str(judge_workdir)
   results = modes.run("optimize", config, property_workdir)
   out_dir = property_workdir / "optimize"
   assert results["saved_steps"] == [3, 6] and results["property"] == "mean_z"
@@ -142,7 +190,7 @@ def test_optimize_mode_writes_crystals_figure_and_success_rates(property_workdir
     with open(out_dir / "cifs" / f"step_{step:04d}" / "invalid.csv") as handle:
       assert len(written) + len(handle.readlines()) - 1 == 3
   assert (out_dir / "trajectory.png").read_bytes()[:4] == b"\x89PNG"
-  assert json.loads((out_dir / "summary.json").read_text())["judge"] == str(property_workdir)
+  assert json.loads((out_dir / "summary.json").read_text())["judge"] == str(judge_workdir)
 
 
 def test_a_model_without_a_property_head_cannot_optimise(tmp_path_factory, tfds_dir):
