@@ -311,16 +311,18 @@ def _gpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def _quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The quick start: the `cpu` model on the embedded perov_5 for 2,500 steps, then 128
-  validation crystals (not trained on) rebuilt and matched; under 10 minutes on 2 cores."""
+  """The quick start: the `cpu` model on the embedded perov_5, then 128 validation crystals (not
+  trained on) rebuilt and matched. The unit cell learns the compositions sooner: 1,500 steps,
+  under 10 minutes on 2 cores in all; the repeat model needs 3,500 (docs/results.md, "Quick
+  start")."""
   _cpu(config)
-  config.num_train_steps = 2500
+  config.num_train_steps = 1500 if config.representation == "unit_cell" else 3500
   config.log_every_steps = 100
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 500
   config.eval.after_training = 128
-  # Each latent refined towards its crystal's density before rebuilding: on the first 64
-  # validation crystals of a 2,500-step model, 46.9% matched with 100 steps (25.8% of 128 without).
+  # Each latent refined towards its crystal's density before rebuilding: on 128 validation
+  # crystals of a 2,500-step repeat model, 42.2% matched with 100 steps, 25.8% without.
   config.eval.refine_steps = 100
   config.sample.num = 32
   config.sample.num_reference = 256
