@@ -127,7 +127,7 @@ def get_config(representation: str, arg: str | None = None) -> ml_collections.Co
   config.sample.prior = "learned"
   config.sample.prior_crystals = 5000  # -1 = every training crystal
   config.sample.prior_components = 32  # mixture
-  config.sample.prior_features = 512  # learned: the denoiser's width,
+  config.sample.prior_features = 256  # learned: the denoiser's width,
   config.sample.prior_blocks = 3  # its residual blocks,
   config.sample.prior_train_steps = 4000  # its Adam steps (batch 256)
   config.sample.prior_sampling_steps = 100  # and the denoising steps of a draw

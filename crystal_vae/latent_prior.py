@@ -120,12 +120,12 @@ def _timestep_embedding(t: jax.Array, size: int) -> jax.Array:
 
 
 class Denoiser(nn.Module):
-  """(noisy latents (B, L), t (B,) in [0, 1]) -> the velocity v = √ᾱ ε − √(1−ᾱ) x₀ (B, L): an MLP of `blocks`
-  residual blocks of width `features`, each LayerNorm -> SiLU -> Dense with the time
-  embedding added."""
+  """(noisy latents (B, L), t (B,) in [0, 1]) -> the velocity v = √ᾱ ε − √(1−ᾱ) x₀ (B, L): an
+  MLP of `blocks` residual blocks of width `features`, each LayerNorm -> SiLU -> Dense with the
+  time embedding added."""
 
-  features: int = 512
-  blocks: int = 3
+  features: int
+  blocks: int
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array) -> jax.Array:
@@ -154,15 +154,16 @@ def _alpha_bar(t: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionSettings:
-  """How the learned prior is built and trained."""
+  """How the learned prior is built and trained (`config.sample.prior_*`, and fixed here: batch
+  256, Adam 1e-3 cosine-decayed, weights averaged with decay 0.999)."""
 
-  features: int = 512
-  blocks: int = 3
-  train_steps: int = 4000
+  features: int
+  blocks: int
+  train_steps: int
+  sampling_steps: int
   batch_size: int = 256
   learning_rate: float = 1e-3
   ema_decay: float = 0.999
-  sampling_steps: int = 100
 
   @classmethod
   def from_config(cls, settings: ml_collections.ConfigDict) -> "DiffusionSettings":
