@@ -7,8 +7,8 @@ setuptools.setup(
     version="0.1.0",
     description="Encode, decode, sample and interpolate 3-D crystal structures with a voxel β-VAE.",
     packages=setuptools.find_packages(include=["crystal_vae", "crystal_vae.*"]),
-    # The native CPU convolution's source, compiled on first use (crystal_vae/native.py).
-    package_data={"crystal_vae": ["native.cc"]},
+    # The native CPU kernels' source, compiled on first use (crystal_vae/native/kernels.py).
+    package_data={"crystal_vae.native": ["kernels.cc"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10,<0.11",

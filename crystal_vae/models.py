@@ -1,6 +1,8 @@
 """Flax models: the β-VAE over voxel densities, the attention U-Net segmenter and a lattice head.
 
-Everything is channels-last and a pure function of parameters and inputs. Densities are
+Everything is channels-last and a pure function of parameters and inputs; the layers'
+convolutions, pooling, resizing and batch-normalisation sums run on `crystal_vae/native/` (its
+convolution back-ends and CPU kernels, chosen per layer). Densities are
 (B, G, G, G) arrays; the VAE maps them to a latent (mean, logvar) of size L and back, the U-Net
 maps a (decoded) density to per-voxel segmentation outputs whose meaning the species head sets
 (`SPECIES_HEADS`, turned into a species grid by `species_grid`):
@@ -30,7 +32,8 @@ Config fields read by `model_from_config` (see `default_model_config` for the pa
                                the decoded density only (`eval.atoms_from=density`, repeat).
   config.model.species_head    'classes' (paper) or 'mask_z' (see above).
   config.model.decoder_output  'relu' (paper) or 'softplus': the decoder's last activation.
-  config.model.conv_impl       'auto', 'xla', 'depth_sum', 'fft' or 'native' (see `conv3d`).
+  config.model.conv_impl       'auto', 'xla', 'depth_sum', 'fft' or 'native' (see
+                               `native.convolution.conv3d`).
   config.model.dtype           computation dtype name ('float32', 'bfloat16'); params are float32.
 """
 
@@ -44,14 +47,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import linen as nn
 from jax import lax
 
-from crystal_vae import native
+from crystal_vae.native import convolution
+from crystal_vae.native import kernels
+from crystal_vae.native import ops
 
-Padding = Sequence[tuple[int, int]]
-CONV_IMPLS = ("auto", "xla", "depth_sum", "fft", "native")
 SPECIES_HEADS = ("classes", "mask_z")
 DECODER_OUTPUTS = ("relu", "softplus")
 Z_SCALE = 10.0  # the "mask_z" head regresses Z / Z_SCALE, O(1) for every element.
@@ -68,8 +70,8 @@ def class_max(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The maximum of `logits` (..., C) over the classes and (int32) the first class holding it, no
   gradient: one native pass on the CPU (XLA's reduction of both took 3% of the paper model's
   CPU step), else jnp."""
-  if logits.dtype == jnp.float32 and native.on_cpu():
-    return native.class_max(logits)
+  if logits.dtype == jnp.float32 and kernels.on_cpu():
+    return kernels.class_max(logits)
   logits = lax.stop_gradient(logits)
   return jnp.max(logits, axis=-1), jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
@@ -83,203 +85,6 @@ def species_grid(outputs: jax.Array, species_head: str, max_z: int) -> jax.Array
     raise ValueError(f"species head {species_head!r} not in {SPECIES_HEADS}")
   z = jnp.clip(jnp.round(outputs[..., 1] * Z_SCALE), 1, max_z).astype(jnp.int32)
   return jnp.where(outputs[..., 0] > 0, z, 0)
-
-
-def _conv_xla(
-    x: jax.Array, kernel: jax.Array, strides: tuple[int, ...], pads: Padding) -> jax.Array:
-  return lax.conv_general_dilated(
-      x, kernel, strides, pads, dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
-
-
-def _conv_depth_sum(
-    x: jax.Array, kernel: jax.Array, strides: tuple[int, ...], pads: Padding) -> jax.Array:
-  """3-D convolution as a sum over kernel depth of 2-D convolutions over (H, W).
-
-  Output depth d sees input depth s*d + kd through kernel slice kd; for each kd the strided input
-  depth slice is folded into the batch axis and convolved in 2-D. On CPU, XLA's 3-D convolutions
-  of the paper model are 2-7x slower than this at stride 1 and 30-200x at stride 2, on par only
-  for the 20^3 VALID k5 and 1-channel output layers (launch/benchmark_conv.py).
-  """
-  batch, _, height, width, channels = x.shape
-  x = jnp.pad(x, ((0, 0), pads[0], (0, 0), (0, 0), (0, 0)))
-  out_depth = (x.shape[1] - kernel.shape[0]) // strides[0] + 1
-  end = strides[0] * (out_depth - 1) + 1
-  total = None
-  for kd in range(kernel.shape[0]):
-    depth_slice = x[:, kd:kd + end:strides[0]]
-    y = lax.conv_general_dilated(
-        depth_slice.reshape(batch * out_depth, height, width, channels), kernel[kd], strides[1:],
-        pads[1:], dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    total = y if total is None else total + y
-  return total.reshape(batch, out_depth, *total.shape[1:])
-
-
-_SPATIAL = (2, 3, 4)  # of a channels-first (B, C, D, H, W) array
-
-
-def _dft_rows(length: int, taps: int, sign: float) -> np.ndarray:
-  """(taps, length) complex64: exp(sign * 2*pi*i * t * f / length)."""
-  phase = sign * 2j * np.pi * np.outer(np.arange(taps), np.arange(length)) / length
-  return np.exp(phase).astype(np.complex64)
-
-
-def _half_spectrum_weights(length: int) -> np.ndarray:
-  """How often each stored frequency of a real signal's rfft counts in the full inverse sum."""
-  weights = np.full(length // 2 + 1, 2.0)
-  weights[0] = 1.0
-  if length % 2 == 0:
-    weights[-1] = 1.0
-  return weights
-
-
-def _along_last_three(array: jax.Array, matrices: Sequence[np.ndarray],
-                      minor_first: bool = False) -> jax.Array:
-  """`array` (..., n0, n1, n2) with matrix i (m_i, n_i) applied along axis -3 + i."""
-  order = (2, 1, 0) if minor_first else (0, 1, 2)
-  for axis in order:
-    array = jnp.moveaxis(jnp.tensordot(array, matrices[axis], axes=([axis - 3], [1])), -1, axis - 3)
-  return array
-
-
-def _kernel_spectrum(kernel: jax.Array, lengths: Sequence[int]) -> jax.Array:
-  """rfftn over the last three axes of `kernel` (..., kd, kh, kw) zero-padded to `lengths`,
-  as three small DFTs over its few taps (an FFT of the padded kernel costs as much as the
-  input's)."""
-  matrices = [_dft_rows(length, taps, -1.0).T for length, taps in zip(lengths, kernel.shape[-3:])]
-  matrices[2] = matrices[2][:lengths[2] // 2 + 1]
-  return _along_last_three(kernel.astype(jnp.complex64), matrices)
-
-
-def _first_samples(spectrum: jax.Array, lengths: Sequence[int], taps: Sequence[int]
-                   ) -> jax.Array:
-  """The real inverse of an rfftn `spectrum` (..., L0, L1, L2 // 2 + 1) at [0, taps) per axis,
-  as three small inverse DFTs (the full inverse would transform every channel at every lag)."""
-  matrices = [_dft_rows(length, count, 1.0) for length, count in zip(lengths, taps)]
-  half = lengths[2] // 2 + 1
-  matrices[2] = matrices[2][:, :half] * _half_spectrum_weights(lengths[2]).astype(np.complex64)
-  return jnp.real(_along_last_three(spectrum, matrices, minor_first=True)) / np.prod(lengths)
-
-
-def _fft_forward(x: jax.Array, kernel: jax.Array, pads: tuple[tuple[int, int], ...]
-                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
-  padded = jnp.pad(jnp.transpose(x, (0, 4, 1, 2, 3)).astype(jnp.float32),
-                   ((0, 0), (0, 0), *pads))
-  lengths = padded.shape[2:]
-  out = [length - taps + 1 for length, taps in zip(lengths, kernel.shape[:3])]
-  spectrum_x = jnp.fft.rfftn(padded, axes=_SPATIAL)                           # B, C, F
-  spectrum_k = _kernel_spectrum(jnp.transpose(kernel, (3, 4, 0, 1, 2)), lengths)  # C, O, F
-  # y[p] = sum_t x[p + t] k[t]: a circular cross-correlation over the padded cube, which never
-  # wraps because the output stops `taps - 1` short of the padded side.
-  spectrum_y = jnp.sum(spectrum_x[:, :, None] * jnp.conj(spectrum_k)[None], axis=1)
-  y = jnp.fft.irfftn(spectrum_y, s=lengths, axes=_SPATIAL)[:, :, :out[0], :out[1], :out[2]]
-  return jnp.transpose(y, (0, 2, 3, 4, 1)).astype(x.dtype), (spectrum_x, spectrum_k, kernel)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _fft_conv(x: jax.Array, kernel: jax.Array, pads: tuple[tuple[int, int], ...]) -> jax.Array:
-  return _fft_forward(x, kernel, pads)[0]
-
-
-def _fft_conv_bwd(pads, residuals, cotangent):
-  spectrum_x, spectrum_k, kernel = residuals
-  taps = kernel.shape[:3]
-  lengths = [out + count - 1 for out, count in zip(cotangent.shape[1:4], taps)]
-  spectrum_g = jnp.fft.rfftn(jnp.transpose(cotangent, (0, 4, 1, 2, 3)).astype(jnp.float32),
-                             s=lengths, axes=_SPATIAL)                        # B, O, F
-  # dx[q] = sum_t g[q - t] k[t] (a circular convolution: the zero-padded g never wraps), then
-  # the padding cut off; dk[t] = sum over batch and p of x[p + t] g[p] (a cross-correlation).
-  spectrum_dx = jnp.sum(spectrum_g[:, None] * spectrum_k[None], axis=2)      # B, C, F
-  dx = jnp.fft.irfftn(spectrum_dx, s=lengths, axes=_SPATIAL)
-  dx = dx[(slice(None), slice(None)) + tuple(slice(low, length - high)
-                                             for (low, high), length in zip(pads, lengths))]
-  cross = jnp.sum(spectrum_x[:, :, None] * jnp.conj(spectrum_g)[:, None], axis=0)  # C, O, F
-  dkernel = _first_samples(cross, lengths, taps)
-  return (jnp.transpose(dx, (0, 2, 3, 4, 1)).astype(cotangent.dtype),
-          jnp.transpose(dkernel, (2, 3, 4, 0, 1)).astype(kernel.dtype))
-
-
-_fft_conv.defvjp(_fft_forward, _fft_conv_bwd)
-
-
-def _conv_fft(
-    x: jax.Array, kernel: jax.Array, strides: tuple[int, ...], pads: Padding) -> jax.Array:
-  """Stride-1 3-D convolution through the FFT: y = irfftn(rfftn(x) conj(rfftn(k))) summed over
-  input channels, in float32; its gradients are the same products with the cotangent's spectrum
-  (a custom VJP that keeps the input's spectrum and reads the kernel gradient's few lags off
-  with small DFTs). Per output voxel it multiplies C_in x C_out complex numbers instead of
-  k^3 x C_in x C_out reals, which wins on CPU for big cubes with few channels (`prefers_fft`).
-  Reverse-mode differentiable only (a custom VJP)."""
-  if any(stride != 1 for stride in strides):
-    raise ValueError(f"the fft convolution has stride 1 only, not {strides}")
-  return _fft_conv(x, kernel, tuple(tuple(int(p) for p in pad) for pad in pads))
-
-
-def prefers_fft(padded_sides: Sequence[int], kernel_shape: Sequence[int],
-                strides: Sequence[int]) -> bool:
-  """Whether the FFT convolution beats `depth_sum` on CPU (launch/benchmark_conv.py, forward +
-  both gradients, batch 8): stride 1, a padded cube of side >= 16 and either at most 8 input or
-  output channels (XLA's 2-D convolutions are slow there: 1.4-4x faster) or a kernel of side
-  >= 4 with at most 16 (k^3 taps against the FFT's one product per frequency: 1.4x); with more
-  channels or smaller cubes the FFT's transforms cost more than they save (0.1-0.8x)."""
-  *taps, channels_in, channels_out = kernel_shape
-  fewest = min(channels_in, channels_out)
-  return (all(stride == 1 for stride in strides) and min(padded_sides) >= 16
-          and (fewest <= 8 or (min(taps) >= 4 and fewest <= 16)))
-
-
-def prefers_native(padded_sides: Sequence[int], kernel_shape: Sequence[int],
-                   strides: Sequence[int]) -> bool:
-  """Whether the native direct convolution (`native.conv`) beats XLA's formulations on CPU
-  (launch/benchmark_conv.py, forward + both gradients, batch 8, and whole train steps): one
-  stride for all axes, a padded cube of side >= 10 at stride 1 (>= 12 at larger strides) and 1
-  or >= 8 input and output channels (its vectors hold 8 channels; a few more are padded up to
-  8): 1.1-3.5x faster than the best XLA formulation on such layers (the paper decoder's first,
-  10^3 x 128 -> 64 k5: 228 against 296 ms; the first encoder layer, 30^3 x 1 -> 16 at stride 2:
-  3.6 ms for forward and kernel gradient); the 8^3 levels at stride 1 took 2-3% off whole
-  steps; on smaller cubes `depth_sum` is up to 2x faster."""
-  *_, channels_in, channels_out = kernel_shape
-  return (len(set(strides)) == 1 and min(padded_sides) >= (10 if strides[0] == 1 else 12)
-          and (channels_in == 1 or channels_in >= 8) and (channels_out == 1 or channels_out >= 8))
-
-
-def conv3d(
-    x: jax.Array,
-    kernel: jax.Array,
-    strides: Sequence[int],
-    padding: str,
-    impl: str = "auto",
-) -> jax.Array:
-  """Channels-last 3-D convolution, x (B, D, H, W, C), kernel (kd, kh, kw, C, F), no bias.
-
-  impl: 'xla' (lax.conv_general_dilated, the fast path on GPU), 'depth_sum' (see
-  `_conv_depth_sum`), 'fft' (stride 1, see `_conv_fft`), 'native' (CPU, one stride for all
-  axes, a direct convolution compiled on first use, see `native`), or 'auto': 'xla' off the CPU; on the CPU
-  'native' where `prefers_native` says so and it could be built, else 'fft' where `prefers_fft`
-  says so, else 'depth_sum'.
-  """
-  if impl not in CONV_IMPLS:
-    raise ValueError(f"conv impl {impl!r} not in {CONV_IMPLS}")
-  strides = tuple(strides)
-  pads = lax.padtype_to_pads(x.shape[1:4], kernel.shape[:3], strides, padding)
-  if impl == "auto":
-    impl = _auto_impl(x.shape[1:4], pads, kernel.shape, strides)
-  if impl == "native":
-    if len(set(strides)) != 1 or jax.default_backend() != "cpu":
-      raise ValueError(f"the native convolution runs on the CPU with one stride for all axes, "
-                       f"not strides {strides} on {jax.default_backend()}")
-    return native.conv(x, kernel, pads, strides[0])
-  conv = {"xla": _conv_xla, "depth_sum": _conv_depth_sum, "fft": _conv_fft}[impl]
-  return conv(x, kernel, strides, pads)
-
-
-def _auto_impl(sides: Sequence[int], pads: Padding, kernel_shape: Sequence[int],
-               strides: tuple[int, ...]) -> str:
-  if jax.default_backend() != "cpu":
-    return "xla"
-  padded = [side + low + high for side, (low, high) in zip(sides, pads)]
-  if prefers_native(padded, kernel_shape, strides) and native.available():
-    return "native"
-  return "fft" if prefers_fft(padded, kernel_shape, strides) else "depth_sum"
 
 
 class Conv3D(nn.Module):
@@ -300,11 +105,11 @@ class Conv3D(nn.Module):
         "kernel", nn.initializers.lecun_normal(),
         (self.kernel_size,) * 3 + (x.shape[-1], self.features), self.param_dtype)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    y = conv3d(x, kernel, (self.strides,) * 3, self.padding, self.impl)
+    y = convolution.conv3d(x, kernel, (self.strides,) * 3, self.padding, self.impl)
     if not self.use_bias:
       return y
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
-    return _add_bias(y, bias.astype(y.dtype))
+    return ops.add_bias(y, bias.astype(y.dtype))
 
 
 @jax.custom_vjp
@@ -325,81 +130,10 @@ def _scale_gradient_bwd(scale, cotangent):
 scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
 
 
-def _resize(x: jax.Array, spatial: Sequence[int]) -> jax.Array:
-  """Trilinear resize of a (B, D, H, W, C) array to the given (D, H, W); on the CPU, doubling
-  every side, by the native kernel (the same values: `native.upsample2`)."""
-  doubles = all(size == 2 * side for size, side in zip(spatial, x.shape[1:4]))
-  if doubles and native.on_cpu():
-    return native.upsample2(x)
-  return jax.image.resize(x, (x.shape[0], *spatial, x.shape[-1]), "trilinear")
-
-
-def _channel_sums(a: jax.Array, b: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The sums of `a` and of `a * (b - shift)` over all but the last axis (float32 in): one
-  native pass on the CPU (XLA's reductions to a few channels are slow there), else jnp."""
-  if native.on_cpu():
-    sums = native.channel_sums(a, b, shift)
-    return sums[0], sums[1]
-  axes = tuple(range(a.ndim - 1))
-  return jnp.sum(a, axes), jnp.sum(a * (b - shift), axes)
-
-
-@jax.custom_vjp
-def _add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
-  """y + bias (per last-axis channel); the bias gradient, the cotangent summed over all voxels, by
-  `_channel_sums` (XLA's reduction to the U-Net's 101 channels took 3% of the paper model's CPU
-  step)."""
-  return y + bias
-
-
-def _add_bias_forward(y, bias):
-  return y + bias, None
-
-
-def _add_bias_backward(_, cotangent):
-  g = cotangent.astype(jnp.float32)
-  return cotangent, _channel_sums(g, g, jnp.zeros(g.shape[-1], g.dtype))[0].astype(cotangent.dtype)
-
-
-_add_bias.defvjp(_add_bias_forward, _add_bias_backward)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
-                ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Training-mode batch normalisation of float32 `x` over all but the last axis: (y, mean, var),
-  var = E[x^2] - E[x]^2 clipped at 0 (flax's fast variance)."""
-  return _batch_norm_forward(x, scale, bias, epsilon)[0]
-
-
-def _batch_norm_forward(x, scale, bias, epsilon):
-  count = x.size // x.shape[-1]
-  total, squares = _channel_sums(x, x, jnp.zeros(x.shape[-1], x.dtype))
-  mean = total / count
-  var = jnp.maximum(squares / count - mean ** 2, 0.0)
-  rstd = lax.rsqrt(var + epsilon)
-  return ((x - mean) * (scale * rstd) + bias, mean, var), (x, scale, mean, rstd)
-
-
-def _batch_norm_backward(epsilon, residuals, cotangents):
-  del epsilon
-  x, scale, mean, rstd = residuals
-  g, g_mean, g_var = cotangents
-  count = x.size // x.shape[-1]
-  g_sum, g_centred = _channel_sums(g, x, mean)  # sum g, sum g (x - mean)
-  centred = x - mean
-  dx = (scale * rstd * (g - g_sum / count - centred * (rstd ** 2 * g_centred / count))
-        + (g_mean + 2.0 * g_var * centred) / count)
-  return dx, g_centred * rstd, g_sum
-
-
-_batch_norm.defvjp(_batch_norm_forward, _batch_norm_backward)
-
-
 class BatchNorm(nn.Module):
   """`nn.BatchNorm` over all but the last axis (the same variables, statistics and outputs; its
   defaults: momentum 0.99, epsilon 1e-5), with a hand-written backward pass whose per-channel
-  sums, like the forward statistics, take one pass each (`_channel_sums`)."""
+  sums, like the forward statistics, take one pass each (`native.ops.batch_norm`)."""
 
   use_running_average: bool
   momentum: float = 0.99
@@ -417,19 +151,11 @@ class BatchNorm(nn.Module):
     if self.use_running_average:
       y = (x32 - ra_mean.value) * (scale * lax.rsqrt(ra_var.value + self.epsilon)) + bias
     else:
-      y, mean, var = _batch_norm(x32, scale, bias, self.epsilon)
+      y, mean, var = ops.batch_norm(x32, scale, bias, self.epsilon)
       if not self.is_initializing():
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
     return y.astype(self.dtype or jnp.float32)
-
-
-def _max_pool2(x: jax.Array) -> jax.Array:
-  """nn.max_pool over 2x2x2 windows at stride 2, 'SAME'; on the CPU by the native kernel (XLA's
-  gradient of a max pool there builds index arrays: ~130 ms of the paper model's step)."""
-  if native.on_cpu():
-    return native.max_pool2(x)
-  return nn.max_pool(x, (2, 2, 2), (2, 2, 2), "SAME")
 
 
 def _check_condition(conditional: bool, condition: jax.Array | None) -> None:
@@ -540,7 +266,7 @@ class Decoder(nn.Module):
       x = x * condition[:, None].astype(x.dtype)
     x = x.reshape(z.shape[0], self.start, self.start, self.start, self.start_features)
     for features, kernel, padding in zip(self.features, self.kernels, self.paddings, strict=True):
-      x = _resize(x, [2 * side for side in x.shape[1:4]])
+      x = ops.resize(x, [2 * side for side in x.shape[1:4]])
       x = Conv3D(features, kernel, 1, padding, self.conv_impl, self.dtype)(x)
       x = nn.leaky_relu(x)
     x = Conv3D(1, final_kernel, 1, "VALID", self.conv_impl, self.dtype)(x)[..., 0]
@@ -582,7 +308,7 @@ class AttentionGate(nn.Module):
     theta = Conv3D(self.features, 2, 2, "SAME", self.conv_impl, self.dtype, name="theta")(skip)
     phi = Conv3D(self.features, 1, 1, "SAME", self.conv_impl, self.dtype, name="phi")(gate)
     psi = Conv3D(1, 1, 1, "SAME", self.conv_impl, self.dtype, name="psi")(nn.relu(theta + phi))
-    alpha = _resize(nn.sigmoid(psi), skip.shape[1:4])
+    alpha = ops.resize(nn.sigmoid(psi), skip.shape[1:4])
     return skip * alpha, alpha
 
 
@@ -605,13 +331,13 @@ class AttentionUNet(nn.Module):
     skips = []
     for level, features in enumerate(self.features):
       if level:
-        x = _max_pool2(x)
+        x = ops.max_pool2(x)
       x = ConvBlock(features, self.conv_impl, self.dtype)(x, train=train)
       skips.append(x)
     for level in reversed(range(len(self.features) - 1)):
       skip = skips[level]
       gated, _ = AttentionGate(self.features[level], self.conv_impl, self.dtype)(skip, x)
-      x = jnp.concatenate([gated, _resize(x, skip.shape[1:4])], axis=-1)
+      x = jnp.concatenate([gated, ops.resize(x, skip.shape[1:4])], axis=-1)
       x = ConvBlock(self.features[level], self.conv_impl, self.dtype)(x, train=train)
     outputs = Conv3D(self.num_outputs, 1, 1, "SAME", self.conv_impl, self.dtype)(x)
     return outputs.astype(jnp.float32)
@@ -872,7 +598,7 @@ class ModelConfigError(ValueError):
 
 
 def _check_choices(model: ml_collections.ConfigDict) -> None:
-  for field, choices in (("conv_impl", CONV_IMPLS), ("species_head", SPECIES_HEADS),
+  for field, choices in (("conv_impl", convolution.CONV_IMPLS), ("species_head", SPECIES_HEADS),
                          ("decoder_output", DECODER_OUTPUTS)):
     if model[field] not in choices:
       raise ModelConfigError(f"model.{field} {model[field]!r} not in {choices}")
@@ -880,7 +606,7 @@ def _check_choices(model: ml_collections.ConfigDict) -> None:
     raise ModelConfigError(
         f"model.conv_impl 'fft' has stride 1 only and the encoder's strides are "
         f"{tuple(model.encoder_strides)}; 'auto' takes the fft where it is faster")
-  if model.conv_impl == "native" and not native.available():
+  if model.conv_impl == "native" and not kernels.available():
     raise ModelConfigError("model.conv_impl 'native' could not be built (see the warning above); "
                            "'auto' falls back to XLA's formulations")
 

@@ -7,7 +7,6 @@ step; `train_step(state, batch, rng)` is pure and derives its reparameterisation
 
 import functools
 import math
-import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,8 +19,8 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
-import optax
 
+from crystal_vae import adam
 from crystal_vae import checkpoints
 from crystal_vae import config_checks
 from crystal_vae import crystals
@@ -31,7 +30,6 @@ from crystal_vae import learning_curves
 from crystal_vae import losses
 from crystal_vae import metric_writer
 from crystal_vae import models
-from crystal_vae import native
 from crystal_vae import voxelize
 
 Batch = Mapping[str, jax.Array]
@@ -52,112 +50,13 @@ def create_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
-LR_SCHEDULES = ("constant", "warmup_cosine")
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """`config.learning_rate`, constant (paper) or after a linear warm-up over `warmup_steps` a
-  cosine decay to `final_learning_rate_fraction` of it at `num_train_steps`."""
-  if config.lr_schedule == "constant":
-    return optax.constant_schedule(config.learning_rate)
-  if config.lr_schedule != "warmup_cosine":
-    raise ValueError(f"lr_schedule {config.lr_schedule!r} not in {LR_SCHEDULES}")
-  # A run shorter than its warm-up (e.g. a smoke test) ends during the warm-up.
-  return optax.warmup_cosine_decay_schedule(
-      0.0, config.learning_rate, config.warmup_steps,
-      max(config.num_train_steps, config.warmup_steps + 1),
-      end_value=config.learning_rate * config.final_learning_rate_fraction)
-
-
-ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # Adam's usual constants (optax's, PyTorch's)
-
-
-def path_multipliers(lr_mults: Sequence[tuple[str, float]], tree: Any) -> Any:
-  """Each leaf's learning-rate multiplier: that of the first `(regex, multiplier)` pair whose
-  regex matches its path ("encoder/mean/kernel"), else 1."""
-  patterns = [(re.compile(pattern), float(multiplier)) for pattern, multiplier in lr_mults]
-
-  def multiplier(path, _) -> float:
-    name = "/".join(str(getattr(key, "key", key)) for key in path)
-    return next((m for pattern, m in patterns if pattern.search(name)), 1.0)
-
-  return jax.tree_util.tree_map_with_path(multiplier, tree)
-
-
-def scale_by_path(lr_mults: Sequence[tuple[str, float]]) -> optax.GradientTransformation:
-  """Multiplies each parameter's update by its `path_multipliers`."""
-
-  def update(updates, state, params=None):
-    del params
-    return jax.tree.map(lambda u, m: u * m, updates, path_multipliers(lr_mults, updates)), state
-
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
-def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam on the learning-rate schedule, after clipping the global gradient norm to
-  `grad_clip_norm` (0: no clipping, as in the paper), its steps scaled per parameter by
-  `lr_mults`. `apply_gradients` takes its steps."""
-  transforms = [optax.adam(learning_rate_schedule(config), b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS)]
-  if config.grad_clip_norm > 0:
-    transforms.insert(0, optax.clip_by_global_norm(config.grad_clip_norm))
-  if config.lr_mults:
-    transforms.append(scale_by_path(config.lr_mults))
-  return optax.chain(*transforms) if len(transforms) > 1 else transforms[0]
-
-
-def _is_counted_state(tree: Any) -> bool:
-  return isinstance(tree, (optax.ScaleByAdamState, optax.ScaleByScheduleState))
-
-
-def apply_gradients(state: TrainState, grads: Any, batch_stats: Any,
-                    config: ml_collections.ConfigDict) -> tuple[TrainState, jax.Array]:
-  """`state` after one step of `optimizer(config)` on `grads`, and the gradients' global norm.
-
-  On the CPU with the native kernels (float32 parameters), `native.adam` does optax's arithmetic
-  (clipping, Adam, the schedule, the multipliers) in one pass over each array, in place of
-  optax's several (the paper model's step: 4% faster): the same values (to float rounding) and
-  the same optimiser state, so checkpoints carry over."""
-  params, treedef = jax.tree.flatten(state.params)
-  if not native.on_cpu() or any(p.dtype != jnp.float32 for p in params):
-    return state.apply_gradients(grads=grads, batch_stats=batch_stats), optax.tree.norm(grads)
-  grads = treedef.flatten_up_to(grads)
-  counted = [s for s in jax.tree.leaves(state.opt_state, is_leaf=_is_counted_state)
-             if _is_counted_state(s)]
-  (adam_state,) = [s for s in counted if isinstance(s, optax.ScaleByAdamState)]
-  (schedule_state,) = [s for s in counted if isinstance(s, optax.ScaleByScheduleState)]
-  count = optax.safe_increment(adam_state.count)
-  learning_rate = learning_rate_schedule(config)(schedule_state.count)
-  steps = jnp.stack([-learning_rate * multiplier for multiplier in
-                     jax.tree.leaves(path_multipliers(config.lr_mults, state.params))])
-  clip = (1.0, 1.0)
-  if config.grad_clip_norm > 0:  # optax.clip_by_global_norm: g / norm * max_norm above max_norm
-    norm = jnp.sqrt(native.sum_of_squares(grads))
-    above = norm >= config.grad_clip_norm
-    clip = (jnp.where(above, norm, 1.0), jnp.where(above, config.grad_clip_norm, 1.0))
-  params, mus, nus, squares = native.adam(
-      params, grads, treedef.flatten_up_to(adam_state.mu), treedef.flatten_up_to(adam_state.nu),
-      steps, (1 - ADAM_B1 ** count, 1 - ADAM_B2 ** count), clip,
-      b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS)
-  if config.grad_clip_norm <= 0:
-    norm = jnp.sqrt(squares)
-  stepped = {optax.ScaleByAdamState: optax.ScaleByAdamState(
-                 count=count, mu=treedef.unflatten(mus), nu=treedef.unflatten(nus)),
-             optax.ScaleByScheduleState: optax.ScaleByScheduleState(
-                 count=optax.safe_increment(schedule_state.count))}
-  opt_state = jax.tree.map(lambda s: stepped.get(type(s), s), state.opt_state,
-                           is_leaf=_is_counted_state)
-  return state.replace(step=state.step + 1, params=treedef.unflatten(params), opt_state=opt_state,
-                       batch_stats=batch_stats), norm
-
-
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
   """Initialises the model's variables and the Adam optimiser."""
   variables = models.init_variables(config, rng)
   return TrainState.create(apply_fn=models.model_from_config(config).apply,
                            params=variables["params"],
                            batch_stats=variables["batch_stats"],
-                           tx=optimizer(config))
+                           tx=adam.optimizer(config))
 
 
 def initialised_from(state: TrainState, workdir: str) -> TrainState:
@@ -321,11 +220,11 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
     return total_loss(terms, config), (terms, updates["batch_stats"])
 
   (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  state, grad_norm = apply_gradients(state, grads, batch_stats, config)
+  state, grad_norm = adam.apply_gradients(state, grads, batch_stats, config)
   metrics = summarise(terms, config)
   metrics["loss"] = loss
   metrics["grad_norm"] = grad_norm
-  metrics["learning_rate"] = learning_rate_schedule(config)(state.step - 1)
+  metrics["learning_rate"] = adam.learning_rate_schedule(config)(state.step - 1)
   return state, metrics
 
 

@@ -33,17 +33,17 @@ from pymatgen.util.provenance import StructureNL
 
 from crystal_vae import crystals
 from crystal_vae import default_config
-from crystal_vae import native
 from crystal_vae import reconstruction
 from crystal_vae import train
 from crystal_vae import voxelize
+from crystal_vae.native import kernels
 
 
 def require_native() -> None:
   """The native kernels need a C++ compiler; where there is one they must build."""
-  if native._compiler() is None:  # pylint: disable=protected-access
+  if kernels._compiler() is None:  # pylint: disable=protected-access
     pytest.skip("no C++ compiler")
-  assert native.available(), "native.cc did not build or load (see the log)"
+  assert kernels.available(), "kernels.cc did not build or load (see the log)"
 
 
 def tiny_config(data_dir: str, representation: str = "repeat") -> ml_collections.ConfigDict:

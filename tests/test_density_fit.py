@@ -4,6 +4,7 @@ import numpy as np
 from pymatgen.core import Lattice
 
 from crystal_vae import crystals, default_config, density_fit, inference, reconstruction
+from crystal_vae import species_choice
 from crystal_vae import voxelize
 from conftest import MATCHER, SPEC, matches, representative_prototypes, voxelize_crystals
 
@@ -115,10 +116,10 @@ def test_atom_count_is_the_density_electrons_over_the_composition_mean_z():
   """Sr Ti O3: mean Z (38 + 22 + 3 * 8) / 5 = 16.8; the "no atom" fraction does not count."""
   composition = np.zeros(101)
   composition[[0, 38, 22, 8]] = [0.5, 0.1, 0.1, 0.3]
-  assert reconstruction.atom_count(np.array([38, 22, 8, 8, 8, 4.0]), composition) == 5  # 5.24
-  assert reconstruction.atom_count(np.array([38, 22, 8, 8, 8, 8, 8.0]), composition) == 6  # 5.95
-  assert reconstruction.atom_count(np.array([38, 4.0]), composition) is None  # 2.50
-  assert reconstruction.atom_count(np.array([38, 22, 8.0]), np.eye(101)[0]) is None
+  assert species_choice.atom_count(np.array([38, 22, 8, 8, 8, 4.0]), composition) == 5  # 5.24
+  assert species_choice.atom_count(np.array([38, 22, 8, 8, 8, 8, 8.0]), composition) == 6  # 5.95
+  assert species_choice.atom_count(np.array([38, 4.0]), composition) is None  # 2.50
+  assert species_choice.atom_count(np.array([38, 22, 8.0]), np.eye(101)[0]) is None
 
 
 def test_a_spurious_site_beyond_the_compositions_atom_count_is_dropped():

@@ -10,7 +10,7 @@ import pytest
 
 from crystal_vae import losses
 from crystal_vae import models
-from crystal_vae import native
+from crystal_vae.native import kernels
 
 
 def _one_atom_voxel() -> np.ndarray:
@@ -40,8 +40,8 @@ def test_class_cross_entropy_is_optax_with_its_gradient(use_native, monkeypatch)
   """losses.class_cross_entropy against optax's integer-label cross-entropy, values and logit
   gradients, with a -inf logit (masked class) and large logits."""
   if not use_native:
-    monkeypatch.setattr(native, "available", lambda: False)
-  elif native._compiler() is None:  # pylint: disable=protected-access
+    monkeypatch.setattr(kernels, "available", lambda: False)
+  elif kernels._compiler() is None:  # pylint: disable=protected-access
     pytest.skip("no C++ compiler")
   logits = np.array(jax.random.normal(jax.random.key(0), (2, 3, 4, 5, 101))) * 5.0
   logits[0, 0, 0, 0, 7] = -np.inf

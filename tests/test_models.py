@@ -17,8 +17,9 @@ from flax import traverse_util
 
 from conftest import require_native
 from crystal_vae import models
-from crystal_vae import native
 from crystal_vae import process_settings
+from crystal_vae.native import convolution
+from crystal_vae.native import kernels
 
 GRID = 14  # Odd on the way down: 14 -> 7 -> 4.
 MAX_Z = 5
@@ -164,15 +165,16 @@ def test_fft_convolution_in_bfloat16_and_on_a_big_cube():
   channel (the decoder's last layer) it matches lax's convolution, gradients included."""
   x = jax.random.normal(key(0), (2, 18, 16, 17, 4))
   kernel = jax.random.normal(key(1), (3, 3, 3, 4, 1)) * 0.2
-  loss = lambda impl: lambda x, k: jnp.sum(jnp.sin(models.conv3d(x, k, (1, 1, 1), "VALID", impl)))
+  loss = lambda impl: lambda x, k: jnp.sum(jnp.sin(
+      convolution.conv3d(x, k, (1, 1, 1), "VALID", impl)))
   for got, want in zip(jax.jit(jax.grad(loss("fft"), argnums=(0, 1)))(x, kernel),
                        jax.jit(jax.grad(loss("xla"), argnums=(0, 1)))(x, kernel)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-  half = models.conv3d(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), (1, 1, 1), "SAME",
-                       "fft")
+  half = convolution.conv3d(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), (1, 1, 1),
+                            "SAME", "fft")
   assert half.dtype == jnp.bfloat16
   np.testing.assert_allclose(half.astype(jnp.float32),
-                             models.conv3d(x, kernel, (1, 1, 1), "SAME", "xla"), atol=0.1)
+                             convolution.conv3d(x, kernel, (1, 1, 1), "SAME", "xla"), atol=0.1)
 
 
 SAME3 = ((1, 1), (0, 2), (1, 1))  # SAME at stride 1 in depth and width, lopsided in height
@@ -205,7 +207,7 @@ def test_native_convolution_matches_lax_with_gradients(channels_in, features, sh
   reference = lambda x, k: jax.lax.conv_general_dilated(
       x, k, (stride,) * 3, pads, dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
       precision="highest")
-  own = lambda x, k: native.conv(x, k, pads, stride)
+  own = lambda x, k: kernels.conv(x, k, pads, stride)
   want = reference(x, kernel)  # float32 sums of up to 2,000 terms: rounding ~ the largest entry
   np.testing.assert_allclose(jax.jit(own)(x, kernel), want, rtol=1e-5,
                              atol=1e-6 * float(np.abs(want).max()))
@@ -214,7 +216,7 @@ def test_native_convolution_matches_lax_with_gradients(channels_in, features, sh
                        jax.grad(loss(reference), argnums=(0, 1))(x, kernel)):
     # float32 sums over up to 32 x 1,530 terms: rounding relative to the largest entry
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5 * float(np.abs(want).max()))
-  half = native.conv(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), pads, stride)
+  half = kernels.conv(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), pads, stride)
   assert half.dtype == jnp.bfloat16  # inputs and output rounded to 8 significant bits
   np.testing.assert_allclose(half.astype(jnp.float32), reference(x, kernel), rtol=1e-2, atol=0.1)
 
@@ -224,7 +226,7 @@ def test_native_convolution_builds_once_and_falls_back_without_a_compiler(tmp_pa
   `available()` is False, logs why, and `auto` still convolves (with XLA's formulations)."""
   require_native()
   env = dict(os.environ, CRYSTAL_VAE_CACHE=str(tmp_path / "cache"))
-  script = ("from crystal_vae import native as n; a = n.build(); b = n.build(); "
+  script = ("from crystal_vae.native import kernels as n; a = n.build(); b = n.build(); "
             "print(a == b, a.stat().st_mtime_ns == b.stat().st_mtime_ns)")
   run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                        timeout=600, check=True)
@@ -232,11 +234,12 @@ def test_native_convolution_builds_once_and_falls_back_without_a_compiler(tmp_pa
   assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".so"]
   env["CXX"] = str(tmp_path / "no-such-compiler")
   env["CRYSTAL_VAE_CACHE"] = str(tmp_path / "empty")
-  script = ("import jax, jax.numpy as jnp; from crystal_vae import models, native as n; "
+  script = ("import jax, jax.numpy as jnp; from crystal_vae import models; "
+            "from crystal_vae.native import convolution, kernels as n; "
             "x = jnp.ones((1, 16, 16, 16, 8)); k = jnp.ones((3, 3, 3, 8, 8)); "
-            "y = models.conv3d(x, k, (1, 1, 1), 'SAME', 'auto'); "
+            "y = convolution.conv3d(x, k, (1, 1, 1), 'SAME', 'auto'); "
             "print(n.available(), float(y[0, 8, 8, 8, 0]))\n"
-            "try: models.conv3d(x, k, (1, 1, 1), 'SAME', 'native')\n"
+            "try: convolution.conv3d(x, k, (1, 1, 1), 'SAME', 'native')\n"
             "except RuntimeError as e: print('refused:', e)\n"
             "model = models.default_model_config(); model.conv_impl = 'native'\n"
             "try: models._check_choices(model)\n"
@@ -252,7 +255,7 @@ def test_native_convolution_builds_once_and_falls_back_without_a_compiler(tmp_pa
 
 @pytest.mark.parametrize("shape", [(2, 3, 4, 5, 3), (1, 8, 8, 8, 16), (2, 15, 6, 1, 12)])
 def test_native_upsampling_is_jax_trilinear_resize_with_its_gradient(shape):
-  """native.upsample2 (which the decoder and U-Net use on CPU to double sides) against
+  """kernels.upsample2 (which the decoder and U-Net use on CPU to double sides) against
   jax.image.resize's trilinear (half-pixel centres, clamped edges), values and input gradient of
   a non-linear loss; any channel count (vectors of 8 plus a rest), a side of 1 included."""
   require_native()
@@ -260,11 +263,11 @@ def test_native_upsampling_is_jax_trilinear_resize_with_its_gradient(shape):
   doubled = (shape[0], *(2 * side for side in shape[1:4]), shape[4])
   weights = jax.random.normal(key(1), doubled)
   resize = lambda x: jax.image.resize(x, doubled, "trilinear")
-  np.testing.assert_allclose(jax.jit(native.upsample2)(x), resize(x), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(jax.jit(kernels.upsample2)(x), resize(x), rtol=1e-5, atol=1e-6)
   loss = lambda up: lambda x: jnp.sum(jnp.sin(up(x)) * weights)
-  np.testing.assert_allclose(jax.jit(jax.grad(loss(native.upsample2)))(x),
+  np.testing.assert_allclose(jax.jit(jax.grad(loss(kernels.upsample2)))(x),
                              jax.grad(loss(resize))(x), rtol=1e-4, atol=1e-5)
-  assert native.upsample2(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+  assert kernels.upsample2(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("cube, features, strides, padding, padded, expected", [
@@ -288,11 +291,11 @@ def test_auto_convolution_on_cpu_is_the_rules_choice_for_the_padded_input(
   require_native()
   x = jax.random.normal(key(0), (1, cube, cube, cube, 12))
   kernel = jax.random.normal(key(1), (3, 3, 3, 12, features))
-  chosen = ("native" if models.prefers_native((padded,) * 3, kernel.shape, strides) else
-            "fft" if models.prefers_fft((padded,) * 3, kernel.shape, strides) else "depth_sum")
+  chosen = ("native" if convolution.prefers_native((padded,) * 3, kernel.shape, strides) else
+            "fft" if convolution.prefers_fft((padded,) * 3, kernel.shape, strides) else "depth_sum")
   assert chosen == expected
   convolve = lambda impl: jax.jit(
-      lambda x, k: models.conv3d(x, k, strides, padding, impl))(x, kernel)
+      lambda x, k: convolution.conv3d(x, k, strides, padding, impl))(x, kernel)
   auto = convolve("auto")
   np.testing.assert_array_equal(auto, convolve(chosen))
   others = {"native", "fft", "depth_sum"} - {chosen}
@@ -436,9 +439,9 @@ faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 block = libc.malloc(size); ctypes.memset(block, 1, size)
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 import jax, jax.numpy as jnp
-from crystal_vae import models
+from crystal_vae.native import convolution
 x, w = jnp.ones((2, 8, 16, 16, 32)), jnp.ones((3, 3, 3, 32, 32))  # YNNPACK takes these
-conv = jax.jit(lambda w: models.conv3d(x, w, (1, 1, 1), "SAME", "depth_sum"))
+conv = jax.jit(lambda w: convolution.conv3d(x, w, (1, 1, 1), "SAME", "depth_sum"))
 print(json.dumps({"xla_flags": os.environ.get("XLA_FLAGS"), "page_faults": faults,
                   "ynn_convolution": "__ynn_fusion" in conv.lower(w).compile().as_text()}))
 """
@@ -504,7 +507,7 @@ def test_batch_norm_is_flax_batch_norm_with_its_gradients(use_native, monkeypatc
   if use_native:
     require_native()
   else:
-    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(kernels, "available", lambda: False)
   x = jax.random.normal(key(0), (3, 5, 6, 4, 24)) * 2.0 + jnp.arange(24) * 0.5
   ours, flax_bn = (models.BatchNorm(use_running_average=False),
                    nn.BatchNorm(use_running_average=False))
@@ -540,20 +543,20 @@ def test_batch_norm_is_flax_batch_norm_with_its_gradients(use_native, monkeypatc
 
 @pytest.mark.parametrize("shape", [(2, 6, 7, 5, 16), (1, 15, 15, 15, 3)])
 def test_native_max_pooling_is_flax_max_pool_with_its_gradient(shape):
-  """native.max_pool2 (the U-Net's pooling on CPU) against nn.max_pool 2x2x2 stride 2 SAME, odd
+  """kernels.max_pool2 (the U-Net's pooling on CPU) against nn.max_pool 2x2x2 stride 2 SAME, odd
   sides included, and their gradients; after a ReLU (ties at 0) the gradient through the ReLU
   agrees too."""
   require_native()
   x = jax.random.normal(key(0), shape)
   reference = lambda x: nn.max_pool(x, (2, 2, 2), (2, 2, 2), "SAME")
-  np.testing.assert_array_equal(jax.jit(native.max_pool2)(x), reference(x))
+  np.testing.assert_array_equal(jax.jit(kernels.max_pool2)(x), reference(x))
   loss = lambda pool: lambda x: jnp.sum(jnp.sin(pool(jax.nn.relu(x))) * jnp.arange(shape[-1]))
-  np.testing.assert_allclose(jax.jit(jax.grad(loss(native.max_pool2)))(x),
+  np.testing.assert_allclose(jax.jit(jax.grad(loss(kernels.max_pool2)))(x),
                              jax.grad(loss(reference))(x), rtol=1e-6, atol=1e-6)
   loss = lambda pool: lambda x: jnp.sum(jnp.sin(pool(x)))
-  np.testing.assert_allclose(jax.jit(jax.grad(loss(native.max_pool2)))(x),
+  np.testing.assert_allclose(jax.jit(jax.grad(loss(kernels.max_pool2)))(x),
                              jax.grad(loss(reference))(x), rtol=1e-6, atol=1e-6)
-  assert native.max_pool2(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+  assert kernels.max_pool2(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
 
 
 def test_native_convolution_refuses_padding_outside_the_kernel():
@@ -562,7 +565,7 @@ def test_native_convolution_refuses_padding_outside_the_kernel():
   x, kernel = jnp.ones((1, 6, 6, 6, 8)), jnp.ones((3, 3, 3, 8, 8))
   for pads in (((3, 0), (1, 1), (1, 1)), ((1, 1), (-1, 1), (1, 1))):
     with pytest.raises(ValueError, match="outside"):
-      native.conv(x, kernel, pads)
+      kernels.conv(x, kernel, pads)
 
 
 @pytest.mark.parametrize("use_native", [True, False])
@@ -572,7 +575,7 @@ def test_class_max_is_jnp_max_and_argmax(use_native, monkeypatch):
   if use_native:
     require_native()
   else:
-    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(kernels, "available", lambda: False)
   for classes in (101, 3):
     logits = np.array(jax.random.normal(key(classes), (2, 3, 4, classes)))
     logits[0, 0, 0, [1, classes - 1]] = 9.0  # a tie: class 1

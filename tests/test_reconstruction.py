@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from pymatgen.core import Lattice, Structure
 
-from crystal_vae import crystals, reconstruction, segmentation, voxelize
+from crystal_vae import crystals, reconstruction, segmentation, species_choice, voxelize, writing
 from conftest import MATCHER, SPEC, matches, representative_prototypes, voxelize_crystals
 
 PEROV_VAL = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "perov_5" / "val.csv.gz"
@@ -188,7 +188,7 @@ def test_cif_round_trip_and_invalid_list(tmp_path):
                                            3.0 * np.eye(3), SPEC.box),
       reconstruction.reconstruct_repeat(_atoms([], []), SPEC.box)]
   truths = [cscl, Structure(Lattice.cubic(3.0), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])]
-  assert reconstruction.write_cifs(results, ["cscl", "nacl", "empty"], tmp_path) == (2, 1)
+  assert writing.write_cifs(results, ["cscl", "nacl", "empty"], tmp_path) == (2, 1)
   for name, result, truth in zip(["cscl", "nacl"], results, truths):
     read = crystals.read_cif_file(tmp_path / f"{name}.cif")
     assert MATCHER.fit(read.to_structure(), truth) and len(read.to_structure()) == 2
@@ -201,9 +201,9 @@ def test_cif_round_trip_and_invalid_list(tmp_path):
 def test_composition_counts_and_site_assignment_by_hand():
   fractions = np.zeros(40)
   fractions[[3, 8]] = [1 / 3, 2 / 3]  # Li O2 over 4 sites: 1.33, 2.67 -> 1 Li, 3 O
-  np.testing.assert_array_equal(reconstruction.composition_counts(fractions, 4)[[3, 8]], [1, 3])
+  np.testing.assert_array_equal(species_choice.composition_counts(fractions, 4)[[3, 8]], [1, 3])
   fractions[0] = 0.5  # "no atom" is never an element: the rest are renormalised
-  np.testing.assert_array_equal(reconstruction.composition_counts(fractions, 3)[[0, 3, 8]],
+  np.testing.assert_array_equal(species_choice.composition_counts(fractions, 3)[[0, 3, 8]],
                                 [0, 1, 2])
 
 
@@ -215,17 +215,17 @@ def test_species_from_composition_by_hand():
   1.386 for the composition: Ga As wins. The light sites in order of Z take O, O, F."""
   ga_as_o2f = np.zeros(40)
   ga_as_o2f[[31, 33, 8, 9]] = [0.2, 0.2, 0.4, 0.2]
-  species = reconstruction.species_from_composition([32.4, 8.3, 32.6, 8.6, 9.2], ga_as_o2f, 1.5)
+  species = species_choice.species_from_composition([32.4, 8.3, 32.6, 8.6, 9.2], ga_as_o2f, 1.5)
   np.testing.assert_array_equal(species, [31, 8, 33, 8, 9])
   # A site far from every element of the composition takes the density's own: at Z 17, F costs
   # 8² / 4.5 = 14.2, Cl log(1 / (5 · 1e-6)) = 12.2 for the composition and 0 for Z: Cl; the
   # other light sites then take O and F (O F: 1 · log(1 / 2) = -0.69 for the composition,
   # 0.16 / 4.5 for 8.6 as F; O2: 0, 0.36 / 4.5). At 16, F costs 7² / 4.5 = 10.9 < 12.2: F.
   for z, expected in ((17.0, [31, 8, 33, 9, 17]), (16.0, [31, 8, 33, 8, 9])):
-    species = reconstruction.species_from_composition([32.4, 8.3, 32.6, 8.6, z], ga_as_o2f, 1.5)
+    species = species_choice.species_from_composition([32.4, 8.3, 32.6, 8.6, z], ga_as_o2f, 1.5)
     np.testing.assert_array_equal(species, expected)
   with pytest.raises(ValueError, match="site_z_sigma"):
-    reconstruction.species_from_composition([8.0], ga_as_o2f, 0.0)
+    species_choice.species_from_composition([8.0], ga_as_o2f, 0.0)
 
 
 def test_species_from_composition_is_the_best_assignment_of_all():
@@ -246,7 +246,7 @@ def test_species_from_composition_is_the_best_assignment_of_all():
     fractions[rng.choice(np.arange(1, 11), size=3, replace=False)] = rng.dirichlet(np.ones(3))
     site_z = rng.uniform(0.5, 10.5, size=n)
     sigma = float(rng.choice([0.5, 1.5, 3.0]))
-    chosen = reconstruction.species_from_composition(site_z, fractions, sigma)
+    chosen = species_choice.species_from_composition(site_z, fractions, sigma)
     best = max(score(np.array(option), site_z, fractions, sigma)
                for option in itertools.product(range(1, 11), repeat=n))
     assert score(chosen, site_z, fractions, sigma) == pytest.approx(best, abs=1e-9)

@@ -22,6 +22,7 @@ from crystal_vae import inference
 from crystal_vae import modes
 from crystal_vae import reconstruction
 from crystal_vae import segmentation
+from crystal_vae import writing
 
 # Atoms read off the density: the smallest grid a config accepts (config_checks), where the fits
 # are fastest; segmented: the quick config's 20³, where an atom's voxels are more than a fragment.
@@ -87,7 +88,7 @@ def _assert_crystal_or_reason(result: reconstruction.Reconstruction) -> None:
   if len(structure) > 1:
     distances = structure.distance_matrix + np.diag(np.full(len(structure), np.inf))
     assert distances.min() >= 0.5
-  parsed = crystals.structure_from_cif(reconstruction.to_cif(structure), "rebuilt")
+  parsed = crystals.structure_from_cif(writing.to_cif(structure), "rebuilt")
   assert parsed.composition.almost_equals(structure.composition)
 
 

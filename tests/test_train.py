@@ -16,14 +16,15 @@ from pymatgen.core import Lattice
 
 from conftest import require_native
 from conftest import tiny_config
+from crystal_vae import adam
 from crystal_vae import checkpoints
 from crystal_vae import datasets
 from crystal_vae import default_config
 from crystal_vae import evaluate
 from crystal_vae import inference
 from crystal_vae import input_pipeline
-from crystal_vae import native
 from crystal_vae import train
+from crystal_vae.native import kernels
 
 
 def _params(workdir) -> dict:
@@ -161,17 +162,17 @@ def test_warmup_cosine_learning_rate_against_hand_computed_values(tfds_dir):
   config.learning_rate, config.num_train_steps = 2e-3, 110
   config.lr_schedule, config.warmup_steps, config.final_learning_rate_fraction = (
       "warmup_cosine", 10, 0.05)
-  schedule = train.learning_rate_schedule(config)
+  schedule = adam.learning_rate_schedule(config)
   final = 2e-3 * 0.05
   # Linear warm-up from 0, then final + (peak - final) (1 + cos(π t / 100)) / 2.
   for step, expected in [(0, 0.0), (5, 1e-3), (10, 2e-3), (60, final + (2e-3 - final) / 2),
                          (110, final)]:
     np.testing.assert_allclose(schedule(step), expected, rtol=1e-5, atol=1e-9)
   config.lr_schedule = "constant"
-  np.testing.assert_allclose(train.learning_rate_schedule(config)(50), 2e-3)
+  np.testing.assert_allclose(adam.learning_rate_schedule(config)(50), 2e-3)
   config.lr_schedule = "step"
   with pytest.raises(ValueError, match="lr_schedule"):
-    train.learning_rate_schedule(config)
+    adam.learning_rate_schedule(config)
 
 
 def test_teacher_forcing_adds_the_weighted_loss_on_the_true_density(tfds_dir):
@@ -322,7 +323,7 @@ def test_lr_mults_scale_the_steps_of_matching_parameters(tfds_dir):
   params = {"composition": {"kernel": jnp.zeros(2)},
             "encoder": {"mean": {"kernel": jnp.zeros(1)}, "logvar": {"kernel": jnp.zeros(1)}}}
   grads = jax.tree.map(jnp.ones_like, params)
-  tx = train.optimizer(config)
+  tx = adam.optimizer(config)
   updates, _ = tx.update(grads, tx.init(params), params)
   # Adam's first step is lr · g / (|g| + eps) ≈ lr per parameter.
   np.testing.assert_allclose(updates["composition"]["kernel"], [-1.0, -1.0], rtol=1e-4)
@@ -337,7 +338,7 @@ def test_lr_mults_scale_the_steps_of_matching_parameters(tfds_dir):
 ])
 def test_native_adam_steps_are_optax_steps(grad_clip_norm, lr_mults, lr_schedule, tfds_dir,
                                            monkeypatch):
-  """train.apply_gradients on the CPU (native.adam: one pass per array, in place) against
+  """adam.apply_gradients on the CPU (kernels.adam: one pass per array, in place) against
   optax's chain (the same function without the native kernels) over five jitted steps:
   parameters, Adam's moments and counts, and the gradient norm."""
   require_native()
@@ -351,9 +352,9 @@ def test_native_adam_steps_are_optax_steps(grad_clip_norm, lr_mults, lr_schedule
 
   def run():
     state = train.TrainState.create(apply_fn=None, params=jax.tree.map(jnp.copy, params),
-                                    tx=train.optimizer(config),
+                                    tx=adam.optimizer(config),
                                     batch_stats={})
-    step = jax.jit(lambda state, grads: train.apply_gradients(state, grads, {}, config),
+    step = jax.jit(lambda state, grads: adam.apply_gradients(state, grads, {}, config),
                    donate_argnums=0)
     norms = []
     for i in range(5):
@@ -364,7 +365,7 @@ def test_native_adam_steps_are_optax_steps(grad_clip_norm, lr_mults, lr_schedule
     return jax.device_get((state.step, state.params, state.opt_state)), norms
 
   fused, fused_norms = run()
-  monkeypatch.setattr(native, "available", lambda: False)
+  monkeypatch.setattr(kernels, "available", lambda: False)
   reference, reference_norms = run()
   np.testing.assert_allclose(fused_norms, reference_norms, rtol=1e-5)
   step, fused_params, fused_state = fused

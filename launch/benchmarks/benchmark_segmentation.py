@@ -6,8 +6,8 @@ with `voxelize_batch` (unrotated); `segment_batch` is timed over them (best of `
 `reconstruct_unit_cell` (true lattice, unrotated) and are compared with the true structure by
 `StructureMatcher(stol=0.5, angle_tol=10, ltol=0.3)`, also requiring the exact primitive atom count.
 Usage:
-  python launch/benchmark_segmentation.py [--num 256] [--batch 64] [--grid 30] [--oracle 200]
-      [--random_offset]
+  python launch/benchmarks/benchmark_segmentation.py [--num 256] [--batch 64] [--grid 30]
+      [--oracle 200] [--random_offset]
 """
 
 import argparse

@@ -6,13 +6,14 @@ Candidates (all channels-last, same kernel layout as `nn.Conv`: (kd, kh, kw, in,
   depth_sum  sum over kernel depth of 2-D convolutions on depth slices batched into the batch axis.
   depth_fold kernel-depth slices stacked into channels, then one 2-D convolution.
   im2col     all k^3 patches gathered into one matrix, then a matmul.
-  fft        crystal_vae.models' FFT convolution (stride 1 only; nan for strided layers).
-  native     crystal_vae.native's direct convolution (C++, compiled on first use).
-  auto       crystal_vae.models.conv3d's own choice for the layer's shape.
+  fft        crystal_vae.native.convolution's FFT convolution (stride 1 only; nan for strided
+             layers).
+  native     crystal_vae.native.kernels' direct convolution (C++, compiled on first use).
+  auto       crystal_vae.native.convolution.conv3d's own choice for the layer's shape.
   torch      PyTorch's conv3d, channels-last (an optional benchmark dependency:
              pip install torch==2.13.0+cpu), float32 only, its default threads (all cores).
 Each is run in float32 and bfloat16. Usage:
-  python launch/benchmark_conv.py [--model paper|cpu] [--batch 8] [--repeats 7]
+  python launch/benchmarks/benchmark_conv.py [--model paper|cpu] [--batch 8] [--repeats 7]
       [--impls xla,depth_sum,...,torch] [--dtypes f32,bf16] [--layers enc1,dec2,...]
 Prints one row per layer: median milliseconds of jitted value_and_grad(sum(out * ct)) w.r.t. input
 and kernel, i.e. forward and both gradients (with grad alone XLA would drop the forward pass of
@@ -30,7 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from crystal_vae import models, native, process_settings
+from crystal_vae import process_settings
+from crystal_vae.native import convolution
+from crystal_vae.native import kernels
 
 # (name, input spatial size, in channels, out channels, kernel, stride, padding) of the paper model
 # at grid 30 (see crystal_vae/models.py for the shape path); U-Net features (16, 32, 64, 128).
@@ -119,11 +122,11 @@ def conv_im2col(x, w, stride, pads):
 
 
 def conv_fft(x, w, stride, pads):
-  return models._conv_fft(x, w, (stride,) * 3, pads)  # pylint: disable=protected-access
+  return convolution._conv_fft(x, w, (stride,) * 3, pads)  # pylint: disable=protected-access
 
 
 def conv_native(x, w, stride, pads):
-  return native.conv(x, w, pads, stride)
+  return kernels.conv(x, w, pads, stride)
 
 
 IMPLS = {"xla": conv_xla, "depth_sum": conv_depth_sum, "depth_fold": conv_depth_fold,
@@ -169,8 +172,8 @@ def time_layer(impl, dtype_name, batch, layer, repeats):
   w = jnp.asarray(rng.normal(size=(k, k, k, cin, cout)) / np.sqrt(k ** 3 * cin), dtype)
   out_shape = jax.eval_shape(lambda a, b: conv_xla(a, b, stride, pads), x, w).shape
   ct = jnp.asarray(rng.normal(size=out_shape), dtype)
-  if impl == "auto":  # what the model runs: crystal_vae.models.conv3d's choice for this shape
-    fn = lambda a, b, stride, pads: models.conv3d(a, b, (stride,) * 3, padding)
+  if impl == "auto":  # what the model runs: convolution.conv3d's choice for this shape
+    fn = lambda a, b, stride, pads: convolution.conv3d(a, b, (stride,) * 3, padding)
   else:
     fn = IMPLS[impl]
   step = jax.jit(jax.value_and_grad(

@@ -1,5 +1,5 @@
-// CPU kernels of the model as XLA FFI custom calls, channels-last, float32 (crystal_vae/native.py
-// compiles this file on first use and registers the handlers):
+// CPU kernels of the model as XLA FFI custom calls, channels-last, float32
+// (crystal_vae/native/kernels.py compiles this file on first use and registers the handlers):
 //
 //   CrystalVaeCorrelate:      x (B, D, H, W, C), k (KD, KH, KW, C, O) -> y (B, Do, Ho, Wo, O)
 //                             y[b, p, o] = sum_{t, c} x[b, s * p + t - low, c] k[t, c, o], x read

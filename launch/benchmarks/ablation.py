@@ -1,6 +1,6 @@
 """An ablation of the CPU recipe: the recipe on perov_5 with each of its changes undone, same budget.
 
-    python launch/ablation.py --runs=runs/ablation --steps=400
+    python launch/benchmarks/ablation.py --runs=runs/ablation --steps=400
 
 Trains the CPU recipe with the U-Net (`configs/repeat.py:cpu` with a U-Net,
 `SEGMENTER_RECIPE`) for `--steps` steps once as is and once per variant below (each a separate

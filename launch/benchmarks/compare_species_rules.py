@@ -1,16 +1,16 @@
 """How each way of naming the sites' elements rebuilds a repeat model's decoded crystals.
 
-    python launch/compare_species_rules.py --workdir=pretrained/perov5_repeat --num=256
+    python launch/benchmarks/compare_species_rules.py --workdir=pretrained/perov5_repeat --num=256
 
 Decodes the first `num` crystals of the split, reads the lattice and the sites (unrounded Z) off
 each decoded density once (as `--mode=evaluate` does), then names the elements three ways and
 prints the StructureMatcher match rate (CDVAE's matcher, species included) of each as a
 Markdown table:
   per_site        each site alone: the element of highest log f - (z - Z)² / (2σ²) (the rule
-                  before `reconstruction.species_from_composition` chose for the whole cell);
+                  before `species_choice.species_from_composition` chose for the whole cell);
   counts_in_order the composition's rounded counts for the number of sites
-                  (`reconstruction.composition_counts`), given to the sites in order of Z;
-  cell            `reconstruction.species_from_composition` (the shipped rule).
+                  (`species_choice.composition_counts`), given to the sites in order of Z;
+  cell            `species_choice.species_from_composition` (the shipped rule).
 """
 
 import warnings
@@ -22,9 +22,11 @@ import numpy as np
 from crystal_vae import datasets
 from crystal_vae import density_fit
 from crystal_vae import inference
+from crystal_vae import lattice_recovery
 from crystal_vae import metrics
 from crystal_vae import reconstruction
 from crystal_vae import process_settings
+from crystal_vae import species_choice
 
 _WORKDIR = flags.DEFINE_string("workdir", "pretrained/perov5_repeat", "A repeat model's workdir.")
 _NUM = flags.DEFINE_integer("num", 256, "Crystals, the first of the split.")
@@ -44,14 +46,14 @@ def per_site(site_z: np.ndarray, composition: np.ndarray, sigma: float) -> np.nd
 
 def counts_in_order(site_z: np.ndarray, composition: np.ndarray, sigma: float) -> np.ndarray:
   del sigma
-  counts = reconstruction.composition_counts(composition, len(site_z))
+  counts = species_choice.composition_counts(composition, len(site_z))
   species = np.empty(len(site_z), np.int64)
   species[np.argsort(site_z, kind="stable")] = np.repeat(np.arange(len(counts)), counts)
   return species
 
 
 RULES = {"per_site": per_site, "counts_in_order": counts_in_order,
-         "cell": reconstruction.species_from_composition}
+         "cell": species_choice.species_from_composition}
 
 
 def main(argv):
@@ -75,7 +77,7 @@ def main(argv):
       fit = density_fit.DensityFit(decoded["density"][index], spec.box, spec.sigma, spec.cutoff)
       basis = density_fit.lattice_from_density(fit.density, fit.box)
       if basis is None and "lattice" in decoded:
-        basis = reconstruction.usable_lattice(decoded["lattice"][index], fit.box)
+        basis = lattice_recovery.usable_lattice(decoded["lattice"][index], fit.box)
       sites = None if basis is None else density_fit.find_sites(fit, basis, min_z=min_site_z)
       fitted.append((crystal.to_structure(), sites, decoded["composition"][index]))
     print(f"fitted {len(fitted)}/{count}", flush=True)

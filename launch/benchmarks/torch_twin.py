@@ -73,7 +73,7 @@ def _batch_norm(features):
 
 
 def _resize(x, spatial):
-  """models._resize: trilinear, half-pixel centres (all uses here upsample)."""
+  """native.ops.resize: trilinear, half-pixel centres (all uses here upsample)."""
   return F.interpolate(x, size=tuple(spatial), mode="trilinear", align_corners=False)
 
 
@@ -326,7 +326,7 @@ def total_loss(terms, spec):
 
 
 def learning_rate(spec, step: int) -> float:
-  """train.learning_rate_schedule (optax constant or warmup_cosine_decay_schedule)."""
+  """adam.learning_rate_schedule (optax constant or warmup_cosine_decay_schedule)."""
   lr = spec["learning_rate"]
   if spec["lr_schedule"] == "constant":
     return lr

@@ -1,17 +1,17 @@
 """Train-step throughput, FLOPs per sample (XLA cost analysis), achieved FLOP/s and peak memory of
 the JAX step, side by side with a PyTorch CPU twin of the same model and step.
 
-    python launch/benchmark_train.py                          # paper and cpu models, JAX vs PyTorch
-    python launch/benchmark_train.py --models=quick --steps=1 # smoke test
-    python launch/benchmark_train.py --models=cpu --impls=auto,depth_sum,xla \
+    python launch/benchmarks/benchmark_train.py                               # JAX vs PyTorch
+    python launch/benchmarks/benchmark_train.py --models=quick --steps=1      # smoke test
+    python launch/benchmarks/benchmark_train.py --models=cpu --impls=auto,depth_sum,xla \
         --jax_variants=base,no_donate,onednn --torch_impls=ncdhw,channels_last
-    python launch/benchmark_train.py --models=quick --check_twin   # twin == JAX model, then time
+    python launch/benchmarks/benchmark_train.py --models=quick --check_twin   # twin == JAX, then time
 
 The step measured is `train.train_step` (forward, backward and Adam update of the β-VAE and the
 U-Net) on already-voxelised grids; voxelisation has its own benchmark. The PyTorch twin
-(launch/torch_twin.py) is the same architecture layer for layer (equal parameter counts are
-checked and printed; --check_twin also copies the Flax parameters in and compares the loss and
-every gradient) doing the same forward, loss terms, metrics and Adam update.
+(launch/benchmarks/torch_twin.py) is the same architecture layer for layer (equal parameter
+counts are checked and printed; --check_twin also copies the Flax parameters in and compares the
+loss and every gradient) doing the same forward, loss terms, metrics and Adam update.
 
 Every row runs in a fresh subprocess (one per model x framework x implementation), so its peak
 RSS (`ru_maxrss`, whole process: imports, XLA compilation, the steps) is its own; the
@@ -94,7 +94,7 @@ JAX_VARIANTS = {
 
 
 def _conv_depth_sum_dot_kernel_grad(x, kernel, strides, pads):
-  """`models._conv_depth_sum` (same forward and input gradient) whose kernel gradient is one
+  """`convolution._conv_depth_sum` (same forward and input gradient) whose kernel gradient is one
   dot per kernel tap, dW[a, b, c] = patch(a, b, c)ᵀ · dY contracted over all output voxels,
   instead of what autodiff gives: 2-D convolutions whose window is the whole output plane
   (32x32 for the paper decoder) and whose output is the 3x3..5x5 kernel, which XLA:CPU runs at
@@ -104,8 +104,8 @@ def _conv_depth_sum_dot_kernel_grad(x, kernel, strides, pads):
   (the per-tap slices are materialised): kept as a variant to measure, not a fix."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from crystal_vae import models  # pylint: disable=g-import-not-at-top
-  conv = models._ORIGINAL_CONV_DEPTH_SUM  # pylint: disable=protected-access
+  from crystal_vae.native import convolution  # pylint: disable=g-import-not-at-top
+  conv = convolution._ORIGINAL_CONV_DEPTH_SUM  # pylint: disable=protected-access
 
   @jax.custom_vjp
   def f(x, kernel):
@@ -141,14 +141,15 @@ def _conv_depth_sum_dot_kernel_grad(x, kernel, strides, pads):
 
 
 def _patch_model(patch: str) -> None:
-  """Monkeypatches crystal_vae.models in this (worker) process: a model-code change measured
+  """Monkeypatches crystal_vae.native in this (worker) process: a model-code change measured
   without editing the model."""
-  from crystal_vae import models, native  # pylint: disable=g-import-not-at-top
+  from crystal_vae.native import convolution, kernels  # pylint: disable=g-import-not-at-top
   if patch == "dot_kernel_grad":
-    models._ORIGINAL_CONV_DEPTH_SUM = models._conv_depth_sum  # pylint: disable=protected-access
-    models._conv_depth_sum = _conv_depth_sum_dot_kernel_grad  # pylint: disable=protected-access
+    # pylint: disable=protected-access
+    convolution._ORIGINAL_CONV_DEPTH_SUM = convolution._conv_depth_sum
+    convolution._conv_depth_sum = _conv_depth_sum_dot_kernel_grad
   elif patch == "no_native":
-    native.available = lambda: False
+    kernels.available = lambda: False
   else:
     raise ValueError(f"unknown model patch {patch!r}")
 
@@ -296,7 +297,7 @@ def jax_worker(job: dict) -> dict:
 def torch_worker(job: dict) -> dict:
   """Times the twin's step (one warm-up step, counted by torch's FlopCounterMode, then `steps`)."""
   import torch  # pylint: disable=g-import-not-at-top
-  import torch_twin  # pylint: disable=g-import-not-at-top  (launch/ is sys.path[0])
+  import torch_twin  # pylint: disable=g-import-not-at-top  (launch/benchmarks/ is sys.path[0])
   from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=g-import-not-at-top
 
   spec, batch_size, steps = job["spec"], job["batch_size"], job["steps"]

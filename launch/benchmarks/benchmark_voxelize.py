@@ -1,6 +1,6 @@
 """Voxelisation throughput (structures/s): the jitted, vmapped JAX function vs the numpy reference.
 
-  python launch/benchmark_voxelize.py --perov=../shared/data/perov_5/val.csv.gz \
+  python launch/benchmarks/benchmark_voxelize.py --perov=../shared/data/perov_5/val.csv.gz \
       --mp=../shared/data/mp_cgcnn/all.csv.gz
 
 perov_5-like cells (5 atoms) and Materials-Project-like cells (20-60 atoms) are the first ones in

@@ -1,4 +1,4 @@
-"""CPU kernels of the model: `native.cc`, compiled on first use.
+"""CPU kernels of the model: `kernels.cc`, compiled on first use.
 
 The C++ file beside this one holds XLA FFI handlers (channels-last, float32): a direct 3-D
 correlation (one stride for all axes), its kernel and input gradients, trilinear x2
@@ -14,7 +14,7 @@ implicit, no padded copy is made; at stride 1 the input gradient is the same cor
 cotangent with the flipped kernel),
 `upsample2(x)` the differentiable upsampling (jax.image.resize's "trilinear" at twice the sides),
 `max_pool2(x)` the differentiable max pooling, `channel_sums(a, b, shift)` the sums behind
-`models.BatchNorm`, `adam(...)` the optimiser step behind `train.apply_gradients`.
+`ops.batch_norm`, `adam(...)` the optimiser step behind `adam.apply_gradients`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-_SOURCE = pathlib.Path(__file__).with_name("native.cc")
+_SOURCE = pathlib.Path(__file__).with_name("kernels.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
 _TARGETS = {"correlate": "CrystalVaeCorrelate", "kernel_gradient": "CrystalVaeKernelGradient",
             "strided_input_gradient": "CrystalVaeStridedInputGradient",
@@ -69,7 +69,7 @@ def _compiler() -> str | None:
 
 
 def build() -> pathlib.Path:
-  """Compiles native.cc unless a build for this source, jaxlib, compiler and CPU exists; returns
+  """Compiles kernels.cc unless a build for this source, jaxlib, compiler and CPU exists; returns
   the library's path. Several processes may build at once: each writes its own file and renames
   it into place."""
   compiler = _compiler()
