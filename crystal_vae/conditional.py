@@ -30,8 +30,8 @@ from crystal_vae import generation
 from crystal_vae import inference
 from crystal_vae import latent_prior
 from crystal_vae import plots
-from crystal_vae import reconstruction
 from crystal_vae import segmentation
+from crystal_vae import writing
 
 
 def targets_of(settings: ml_collections.ConfigDict) -> np.ndarray:
@@ -124,7 +124,7 @@ def conditional(model: inference.TrainedModel, settings: ml_collections.ConfigDi
              "geometry": geometry_report(model, decoded, len(targets) // 2)}
   out_dir.mkdir(parents=True, exist_ok=True)
   plots.plot_conditional(targets, maxima, decoded, model.spec, out_dir / "conditional.png")
-  reconstruction.write_json(out_dir / "summary.json", results)
+  writing.write_json(out_dir / "summary.json", results)
   print(f"Conditional generation at {len(targets)} targets written to {out_dir}")
   print(f"  Pearson(target, generated max): {results['pearson_target_vs_max']:.4f} over all,"
         f" {results['pearson_target_vs_max_per_latent']:.4f} per latent")

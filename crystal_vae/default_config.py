@@ -101,7 +101,7 @@ def get_config(representation: str, arg: str | None = None) -> ml_collections.Co
   # composition and the sites' Z; False = the species the density (or the segmenter) gives alone.
   config.eval.species_from_composition = True
   # The spread (units of Z) of the density's site Z around the true one in that choice: smaller
-  # trusts the density more, larger the composition (reconstruction.species_from_composition).
+  # trusts the density more, larger the composition (species_choice.species_from_composition).
   config.eval.site_z_sigma = 1.5
   # > 0: every rebuilt crystal is made symmetric under the space-group operations that hold within
   # this many Å (symmetry.symmetrize: sites and lattice averaged over them, the frame kept). Loose

@@ -36,7 +36,7 @@ from crystal_vae import inference
 from crystal_vae import latent_prior
 from crystal_vae import plots
 from crystal_vae import models
-from crystal_vae import reconstruction
+from crystal_vae import writing
 
 LOSSES = ("bce", "mse")
 
@@ -184,7 +184,7 @@ def discriminate(model: inference.TrainedModel, settings: ml_collections.ConfigD
   out_dir.mkdir(parents=True, exist_ok=True)
   checkpoints.save_pytree(params, out_dir / "params")
   plots.plot_discriminator_scores(scores, losses, out_dir / "scores.png")
-  reconstruction.write_json(out_dir / "summary.json", results)
+  writing.write_json(out_dir / "summary.json", results)
   print(f"Discriminator ({settings.loss}, {settings.num_train_steps} steps, loss "
         f"{results['loss_first']:.4f} -> {results['loss_last']:.4f}) written to {out_dir}")
   print(f"  {'samples':<22}{'output mean ± std':>20}")

@@ -33,7 +33,9 @@ from crystal_vae import plots
 from crystal_vae import progress as progress_lines
 from crystal_vae import reconstruction
 from crystal_vae import segmentation
+from crystal_vae import species_choice
 from crystal_vae import voxelize
+from crystal_vae import writing
 
 
 REBUILT_SHOWN = 8  # crystals drawn true vs rebuilt in rebuilt.png
@@ -178,7 +180,7 @@ def evaluate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
         true_properties += [crystals.property_values(crystal, property_names) for crystal in batch]
       if "composition" in decoded:  # the composition head's counts for the true number of atoms
         compositions_exact += [
-            reconstruction.composition_is_exact(
+            species_choice.composition_is_exact(
                 fractions, np.bincount(crystal.atomic_numbers, minlength=fractions.size))
             for fractions, crystal in zip(decoded["composition"], batch)]
     rebuilt = model.to_crystals(decoded, decoded_atoms)
@@ -224,7 +226,7 @@ def evaluate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
   results["seconds"] = time.time() - start
 
   out_dir.mkdir(parents=True, exist_ok=True)
-  reconstruction.write_cifs(predicted, ids, out_dir / "cifs")
+  writing.write_cifs(predicted, ids, out_dir / "cifs")
   write_matches(out_dir / "matches.csv", ids, true, predicted, matches)
   plots.save_evaluation_figures(out_dir, comparisons, mse)
   shown = min(REBUILT_SHOWN, len(ids))
@@ -235,7 +237,7 @@ def evaluate(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
   if "properties" in results:
     plots.plot_property_parity(predicted_properties, true_properties, property_names,
                                results["properties"], out_dir / "properties.png")
-  reconstruction.write_json(out_dir / "metrics.json", results)
+  writing.write_json(out_dir / "metrics.json", results)
   logging.info("wrote %s: %s", out_dir, json.dumps(results, sort_keys=True))
   print(f"Evaluation of {len(ids)} {split} crystals written to {out_dir}")
   for key in ("match_rate", "match_rate_cdvae", "framework_match_rate", "rms_dist", "valid_rate",

@@ -52,6 +52,7 @@ from crystal_vae import metrics
 from crystal_vae import plots
 from crystal_vae import progress
 from crystal_vae import reconstruction
+from crystal_vae import writing
 
 METHODS = ("linear", "slerp")
 
@@ -63,7 +64,7 @@ METHODS = ("linear", "slerp")
 def write_cifs(reconstructions: Sequence[reconstruction.Reconstruction], ids: Sequence[str],
                directory: pathlib.Path) -> dict[str, int]:
   """CIFs of the valid reconstructions and `invalid.csv` for the rest; the counts per outcome."""
-  valid, invalid = reconstruction.write_cifs(reconstructions, ids, directory)
+  valid, invalid = writing.write_cifs(reconstructions, ids, directory)
   counts = {"valid": valid, "invalid": invalid}
   for r in reconstructions:
     if not r.valid:
@@ -308,7 +309,7 @@ def sample(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
                      "random samples")
   plots.plot_nearest_neighbours(sample_distances, train_distances,
                                 out_dir / "nearest_neighbours.png")
-  reconstruction.write_json(out_dir / "summary.json", results)
+  writing.write_json(out_dir / "summary.json", results)
   logging.info("wrote %s: %s", out_dir, results)
   print(f"{settings.num} samples written to {out_dir}")
   for key in ("valid_fraction", "cdvae_structure_valid", "cdvae_composition_valid", "cov_recall",
@@ -358,7 +359,7 @@ def interpolate(model: inference.TrainedModel, settings: ml_collections.ConfigDi
                   out_dir / "panel.png", f"{title}: decoded path between the inputs' latents")
   plots.write_gif(grids, [f"{title}, {t}" for t in titles], model.spec,
                   out_dir / "interpolation.gif", settings.seconds_per_frame)
-  reconstruction.write_json(out_dir / "summary.json", results)
+  writing.write_json(out_dir / "summary.json", results)
   print(f"Interpolation {title} ({settings.steps} steps) written to {out_dir}")
   for method in METHODS:
     print(f"  {method}: {' | '.join(results[method]['formulas'])}")
@@ -389,6 +390,6 @@ def traverse(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
              "values": values.tolist(), "max_density": density.max(axis=1).tolist(),
              "mean_abs_change_from_first": np.abs(density - density[:1]).mean(axis=1).tolist(),
              "formulas": [label(r) for r in rebuilt]}
-  reconstruction.write_json(out_dir / "summary.json", results)
+  writing.write_json(out_dir / "summary.json", results)
   print(f"Traversal of latent {settings.dim} for {crystal.id} written to {out_dir}")
   return results

@@ -39,8 +39,9 @@ from crystal_vae import losses
 from crystal_vae import metrics
 from crystal_vae import models
 from crystal_vae import progress
-from crystal_vae import reconstruction
+from crystal_vae import species_choice
 from crystal_vae import train
+from crystal_vae import writing
 
 # Loss of a head's outputs (B, T) against its targets (B, T), per example (B,).
 HeadLoss = Callable[[jax.Array, jax.Array], jax.Array]
@@ -78,9 +79,9 @@ def composition_loss(logits: jax.Array, counts: jax.Array) -> jax.Array:
 
 def composition_exact(logits: np.ndarray, counts: np.ndarray) -> float:
   """The fraction of crystals whose composition the head gets exactly: its fractions rounded to
-  the crystal's atom count are the true counts (`reconstruction.composition_is_exact`)."""
+  the crystal's atom count are the true counts (`species_choice.composition_is_exact`)."""
   fractions = np.asarray(jax.nn.softmax(jnp.asarray(logits)))
-  return float(np.mean([reconstruction.composition_is_exact(predicted, true)
+  return float(np.mean([species_choice.composition_is_exact(predicted, true)
                         for predicted, true in zip(fractions, counts)]))
 
 
@@ -160,7 +161,7 @@ def _write_workdir(source: str | pathlib.Path, out: pathlib.Path, model: inferen
                "composition_fit.json"):
     if (pathlib.Path(source) / kept).exists() and kept != f"{name}_fit.json":
       shutil.copy(pathlib.Path(source) / kept, out / kept)
-  reconstruction.write_json(out / f"{name}_fit.json", summary)
+  writing.write_json(out / f"{name}_fit.json", summary)
 
 
 def fit_property_head(workdir: str | pathlib.Path, out: str | pathlib.Path,

@@ -357,7 +357,7 @@ class TrainedModel:
   def to_crystals(self, grids: dict[str, np.ndarray], atoms: list[segmentation.Atoms] | None = None
                   ) -> list[reconstruction.Reconstruction]:
     """Decoded (or true) grids -> crystals; invalid ones carry their reason. With a decoded
-    `composition` the species follow it (`reconstruction.species_from_composition`) unless
+    `composition` the species follow it (`species_choice.species_from_composition`) unless
     `eval.species_from_composition` is off, except in the repeat representation read off
     segmented atoms, whose cube holds many cells."""
     with _one_blas_thread():

@@ -40,7 +40,7 @@ from crystal_vae import latent_prior
 from crystal_vae import metrics
 from crystal_vae import plots
 from crystal_vae import progress
-from crystal_vae import reconstruction
+from crystal_vae import writing
 
 DIRECTIONS = ("minimize", "maximize")
 STARTS = ("encoded", "prior")
@@ -205,7 +205,7 @@ def optimize(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
   for row, step in enumerate(steps):
     grids = model.decode(path[step], batch_size=settings.batch_size)
     rebuilt = model.to_crystals(grids)
-    reconstruction.write_cifs(rebuilt, [f"start_{i:02d}" for i in range(len(z))],
+    writing.write_cifs(rebuilt, [f"start_{i:02d}" for i in range(len(z))],
                               out_dir / "cifs" / f"step_{step:04d}")
     structures = [r.structure if r.valid and metrics.cdvae_valid(r.structure) else None
                   for r in rebuilt]
@@ -239,7 +239,7 @@ def optimize(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
                      [generation.label(r) for r in last_rebuilt[:shown]], model.spec,
                      out_dir / "gallery.png",
                      f"after {steps[-1]} steps ({settings.direction} {name})")
-  reconstruction.write_json(out_dir / "summary.json", results)
+  writing.write_json(out_dir / "summary.json", results)
   print(f"Optimised {len(z)} latents for {settings.steps} steps ({settings.direction} {name});"
         f" written to {out_dir}")
   print(f"  head prediction: {results['head_prediction_start_mean']:.4g} ->"

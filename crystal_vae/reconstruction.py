@@ -40,7 +40,6 @@ from crystal_vae import lattice_recovery
 from crystal_vae import segmentation
 from crystal_vae import species_choice
 from crystal_vae import symmetry
-from crystal_vae import writing
 from crystal_vae.segmentation import Atoms
 
 NO_ATOMS = "no_atoms"
@@ -339,9 +338,3 @@ def reconstruct_repeat_from_density(fit: density_fit.DensityFit, *, max_z: int, 
   atoms = density_fit.images_in_cube(species, site_frac, basis, fit.box, boundary)
   return dataclasses.replace(result, cube_atoms=atoms)
 
-
-# The modes write their results and judge a predicted composition through these names.
-composition_is_exact = species_choice.composition_is_exact
-to_cif = writing.to_cif
-write_cifs = writing.write_cifs
-write_json = writing.write_json

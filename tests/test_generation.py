@@ -28,6 +28,7 @@ from crystal_vae import latent_prior
 from crystal_vae import metrics
 from crystal_vae import modes
 from crystal_vae import reconstruction
+from crystal_vae import writing
 
 REPO = pathlib.Path(__file__).parent.parent
 
@@ -319,7 +320,7 @@ def test_interpolate_mode_writes_cifs_panel_and_gif(workdir, tfds_dir):
   source = datasets.load_data_sources(config.dataset)["validation"]
   config.interpolate.start = datasets.record_to_crystal(source[0]).id  # a dataset id
   cif = workdir / "end.cif"
-  cif.write_text(reconstruction.to_cif(_rock_salt()))
+  cif.write_text(writing.to_cif(_rock_salt()))
   config.interpolate.end = str(cif)  # a CIF file
   results = modes.run("interpolate", config, str(workdir))
   out_dir = workdir / "interpolate"
