@@ -31,6 +31,7 @@ setuptools.setup(
         "imageio>=2.34",
         "smact>=4.0",
         "matminer>=0.10",  # CDVAE's fingerprints for the generation metrics
+        "scikit-learn>=1.3",  # the mixture prior over the latent space (latent_prior.py)
         "tensorboardX>=2.6",
     ],
     extras_require={
