@@ -42,6 +42,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 from pymatgen.core import Structure
+from scipy import stats
 
 from crystal_vae import crystals
 from crystal_vae import datasets
@@ -264,13 +265,34 @@ def generate(model: inference.TrainedModel, num: int, seed: int, temperature: fl
   return z, grids, rebuilt
 
 
+def property_distances(model: inference.TrainedModel, z: np.ndarray,
+                       rebuilt: Sequence[reconstruction.Reconstruction],
+                       reference: Sequence[crystals.Crystal]) -> dict[str, float]:
+  """CDVAE's d_E for each property of the model's head: the Wasserstein distance between the
+  head's predictions for the draws that gave a crystal and the reference crystals' true values
+  (CDVAE predicts the draws' property with a separately trained network; here the model's own
+  head reads the draw's latent)."""
+  names = tuple(model.config.model.properties)
+  kept = np.array([r.valid for r in rebuilt])
+  if not names or not kept.any():
+    return {}
+  predicted = model.predict_properties(z[kept])
+  results = {}
+  for index, name in enumerate(names):
+    true = np.array([crystal.properties.get(name, np.nan) for crystal in reference], np.float64)
+    true = true[np.isfinite(true)]
+    if true.size:
+      results[f"wasserstein_{name}"] = float(stats.wasserstein_distance(predicted[:, index], true))
+  return results
+
+
 def sample(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
            out_dir: pathlib.Path) -> dict:
   """`--mode=sample`: random draws from the prior; see the module docstring."""
   prior, prior_record = prior_of(model, settings)
   train_crystals = training_crystals(model.config, settings.num_train_structures, settings.seed)
   condition = draw_conditions(model, settings.num, settings.seed, train_crystals)
-  _, grids, rebuilt = generate(model, settings.num, settings.seed, settings.temperature,
+  z, grids, rebuilt = generate(model, settings.num, settings.seed, settings.temperature,
                                prior=prior, condition=condition, batch_size=settings.batch_size)
   ids = [f"sample_{index:04d}" for index in range(settings.num)]
   counts = write_cifs(rebuilt, ids, out_dir / "cifs")
@@ -291,6 +313,7 @@ def sample(model: inference.TrainedModel, settings: ml_collections.ConfigDict,
               for crystal in split_crystals(model.config, "train", -1)]
   results.update(generation_metrics.uniqueness_and_novelty(valid, training))
   results["novelty_against"] = f"train ({len(training)})"
+  results.update(property_distances(model, z, rebuilt, reference_crystals))
   train_structures = [crystal.to_structure() for crystal in train_crystals]
   results["num_train_structures"] = len(train_structures)
   with warnings.catch_warnings():

@@ -5,6 +5,7 @@ import csv
 import json
 import pathlib
 import shutil
+import types
 
 from flax import traverse_util
 import jax
@@ -284,3 +285,19 @@ def test_fit_property_head_adds_or_replaces_a_head_of_a_frozen_model(headless_wo
   assert tuple(again.config.model.properties) == ("mean_z", "sparse")
   z = np.zeros((1, again.config.model.latent_dim), np.float32)
   assert again.predict_properties(z).shape == (1, 2)
+
+
+def test_property_distance_of_draws_is_the_wasserstein_distance(property_workdir):
+  """d_E: the head's predictions for the draws that gave a crystal (here 3 of 4) against the
+  reference crystals' values: for samples of equal size, the mean gap of the sorted values."""
+  model = inference.TrainedModel.restore(property_workdir)
+  z = latent_prior.GaussianPrior.standard(model.config.model.latent_dim).sample(4, seed=2)
+  rebuilt = [types.SimpleNamespace(valid=valid) for valid in (True, False, True, True)]
+  reference = [crystals.Crystal(id=str(i), lattice=np.eye(3) * 4, frac_coords=np.zeros((1, 3)),
+                                atomic_numbers=np.array([11]), properties={"mean_z": value})
+               for i, value in enumerate((3.0, 9.0, 14.0))]
+  predicted = np.sort(model.predict_properties(z[[0, 2, 3]])[:, 0])
+  expected = np.mean(np.abs(predicted - np.array([3.0, 9.0, 14.0])))
+  distances = generation.property_distances(model, z, rebuilt, reference)
+  assert distances["wasserstein_mean_z"] == pytest.approx(expected, rel=1e-6)
+  assert "wasserstein_sparse" not in distances  # no reference crystal has a value
