@@ -259,6 +259,10 @@ def test_sample_mode_from_the_command_line(workdir, tfds_dir):
   assert summary["valid_fraction"] == len(structures) / 6
   assert summary["seed"] == 3 and summary["num_train_structures"] == 12
   assert summary["reference"] == "validation (5)"
+  # No prior flag: the learned prior, fitted once and kept in the workdir.
+  assert summary["prior"]["kind"] == "learned"
+  saved_prior = json.loads((workdir / "latent_prior" / "prior.json").read_text())
+  assert saved_prior["description"] == summary["prior"]
   assert 0 <= summary["cov_precision"] <= summary["valid_fraction"]
   # The median nearest-neighbour distance over every site of the 12 training crystals, and
   # CDVAE's validity of the samples (distinct sites >= 0.5 Å apart, volume >= 0.1 Å³; SMACT),
