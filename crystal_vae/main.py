@@ -6,7 +6,6 @@ split and measure it), `sample`, `interpolate`, `traverse`, `conditional`, `disc
 """
 
 import ast
-import logging as python_logging
 import pathlib
 import sys
 
@@ -24,6 +23,7 @@ from crystal_vae import inference
 from crystal_vae import models
 from crystal_vae import modes
 from crystal_vae import process_settings
+from crystal_vae import quiet_logging
 from crystal_vae import saved_config
 
 FLAGS = flags.FLAGS
@@ -41,23 +41,6 @@ flags.DEFINE_string("coordinator_address", None,
 flags.DEFINE_integer("num_processes", None, "With --jax_distributed; unset = from the cluster.")
 flags.DEFINE_integer("process_id", None, "With --jax_distributed; unset = from the cluster.")
 flags.mark_flags_as_required(["workdir"])
-
-
-class _QuietLibraries(python_logging.Filter):
-  """Keeps the terminal to what a user reads: drops the INFO and WARNING chatter of orbax and
-  TFDS (read-only directories, custom data configurations, missing dataset_info.json) and JAX's
-  note that no TPU is present, and the tracebacks of orbax's background threads (a failed save
-  ends in `CheckpointWriteError`, one line). Their errors stay."""
-
-  _NOISY = ("orbax", "tensorflow_datasets")
-
-  def filter(self, record: python_logging.LogRecord) -> bool:
-    if "xla_bridge" in record.pathname and "Unable to initialize backend" in record.getMessage():
-      return False
-    if not any(name in record.pathname for name in self._NOISY):
-      return True
-    record.exc_info, record.exc_text = None, None
-    return record.levelno >= python_logging.ERROR
 
 
 # Errors in what the user gave (a setting out of range; a workdir that cannot be one; a crystal
@@ -118,5 +101,5 @@ def with_saved_config(argv: list[str]) -> list[str]:
 if __name__ == "__main__":
   process_settings.apply()  # before JAX's first computation
   # Before the flags are parsed: a saved config is restored while parsing `--config.*` flags.
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  quiet_logging.install()
   app.run(main, argv=with_saved_config(sys.argv), flags_parser=parse_flags)
