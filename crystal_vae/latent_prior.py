@@ -307,8 +307,8 @@ def save(prior: Prior, record: dict, directory: pathlib.Path) -> None:
 
 
 def load(directory: pathlib.Path, expected: dict) -> Prior | None:
-  """The prior saved in `directory` when its record's description equals `expected` (and its
-  files restore), else None."""
+  """The prior saved in `directory` when its record's description equals `expected` and its
+  files restore, else None (it is then fitted again)."""
   try:
     record = json.loads((directory / "prior.json").read_text())
   except (OSError, ValueError):
@@ -316,8 +316,11 @@ def load(directory: pathlib.Path, expected: dict) -> Prior | None:
   if record.get("description") != expected:
     return None
   kind = expected["kind"]
-  with np.load(directory / "prior.npz") as saved:
-    arrays = dict(saved)
+  try:
+    with np.load(directory / "prior.npz") as saved:
+      arrays = dict(saved)
+  except (OSError, ValueError):  # missing or cut short: fitted again
+    return None
   if kind == "fitted":
     return GaussianPrior(arrays["mean"], arrays["scale"])
   if kind == "mixture":
@@ -326,5 +329,8 @@ def load(directory: pathlib.Path, expected: dict) -> Prior | None:
                                   for field in dataclasses.fields(DiffusionSettings)})
   template = jax.eval_shape(lambda: Denoiser(settings.features, settings.blocks).init(
       jax.random.key(0), jnp.zeros((1, len(arrays["centre"]))), jnp.zeros(1)))
-  params = checkpoints.restore_pytree(directory / "params", template)
+  try:
+    params = checkpoints.restore_pytree(directory / "params", template)
+  except checkpoints.CheckpointRestoreError:
+    return None
   return DiffusionPrior(params, arrays["centre"], arrays["spread"], settings)

@@ -97,6 +97,8 @@ def test_a_saved_prior_restores_with_its_settings_only(kind, tmp_path):
   other = {**latent_prior.description(_settings(prior=kind, seed=1)), "model_step": 7}
   assert latent_prior.load(tmp_path, other) is None
   assert latent_prior.load(tmp_path / "missing", description) is None
+  (tmp_path / "prior.npz").unlink()  # a record without its arrays: fitted again, no crash
+  assert latent_prior.load(tmp_path, description) is None
 
 
 def test_an_unknown_prior_is_refused():
