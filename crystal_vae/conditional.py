@@ -30,6 +30,7 @@ from crystal_vae import generation
 from crystal_vae import inference
 from crystal_vae import latent_prior
 from crystal_vae import plots
+from crystal_vae import progress
 from crystal_vae import segmentation
 from crystal_vae import writing
 
@@ -94,8 +95,11 @@ def geometry_report(model: inference.TrainedModel, decoded: list[dict[str, np.nd
   reference_atoms = model.atoms(reference)
   reference_normalised = _normalised(reference["density"])
   correlation, displacement, count_change = [], [], []
+  counter = progress.Progress("conditional: atoms read at", len(decoded), unit="targets",
+                              every=0.0)
   for grids in decoded:
     atoms = model.atoms(grids)
+    counter.advance()
     current = _normalised(grids["density"])
     correlation.append(float(np.nanmean([_pearson(a, b)
                                          for a, b in zip(current, reference_normalised)])))
