@@ -2,7 +2,6 @@
 
 import csv
 import json
-import pathlib
 
 import numpy as np
 import pytest
@@ -21,15 +20,11 @@ from crystal_vae import modes
 from crystal_vae import train
 from crystal_vae import voxelize
 
-PEROV_5 = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "perov_5"
-
-
-@pytest.mark.skipif(not (PEROV_5 / "val.csv.gz").exists(), reason="needs ../shared/data/perov_5")
 @pytest.mark.parametrize("representation", ["repeat", "unit_cell"])
 def test_oracle_recovers_every_perov_5_structure(representation, tfds_dir, tmp_path):
   config = default_config.get_config(representation)
   config.dataset.name = "perov_5"
-  config.dataset.path = str(PEROV_5)
+  config.dataset.path = ""  # the embedded copy
   config.dataset.data_dir = tfds_dir
   config.eval.oracle = True
   config.eval.batch_size = 32
@@ -44,7 +39,6 @@ def test_oracle_recovers_every_perov_5_structure(representation, tfds_dir, tmp_p
   assert json.loads((out / "metrics.json").read_text())["match_rate"] == 1.0
 
 
-@pytest.mark.skipif(not (PEROV_5 / "val.csv.gz").exists(), reason="needs ../shared/data/perov_5")
 @pytest.mark.parametrize("representation, floor", [("repeat", 0.9), ("unit_cell", 0.9)])
 def test_oracle_reads_perov_5_off_the_density_alone(representation, floor, tfds_dir, tmp_path):
   """atoms_from=density on TRUE densities: the ceiling of the density fit (measured, repeat: 62
@@ -52,7 +46,7 @@ def test_oracle_reads_perov_5_off_the_density_alone(representation, floor, tfds_
   cell at min_site_z 3: the atoms and Z of 62 of the first 64, the lattice the oracle's)."""
   config = default_config.get_config(representation)
   config.dataset.name = "perov_5"
-  config.dataset.path = str(PEROV_5)
+  config.dataset.path = ""  # the embedded copy
   config.dataset.data_dir = tfds_dir
   config.eval.oracle = True
   config.eval.atoms_from = "density"

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from pymatgen.core import Lattice, Structure
 
+import crystal_vae
 from crystal_vae import crystals, reconstruction, segmentation, species_choice, voxelize, writing
 from conftest import MATCHER, SPEC, matches, representative_prototypes, voxelize_crystals
 
-PEROV_VAL = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "perov_5" / "val.csv.gz"
+PEROV_VAL = pathlib.Path(crystal_vae.__file__).parent / "data" / "perov_5" / "val.csv.gz"  # embedded
 
 
 def _atoms(species, positions, on_boundary=None) -> segmentation.Atoms:
@@ -37,8 +38,6 @@ def test_repeat_oracle_recovers_prototypes_at_any_origin():
 
 
 def _perov_cells(count):
-  if not PEROV_VAL.exists():
-    pytest.skip(f"{PEROV_VAL} not available")
   csv.field_size_limit(sys.maxsize)
   with gzip.open(PEROV_VAL, "rt", newline="") as handle:
     rows = [row for _, row in zip(range(count), csv.DictReader(handle))]
