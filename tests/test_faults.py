@@ -1,4 +1,4 @@
-"""Faults end in one line (issue 38): checkpoints that do not restore, a full disk, a save killed
+"""Faults end in one line: checkpoints that do not restore, a full disk, a save killed
 half way, settings out of range, workdirs that cannot be one, data files with bad rows."""
 
 import asyncio

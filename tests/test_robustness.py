@@ -1,4 +1,4 @@
-"""Whatever a model decodes gives a crystal or a named reason, never an exception (issue 38):
+"""Whatever a model decodes gives a crystal or a named reason, never an exception:
 random and degenerate cubes (zeros, NaN, inf, single-voxel spikes, huge values, noise, two
 overlapping crystals) through every path from a cube to atoms and a crystal, both
 representations, the atoms read off the density or segmented."""
