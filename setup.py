@@ -6,7 +6,11 @@ setuptools.setup(
     name="crystal_vae",
     version="0.1.0",
     description="Encode, decode, sample and interpolate 3-D crystal structures with a voxel β-VAE.",
-    packages=setuptools.find_packages(include=["crystal_vae", "crystal_vae.*"]),
+    # configs/ (every default, the recipes) is installed as crystal_vae.configs: the package reads
+    # its defaults at run time (an older saved config takes the fields added since from them).
+    packages=[*setuptools.find_packages(include=["crystal_vae", "crystal_vae.*"]),
+              "crystal_vae.configs"],
+    package_dir={"crystal_vae.configs": "configs"},
     # The native CPU kernels' source, compiled on first use (crystal_vae/native/kernels.py).
     package_data={"crystal_vae.native": ["kernels.cc"]},
     python_requires=">=3.11",

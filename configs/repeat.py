@@ -1,10 +1,11 @@
-"""The repeat representation: `--config=configs/repeat.py` (the paper's settings) or a recipe:
-`:quick` (the embedded perov_5 in minutes, then held-out crystals rebuilt), `:cpu` / `:gpu`
-(perov_5 on a 2-core CPU / one GPU), `:mp_cpu` / `:mp_gpu` (the Materials Project; give its
-directory with `--config.dataset.path=DIR`)."""
+"""The repeat representation: `--config=configs/repeat.py` (the paper's settings) or a recipe
+of `configs/recipes.py`, e.g. `configs/repeat.py:quick` (the embedded perov_5 in minutes, then
+held-out crystals rebuilt) or `:mp_cpu` (the Materials Project; `--config.dataset.path=DIR`)."""
 
-from crystal_vae import default_config
+import ml_collections
+
+from crystal_vae.configs import recipes
 
 
-def get_config(arg=None):
-  return default_config.get_config("repeat", arg)
+def get_config(recipe: str | None = None) -> ml_collections.ConfigDict:
+  return recipes.get_config("repeat", recipe)

@@ -17,7 +17,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from crystal_vae import config_checks
-from crystal_vae import default_config
+from crystal_vae.configs import default
 
 
 def checkpoint_manager(workdir: str | pathlib.Path, *, max_to_keep: int = 3,
@@ -123,7 +123,7 @@ def restore_config(manager: ocp.CheckpointManager, step: int | None = None
   restored = _restore(manager, step, ocp.args.Composite(config=ocp.args.JsonRestore()))[1]
   saved = _lists_to_tuples(restored.config)
   return ml_collections.ConfigDict(
-      _merged(default_config.get_config(saved["representation"]).to_dict(), saved))
+      _merged(default.get_config(saved["representation"]).to_dict(), saved))
 
 
 def _merged(defaults: dict, saved: dict) -> dict:

@@ -443,32 +443,34 @@ class CrystalVAE(nn.Module):
   the outputs hold no `segmented`, and atoms are read off the decoded density alone.
   """
 
+  # Every field is set by `model_from_config` (config.model; grid from config.voxel, max_z from
+  # config.dataset); the defaults are in configs/default.py.
   grid: int
   max_z: int
-  latent_dim: int = 300
-  encoder_features: Sequence[int] = (16, 32, 64, 128)
-  encoder_kernels: Sequence[int] = (5, 3, 3, 3)
-  encoder_strides: Sequence[int] = (2, 1, 1, 2)
-  decoder_start: int = 5
-  decoder_features: Sequence[int] = (64, 32, 16)
-  decoder_kernels: Sequence[int] = (5, 5, 4)
-  decoder_paddings: Sequence[str] = ("SAME", "VALID", "SAME")
-  decoder_output: str = "relu"
-  unet_features: Sequence[int] = (16, 32, 64, 128)
-  segmenter: bool = True
-  species_head: str = "classes"
-  lattice_head: bool = False
-  lattice_hidden: Sequence[int] = (256, 128)
-  composition_head: bool = False
-  composition_hidden: Sequence[int] = (256, 256)
-  composition_members: int = 1
-  properties: Sequence[str] = ()
-  property_hidden: Sequence[int] = (128, 128)
-  property_means: Sequence[float] = ()  # of the training split, set by train.py
-  property_stds: Sequence[float] = ()
-  conditional: bool = False
-  conv_impl: str = "auto"
-  dtype: Any = jnp.float32
+  latent_dim: int
+  encoder_features: Sequence[int]
+  encoder_kernels: Sequence[int]
+  encoder_strides: Sequence[int]
+  decoder_start: int
+  decoder_features: Sequence[int]
+  decoder_kernels: Sequence[int]
+  decoder_paddings: Sequence[str]
+  decoder_output: str
+  unet_features: Sequence[int]
+  segmenter: bool
+  species_head: str
+  lattice_head: bool
+  lattice_hidden: Sequence[int]
+  composition_head: bool
+  composition_hidden: Sequence[int]
+  composition_members: int
+  properties: Sequence[str]
+  property_hidden: Sequence[int]
+  property_means: Sequence[float]
+  property_stds: Sequence[float]
+  conditional: bool
+  conv_impl: str
+  dtype: Any
 
   def setup(self):
     self.encoder = Encoder(
@@ -563,17 +565,9 @@ class CrystalVAE(nn.Module):
 
 
 # The fields of `CrystalVAE` that `config.model` sets (grid and max_z come from config.voxel and
-# config.dataset); their defaults there are the paper's and the only ones.
+# config.dataset).
 _MODEL_FIELDS = tuple(field.name for field in dataclasses.fields(CrystalVAE)
                       if field.name not in ("grid", "max_z", "parent", "name"))
-
-
-def default_model_config() -> ml_collections.ConfigDict:
-  """The paper's model sizes (`CrystalVAE`'s defaults), to embed as `config.model`."""
-  defaults = {field.name: field.default for field in dataclasses.fields(CrystalVAE)
-              if field.name in _MODEL_FIELDS}
-  defaults["dtype"] = jnp.dtype(defaults["dtype"]).name
-  return ml_collections.ConfigDict(defaults)
 
 
 def init_variables(config: ml_collections.ConfigDict, rng: jax.Array) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from pymatgen.core import Lattice
 from pymatgen.util.provenance import StructureNL
 
 from crystal_vae import crystals
-from crystal_vae import default_config
+from crystal_vae.configs import recipes
 from crystal_vae import reconstruction
 from crystal_vae import train
 from crystal_vae import voxelize
@@ -48,8 +48,8 @@ def require_native() -> None:
 
 def tiny_config(data_dir: str, representation: str = "repeat") -> ml_collections.ConfigDict:
   """A model small enough to compile and train a few steps in seconds on 2 CPU cores."""
-  config = default_config.get_config(representation, "quick")
-  paper = default_config.get_config(representation)
+  config = recipes.get_config(representation, "quick")
+  paper = recipes.get_config(representation)
   # The embedded AFLOW prototypes build in seconds; a tiny model with a U-Net and no composition
   # head, as the quick recipe's learning settings otherwise give.
   config.dataset.name = "prototypes"

@@ -3,7 +3,8 @@
 import numpy as np
 from pymatgen.core import Lattice
 
-from crystal_vae import crystals, default_config, density_fit, inference, reconstruction
+from crystal_vae import crystals, density_fit, inference, reconstruction
+from crystal_vae.configs import recipes
 from crystal_vae import species_choice
 from crystal_vae import voxelize
 from conftest import MATCHER, SPEC, matches, representative_prototypes, voxelize_crystals
@@ -159,7 +160,7 @@ def test_eval_species_from_composition_switches_the_composition_head_off():
   density = voxelize_crystals([biased], voxelize.REPEAT, random_offset=True, seed=3)["density"]
   composition = np.zeros((1, 101))
   composition[0, [38, 22, 8]] = [0.2, 0.2, 0.6]
-  config = default_config.get_config("repeat", "cpu")
+  config = recipes.get_config("repeat", "cpu")
   config.model.composition_head = True
   species = {}
   for use in (True, False):

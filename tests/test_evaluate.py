@@ -12,7 +12,7 @@ from pymatgen.core import Structure
 from conftest import tiny_config
 from crystal_vae import crystals
 from crystal_vae import datasets
-from crystal_vae import default_config
+from crystal_vae.configs import recipes
 from crystal_vae import evaluate
 from crystal_vae import inference
 from crystal_vae import metrics
@@ -22,7 +22,7 @@ from crystal_vae import voxelize
 
 @pytest.mark.parametrize("representation", ["repeat", "unit_cell"])
 def test_oracle_recovers_every_perov_5_structure(representation, tfds_dir, tmp_path):
-  config = default_config.get_config(representation)
+  config = recipes.get_config(representation)
   config.dataset.name = "perov_5"
   config.dataset.path = ""  # the embedded copy
   config.dataset.data_dir = tfds_dir
@@ -44,13 +44,13 @@ def test_oracle_reads_perov_5_off_the_density_alone(representation, floor, tfds_
   """atoms_from=density on TRUE densities: the ceiling of the density fit (measured, repeat: 62
   of the first 64 validation crystals, the in-cube atoms being the fitted crystal's images; unit
   cell at min_site_z 3: the atoms and Z of 62 of the first 64, the lattice the oracle's)."""
-  config = default_config.get_config(representation)
+  config = recipes.get_config(representation)
   config.dataset.name = "perov_5"
   config.dataset.path = ""  # the embedded copy
   config.dataset.data_dir = tfds_dir
   config.eval.oracle = True
   config.eval.atoms_from = "density"
-  config.eval.min_site_z = default_config.get_config(representation, "gpu").eval.min_site_z
+  config.eval.min_site_z = recipes.get_config(representation, "gpu").eval.min_site_z
   config.eval.batch_size = 16
   config.eval.num_batches = 2
   results = modes.run("evaluate", config, str(tmp_path))
@@ -77,7 +77,7 @@ def test_oracle_metrics_of_three_hand_made_crystals(tfds_dir, tmp_path):
   }
   for name, structure in true.items():
     structure.to(filename=str(cif_dir / f"{name}.cif"))
-  config = default_config.get_config("repeat")
+  config = recipes.get_config("repeat")
   config.dataset.name = "cif_dir"
   config.dataset.path = str(cif_dir)
   config.dataset.split_fractions = (0.0, 1.0, 0.0)
@@ -155,7 +155,7 @@ def test_the_oracle_shows_atoms_that_segmentation_merges(tfds_dir):
   """Two O atoms 0.15 Å apart make one round species component (too close for the shape split):
   compared with the TRUE atoms the oracle's count is one short (with the old comparison,
   segmented true grids, it was exact)."""
-  config = default_config.get_config("unit_cell")
+  config = recipes.get_config("unit_cell")
   config.dataset.data_dir = tfds_dir
   config.eval.oracle = True
   model = inference.TrainedModel(config, variables=None)
@@ -175,7 +175,7 @@ def test_a_repeat_model_with_a_lattice_head_rebuilds_a_cell_the_cube_cannot_repe
   """A cell side of 9.2 Å: the cube shows no translation along it (nor does its density);
   the lattice head's lattice (here the true one, as the oracle gives it) rebuilds the crystal,
   from segmented atoms or from the density's least-squares sites."""
-  config = default_config.get_config("repeat")
+  config = recipes.get_config("repeat")
   config.dataset.data_dir = tfds_dir
   config.eval.atoms_from = atoms_from
   config.eval.min_site_z = 6.0

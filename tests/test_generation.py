@@ -20,7 +20,7 @@ from conftest import small_config, tiny_config, trained_checkpoint
 from crystal_vae import conditional
 from crystal_vae import crystals
 from crystal_vae import datasets
-from crystal_vae import default_config
+from crystal_vae.configs import recipes
 from crystal_vae import generation
 from crystal_vae import generation_metrics
 from crystal_vae import inference
@@ -234,7 +234,7 @@ def test_sample_mode_fits_saves_and_reuses_its_prior(model, tmp_path, capsys):
       key: summary[key] for key in ("num_valid", "cov_recall")}
   assert sorted(p.read_text() for p in (tmp_path / "first" / "cifs").glob("*.cif")) == sorted(
       p.read_text() for p in (tmp_path / "second" / "cifs").glob("*.cif"))
-  assert default_config.get_config("repeat").sample.prior == "learned"
+  assert recipes.get_config("repeat").sample.prior == "learned"
   settings.prior = "uniform"
   with pytest.raises(ValueError, match="sample.prior"):
     generation.sample(model, settings, tmp_path)
@@ -286,7 +286,7 @@ def test_a_config_of_another_model_is_refused(workdir):
   """(On the command line the error is one line: `ConfigMismatch` is one of main's one-line
   errors, test_main.py.)"""
   for variant, differences in (("repeat", "grid"), ("unit_cell", "representation, grid")):
-    config = default_config.get_config(variant, "quick")
+    config = recipes.get_config(variant, "quick")
     with pytest.raises(inference.ConfigMismatch) as error:
       modes.run("sample", config, workdir)
     assert f"(different {differences}; it holds a repeat model)" in str(error.value)

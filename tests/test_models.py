@@ -17,6 +17,8 @@ from flax import traverse_util
 
 from conftest import require_native
 from crystal_vae import models
+from crystal_vae.configs import default
+from crystal_vae.configs import recipes
 from crystal_vae import process_settings
 from crystal_vae.native import convolution
 from crystal_vae.native import kernels
@@ -31,7 +33,7 @@ def key(seed: int) -> jax.Array:
 
 
 def small_config(**model_overrides) -> ml_collections.ConfigDict:
-  model = models.default_model_config()
+  model = default.get_config().model
   model.update(dict(
       latent_dim=6,
       encoder_features=(4, 4, 8, 8),
@@ -108,7 +110,7 @@ def test_decoder_outputs_and_lattice_head_start():
 
 
 def test_paper_decoder_shape_path():
-  config = models.default_model_config()
+  config = default.get_config().model
   sizes, final_kernel = models.decoder_sizes(
       30, config.decoder_start, config.decoder_kernels, config.decoder_paddings)
   assert sizes == [10, 16, 32] and final_kernel == 3
@@ -235,13 +237,14 @@ def test_native_convolution_builds_once_and_falls_back_without_a_compiler(tmp_pa
   env["CXX"] = str(tmp_path / "no-such-compiler")
   env["CRYSTAL_VAE_CACHE"] = str(tmp_path / "empty")
   script = ("import jax, jax.numpy as jnp; from crystal_vae import models; "
+            "from crystal_vae.configs import default; "
             "from crystal_vae.native import convolution, kernels as n; "
             "x = jnp.ones((1, 16, 16, 16, 8)); k = jnp.ones((3, 3, 3, 8, 8)); "
             "y = convolution.conv3d(x, k, (1, 1, 1), 'SAME', 'auto'); "
             "print(n.available(), float(y[0, 8, 8, 8, 0]))\n"
             "try: convolution.conv3d(x, k, (1, 1, 1), 'SAME', 'native')\n"
             "except RuntimeError as e: print('refused:', e)\n"
-            "model = models.default_model_config(); model.conv_impl = 'native'\n"
+            "model = default.get_config().model; model.conv_impl = 'native'\n"
             "try: models._check_choices(model)\n"
             "except models.ModelConfigError as e: print('config refused:', e)")
   run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
@@ -405,8 +408,7 @@ def test_every_config_variant_builds_a_model_that_reaches_its_grid(representatio
   """Shape-only: each shipped config's encoder, decoder and heads fit together, the decoded
   density and species logits cover the config's grid, and the parameters of the variants meant
   to be shipped (`cpu`, `gpu`) stay under the 25 MB a pretrained workdir may take (float32)."""
-  from crystal_vae import default_config  # pylint: disable=g-import-not-at-top
-  config = default_config.get_config(representation, variant)
+  config = recipes.get_config(representation, variant)
   grid = config.voxel.grid
   density = jax.ShapeDtypeStruct((2, grid, grid, grid), jnp.float32)
   variables = jax.eval_shape(lambda: models.init_variables(config, jax.random.key(0)))

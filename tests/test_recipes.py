@@ -11,7 +11,7 @@ import pytest
 
 from crystal_vae import checkpoints
 from crystal_vae import datasets
-from crystal_vae import default_config
+from crystal_vae.configs import recipes
 from crystal_vae import inference
 from crystal_vae import train
 from conftest import prototypes
@@ -30,12 +30,12 @@ def write_mp_like_csv(directory, count: int = 24) -> None:
 @pytest.mark.parametrize("variant", ["mp_cpu", "mp_gpu"])
 def test_the_recipes_name_the_papers_data_and_limits(variant):
   for representation in ("repeat", "unit_cell"):
-    config = default_config.get_config(representation, variant)
+    config = recipes.get_config(representation, variant)
     assert config.dataset.name == "csv" and config.dataset.path == ""  # given on the command line
     assert (config.dataset.box, config.dataset.max_atoms) == (10.0, 64)
     assert (config.voxel.grid, config.voxel.box, config.voxel.sigma) == (30, 10.0, 1.0)
     assert config.model.composition_head and config.model.lattice_head
-  assert default_config.get_config("repeat", "mp_gpu").model.segmenter  # the paper's U-Net
+  assert recipes.get_config("repeat", "mp_gpu").model.segmenter  # the paper's U-Net
 
 
 @pytest.mark.slow
@@ -43,7 +43,7 @@ def test_the_recipes_name_the_papers_data_and_limits(variant):
 def test_the_cpu_recipe_trains_on_a_materials_project_like_csv(representation, tmp_path,
                                                                tfds_dir):
   write_mp_like_csv(tmp_path / "mp")
-  config = default_config.get_config(representation, "mp_cpu")
+  config = recipes.get_config(representation, "mp_cpu")
   config.dataset.path = str(tmp_path / "mp")
   config.dataset.data_dir = tfds_dir
   config.batch_size = config.eval.batch_size = 4
@@ -65,7 +65,7 @@ def test_a_short_quick_run_beats_the_mean_density_on_held_out_crystals(tmp_path,
   """The quick recipe on the embedded perov_5, 200 steps: on validation crystals it never saw, the
   decoded density is closer to the true one than each cube's own mean density (the best a model
   that learned nothing of the structure can do), measured here with a numpy reference."""
-  config = default_config.get_config("unit_cell", "quick")
+  config = recipes.get_config("unit_cell", "quick")
   config.dataset.data_dir = tfds_dir
   config.num_train_steps = 200
   config.warmup_steps = 50

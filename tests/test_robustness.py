@@ -17,7 +17,7 @@ import threadpoolctl
 
 from conftest import MATCHER
 from crystal_vae import crystals
-from crystal_vae import default_config
+from crystal_vae.configs import recipes
 from crystal_vae import inference
 from crystal_vae import modes
 from crystal_vae import reconstruction
@@ -49,7 +49,7 @@ def _model(representation: str, atoms_from: str, composition_head: bool = False,
            symprec: float = 0.0, grid: int = GRID) -> inference.TrainedModel:
   """The config-driven steps of a model (no variables): how a mode turns decoded grids into
   atoms and crystals."""
-  config = default_config.get_config(representation, "quick")
+  config = recipes.get_config(representation, "quick")
   config.voxel.grid = grid
   config.eval.atoms_from = atoms_from
   config.model.composition_head = composition_head
@@ -355,7 +355,7 @@ def test_evaluate_counts_broken_cubes_in_its_summary_and_invalid_csv(representat
                                                                      monkeypatch):
   """The oracle's grids with CsCl's density NaN and SrTiO3's Sr segmented as Z 122: the
   evaluation ends, rock salt is a crystal and the two others are counted by reason."""
-  config = default_config.get_config(representation)
+  config = recipes.get_config(representation)
   config.dataset.name = "cif_dir"
   config.dataset.path = str(cif_dir)
   config.dataset.split_fractions = (0.0, 1.0, 0.0)

@@ -19,7 +19,7 @@ from conftest import tiny_config
 from crystal_vae import adam
 from crystal_vae import checkpoints
 from crystal_vae import datasets
-from crystal_vae import default_config
+from crystal_vae.configs import recipes
 from crystal_vae import evaluate
 from crystal_vae import inference
 from crystal_vae import input_pipeline
@@ -231,14 +231,14 @@ def test_export_with_a_config_of_another_model_is_refused(trained_workdir, tmp_p
 
 
 def test_a_config_saved_before_a_field_existed_restores_with_its_default(tmp_path):
-  config = default_config.get_config("repeat", "cpu")
+  config = recipes.get_config("repeat", "cpu")
   config.loss.beta = 1e-5
   del config.eval["atoms_from"]  # as saved by an older version
   manager = checkpoints.checkpoint_manager(tmp_path)
   checkpoints.save(manager, 3, {"weights": np.zeros(2, np.float32)}, config)
   manager.wait_until_finished()
   restored = checkpoints.restore_config(checkpoints.checkpoint_manager(tmp_path, read_only=True))
-  assert restored.eval.atoms_from == default_config.get_config("repeat").eval.atoms_from
+  assert restored.eval.atoms_from == recipes.get_config("repeat").eval.atoms_from
   assert restored.loss.beta == 1e-5 and restored.eval.min_site_z == config.eval.min_site_z
   assert restored.model.decoder_kernels == config.model.decoder_kernels
 

@@ -165,8 +165,8 @@ def _variant_options(variant: str) -> dict:
 
 
 def _config(variant: str):
-  from crystal_vae import default_config  # pylint: disable=g-import-not-at-top
-  config = default_config.get_config("repeat", None if variant == "paper" else variant)
+  from crystal_vae.configs import recipes  # pylint: disable=g-import-not-at-top
+  config = recipes.get_config("repeat", None if variant == "paper" else variant)
   # Small MLPs on z (and the composition into the encoder's mean) the twin does not model.
   config.model.lattice_head = False
   config.model.composition_head = False
