@@ -189,6 +189,9 @@ def get_config(representation: str = "repeat") -> ml_collections.ConfigDict:
   config.conditional.target_max = 4.0
   config.conditional.num_targets = 5
   config.conditional.num_samples = 16
+  # Where the latents are drawn from: a prior of `sample.prior`'s choices, fitted with the
+  # `sample.prior_*` settings (the model's own learned prior, latent_prior/, by default).
+  config.conditional.prior = "learned"
   config.conditional.seed = 0
   config.conditional.batch_size = 16
 

@@ -2,7 +2,9 @@
 
 The conditional model (`config.model.conditional`) multiplies the bottleneck's input and output
 by the per-sample maximum of the density grid (trained with the maximum of the true grid). Here
-`config.conditional.num_samples` random latents z ~ N(0, 1) (seed `config.conditional.seed`) are
+`config.conditional.num_samples` latents drawn from `config.conditional.prior` (seed
+`config.conditional.seed`; the model's learned prior by default, as `--mode=sample` draws them;
+"standard" is the paper's z ~ N(0, 1), which this model does not decode into crystals) are
 decoded at every target of `config.conditional.targets` (or, when empty, `num_targets` values
 evenly spaced from `target_min` to `target_max`) and the report (`WORKDIR/conditional/`) says:
 
@@ -28,7 +30,6 @@ from scipy import spatial
 
 from crystal_vae import generation
 from crystal_vae import inference
-from crystal_vae import latent_prior
 from crystal_vae import plots
 from crystal_vae import progress
 from crystal_vae import segmentation
@@ -119,11 +120,16 @@ def conditional(model: inference.TrainedModel, settings: ml_collections.ConfigDi
                 out_dir: pathlib.Path) -> dict:
   """`--mode=conditional`: see the module docstring."""
   targets = targets_of(settings)
-  z = latent_prior.GaussianPrior.standard(model.config.model.latent_dim).sample(
-      settings.num_samples, settings.seed)
+  if not model.config.model.conditional:  # said before a prior is fitted
+    raise inference.SettingsError(
+        "the checkpoint's model is not conditional (config.model.conditional)")
+  prior_settings = ml_collections.ConfigDict(model.config.sample.to_dict())
+  prior_settings.prior = settings.prior  # the rest as the model's own prior (latent_prior/)
+  prior, _ = generation.prior_of(model, prior_settings)
+  z = prior.sample(settings.num_samples, settings.seed)
   decoded = decode_at_targets(model, z, targets, settings.batch_size)
   maxima = np.stack([g["density"].reshape(z.shape[0], -1).max(axis=1) for g in decoded])
-  results = {"num_samples": settings.num_samples, "seed": settings.seed,
+  results = {"num_samples": settings.num_samples, "seed": settings.seed, "prior": settings.prior,
              **target_report(targets, maxima),
              "geometry": geometry_report(model, decoded, len(targets) // 2)}
   out_dir.mkdir(parents=True, exist_ok=True)

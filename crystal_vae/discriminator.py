@@ -9,8 +9,9 @@ keeps the gradient of a saturated sigmoid. The VAE is frozen.
 
 Its output (0: looks like a decoded real crystal, 1: looks like a random draw) is then reported,
 mean ± std as in the paper, for: decoded latent means of `num_eval` crystals of
-`config.eval.split` ("real"), draws z ~ N(0, 1) ("random") and draws z ~ N(0, ood_scale²)
-("out_of_distribution"). A conditional VAE decodes each mixed latent with its real crystal's
+`config.eval.split` ("real"), draws z ~ N(0, 1) ("random", the paper's), draws of the model's
+own prior (`config.sample.prior`, what `--mode=sample` decodes: "prior") and draws
+z ~ N(0, ood_scale²) ("out_of_distribution"). A conditional VAE decodes each mixed latent with its real crystal's
 condition, and the draws with conditions drawn from the real crystals'.
 
 Writes `WORKDIR/discriminator/` with `summary.json`, `params/` (orbax) and `scores.png`.
@@ -165,10 +166,13 @@ def discriminate(model: inference.TrainedModel, settings: ml_collections.ConfigD
   if real_conditions is not None:
     draw_conditions = np.random.default_rng(settings.seed).choice(real_conditions, size=num)
   standard = latent_prior.GaussianPrior.standard(latent_dim)
+  prior, prior_description = generation.prior_of(model, model.config.sample)
   scores = {
       "real": trainer.score_latents(params, eval_latents, eval_conditions),
       "random": trainer.score_latents(params, standard.sample(num, settings.seed + 1),
                                       draw_conditions),
+      "prior": trainer.score_latents(params, prior.sample(num, settings.seed + 3),
+                                     draw_conditions),
       "out_of_distribution": trainer.score_latents(
           params, standard.sample(num, settings.seed + 2, settings.ood_scale), draw_conditions),
   }
@@ -176,7 +180,7 @@ def discriminate(model: inference.TrainedModel, settings: ml_collections.ConfigD
   results = {"loss": settings.loss, "num_train_steps": settings.num_train_steps,
              "num_real": len(train_crystals), "num_eval": num,
              "eval_split": model.config.eval.split,
-             "ood_scale": settings.ood_scale,
+             "ood_scale": settings.ood_scale, "prior": prior_description,
              "loss_first": float(losses[:window].mean()),
              "loss_last": float(losses[-window:].mean()),
              **{f"{name}_mean": float(values.mean()) for name, values in scores.items()},

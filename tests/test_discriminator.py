@@ -94,4 +94,9 @@ def test_discriminator_mode_writes_summary_and_params(workdir, tfds_dir):
     scores = trainer.score_latents(params, (scale * noise).astype(np.float32))
     assert saved[f"{name}_mean"] == pytest.approx(float(scores.mean()), rel=1e-5)
     assert saved[f"{name}_std"] == pytest.approx(float(scores.std()), rel=1e-4, abs=1e-7)
+  # "prior": draws of the model's own prior (the learned one, saved in the workdir), seed + 3.
+  assert saved["prior"]["kind"] == "learned"
+  prior = latent_prior.load(workdir / "latent_prior", saved["prior"])
+  scores = trainer.score_latents(params, prior.sample(4, settings.seed + 3))
+  assert saved["prior_mean"] == pytest.approx(float(scores.mean()), rel=1e-5)
   assert (out_dir / "scores.png").exists()

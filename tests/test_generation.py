@@ -375,8 +375,14 @@ def test_conditional_generation_follows_the_target(tmp_path_factory, tfds_dir, m
   assert _is_png(workdir / "conditional" / "conditional.png")
   # The saved means, recomputed: the same draws decoded at each target, one at a time.
   saved = json.loads((workdir / "conditional" / "summary.json").read_text())
+  # The draws are the model's learned prior's (fitted once, saved in the workdir with the
+  # checkpoint's sample settings, as --mode=sample uses it).
+  assert saved["prior"] == "learned"
   conditional_model = inference.TrainedModel.restore(workdir)
-  z = latent_prior.GaussianPrior.standard(8).sample(4, config.conditional.seed)
+  recorded = json.loads((workdir / "latent_prior" / "prior.json").read_text())["description"]
+  assert recorded["kind"] == "learned" and recorded["model_step"] == conditional_model.step
+  prior = latent_prior.load(workdir / "latent_prior", recorded)
+  z = prior.sample(4, config.conditional.seed)
   targets = np.array(config.conditional.targets)
   maxima = np.array([[conditional_model.decode(z[i:i + 1], np.array([target], np.float32))[
       "density"].max() for i in range(4)] for target in targets])  # (targets, latents)
@@ -389,6 +395,13 @@ def test_conditional_generation_follows_the_target(tmp_path_factory, tfds_dir, m
       np.mean([_pearson(targets, column) for column in maxima.T]), rel=1e-4)
   with pytest.raises(ValueError, match="not conditional"):
     conditional.decode_at_targets(model, np.zeros((1, 8), np.float32), np.ones(1))
+  # The paper's N(0, I) draws on request.
+  config.conditional.prior = "standard"
+  standard = modes.run("conditional", config, str(workdir))
+  z = latent_prior.GaussianPrior.standard(8).sample(4, config.conditional.seed)
+  first = conditional_model.decode(z, np.full(4, targets[0], np.float32))["density"]
+  np.testing.assert_allclose(standard["max_density_mean"][0],
+                             first.reshape(4, -1).max(axis=1).mean(), rtol=1e-5)
 
 
 def test_a_mode_without_config_uses_the_checkpoints_own(workdir, tmp_path):
