@@ -98,8 +98,8 @@ def geometry_report(model: inference.TrainedModel, decoded: list[dict[str, np.nd
   correlation, displacement, count_change = [], [], []
   counter = progress.Progress("conditional: atoms read at", len(decoded), unit="targets",
                               every=0.0)
-  for grids in decoded:
-    atoms = model.atoms(grids)
+  for index, grids in enumerate(decoded):
+    atoms = reference_atoms if index == reference_index else model.atoms(grids)
     counter.advance()
     current = _normalised(grids["density"])
     correlation.append(float(np.nanmean([_pearson(a, b)

@@ -2,6 +2,7 @@
 
 import numpy as np
 from pymatgen.core import Lattice
+import pytest
 
 from crystal_vae import crystals, density_fit, inference, reconstruction
 from crystal_vae.configs import recipes
@@ -57,6 +58,7 @@ def test_sites_include_the_oxygen_saddles_between_cations():
   np.testing.assert_allclose(basis, np.eye(3) * 3.9, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_prototypes_are_rebuilt_from_their_density_alone():
   """12 lattice systems and sizes. Known misses: corundum's pseudo-translations (as deep as its
   lattice vectors at 30³) and CaC6's C rings (C 1.44 Å apart, unresolved peaks)."""
@@ -123,6 +125,7 @@ def test_atom_count_is_the_density_electrons_over_the_composition_mean_z():
   assert species_choice.atom_count(np.array([38, 22, 8.0]), np.eye(101)[0]) is None
 
 
+@pytest.mark.slow
 def test_a_spurious_site_beyond_the_compositions_atom_count_is_dropped():
   """Rock salt (conventional cell, a = 5.64 Å) with a light spurious site, Be in one tetrahedral
   hole (2.44 Å from Na and Cl): read with min Z 3 the density has 9 sites; with the composition

@@ -31,6 +31,7 @@ def test_losses_against_hand_values():
     discriminator.loss_of(logits, target, "hinge")
 
 
+@pytest.mark.slow
 def test_mixture_moments():
   real = jnp.full((1, 3), 2.0)  # z = λ ε + (1 − λ) 2, ε ~ N(0, 1), λ ~ U[0, 1]
   z, condition, mix = discriminator.mixed_latents(jax.random.key(0), real, None, 20_000)
@@ -42,6 +43,7 @@ def test_mixture_moments():
   np.testing.assert_allclose(np.std(residual, axis=0), 1.0, atol=0.03)
 
 
+@pytest.mark.slow
 def test_training_reduces_the_loss_and_outputs_lie_in_unit_interval(workdir, tfds_dir, tmp_path):
   config = small_config(tfds_dir)
   settings = config.discriminator
@@ -67,6 +69,7 @@ def test_training_reduces_the_loss_and_outputs_lie_in_unit_interval(workdir, tfd
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_discriminator_mode_writes_summary_and_params(workdir, tfds_dir):
   config = small_config(tfds_dir)
   config.discriminator.num_train_steps = 4

@@ -12,8 +12,11 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from crystal_vae import inference
+
+pytestmark = pytest.mark.slow  # five training processes (minutes)
 
 REPO = pathlib.Path(__file__).parent.parent
 TESTS = pathlib.Path(__file__).parent

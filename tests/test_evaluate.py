@@ -20,6 +20,7 @@ from crystal_vae import modes
 from crystal_vae import train
 from crystal_vae import voxelize
 
+@pytest.mark.slow
 @pytest.mark.parametrize("representation", ["repeat", "unit_cell"])
 def test_oracle_recovers_every_perov_5_structure(representation, tfds_dir, tmp_path):
   config = recipes.get_config(representation)
@@ -39,6 +40,7 @@ def test_oracle_recovers_every_perov_5_structure(representation, tfds_dir, tmp_p
   assert json.loads((out / "metrics.json").read_text())["match_rate"] == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("representation, floor", [("repeat", 0.9), ("unit_cell", 0.9)])
 def test_oracle_reads_perov_5_off_the_density_alone(representation, floor, tfds_dir, tmp_path):
   """atoms_from=density on TRUE densities: the ceiling of the density fit (measured, repeat: 62
@@ -103,6 +105,7 @@ def test_oracle_metrics_of_three_hand_made_crystals(tfds_dir, tmp_path):
     assert matcher.fit(Structure.from_file(out / "cifs" / f"{name}.cif"), true[name])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("representation", ["repeat", "unit_cell"])
 def test_evaluate_a_trained_checkpoint_writes_metrics_cifs_and_figures(representation, tfds_dir,
                                                                        tmp_path):

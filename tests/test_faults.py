@@ -194,6 +194,7 @@ train.train_and_evaluate(config, {workdir!r})
 """
 
 
+@pytest.mark.slow
 def test_a_process_killed_while_saving_resumes_from_the_last_complete_checkpoint(
     trained, tfds_dir, tmp_path, caplog, monkeypatch):
   """SIGKILL right after checkpoint 4's write started: the run resumes from checkpoint 2 (what
@@ -254,6 +255,7 @@ def test_settings_at_their_bounds_are_accepted(tfds_dir):
   config_checks.check_config(config)
 
 
+@pytest.mark.slow
 def test_a_batch_the_devices_cannot_share_is_one_line_on_the_command_line(tmp_path):
   """The command line with two (virtual) devices and a batch of 3: one line, exit 1, no
   traceback and no workdir."""

@@ -92,6 +92,7 @@ def test_cutoffs_per_dataset():
   assert generation_metrics.coverage_cutoffs("prototypes") == (0.4, 10.0)
 
 
+@pytest.mark.slow
 def test_uniqueness_and_novelty_of_hand_made_duplicates():
   """Generated: rock salt, the same rock salt with its atoms moved 0.05 Å (a duplicate), a
   2x1x1 supercell of it (a duplicate), NaCl in the CsCl structure (same composition, another

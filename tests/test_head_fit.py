@@ -30,6 +30,7 @@ def test_composition_loss_and_exact_by_hand():
   assert head_fit.composition_exact(logits, counts) == 0.5
 
 
+@pytest.mark.slow
 def test_fit_head_reads_compositions_back_from_posterior_draws():
   """Synthetic latents: each of 6 compositions has its own direction in z, each crystal a mean
   scattered around it and a posterior spread. A head fitted on posterior draws with dropout
@@ -59,6 +60,7 @@ def test_fit_head_reads_compositions_back_from_posterior_draws():
   assert curve[-1]["validation"] < entropy + 0.05, (curve[-1], entropy)
 
 
+@pytest.mark.slow
 def test_composition_ensemble_is_the_mean_of_its_members_fractions():
   """An ensemble head's softmax is the mean of its members' softmaxes, each member the MLP a
   single head with that member's parameters computes (a numpy reference of the GELU MLP)."""
@@ -111,6 +113,7 @@ def composition_workdir(tmp_path_factory):
   return root / "workdir"
 
 
+@pytest.mark.slow
 def test_fit_composition_head_replaces_the_head_of_a_frozen_model(composition_workdir):
   out = composition_workdir.parent / "fitted"
   summary = head_fit.fit_composition_head(composition_workdir, out, hidden=(64,), steps=300,

@@ -59,6 +59,7 @@ def test_mixture_prior_recovers_a_known_mixture():
   _assert_recovers_the_mixture(prior.sample(4000, seed=1), 0.03, (0.45, 0.55))
 
 
+@pytest.mark.slow
 def test_learned_prior_recovers_a_known_mixture():
   """The diffusion prior, trained on 4,000 draws of the mixture, draws its three modes with their
   weights (within 0.06), centres (within 0.25) and about their spread; its draws are a pure
@@ -83,6 +84,7 @@ def _settings(**overrides) -> ml_collections.ConfigDict:
   return settings
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["learned", "mixture", "fitted"])
 def test_a_saved_prior_restores_with_its_settings_only(kind, tmp_path):
   """save -> load gives the same draws; another setting (or model step) gives None: refit."""

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from crystal_vae import crystals
 from crystal_vae import losses
@@ -16,6 +17,8 @@ from conftest import prototypes
 
 # 16^3 voxels over a 6 Å cube: 0.375 Å voxels, close to the paper's 0.33 Å.
 SPEC = voxelize.GridSpec(grid=16, box=6.0)
+
+pytestmark = pytest.mark.slow  # trains models end to end (minutes)
 
 
 def _train_segmenter(species_head: str, balanced: bool, steps: int, seed: int = 0):

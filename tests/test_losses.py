@@ -35,6 +35,7 @@ def test_classes_cross_entropy(balanced):
   np.testing.assert_allclose(loss, [expected], rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_native", [True, False])
 def test_class_cross_entropy_is_optax_with_its_gradient(use_native, monkeypatch):
   """losses.class_cross_entropy against optax's integer-label cross-entropy, values and logit

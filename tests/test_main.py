@@ -20,6 +20,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
     (["--config.model.conv_impl=fft"],
      "error: model.conv_impl 'fft' has stride 1 only and the encoder's strides are (2, 1, 2, 2)"),
 ])
+@pytest.mark.slow
 def test_mistakes_end_in_one_line(arguments, message, tmp_path):
   arguments = [argument.format(tmp=tmp_path) for argument in arguments]
   result = subprocess.run(
@@ -44,6 +45,7 @@ SHIPPED = REPO / "pretrained" / "perov5_repeat"
      f"error: --config describes another model than the checkpoint in {SHIPPED} (different "
      "representation; it holds a repeat model)"),
 ])
+@pytest.mark.slow
 def test_a_mode_the_shipped_model_cannot_run_is_one_line(arguments, message):
   """Settings the shipped model cannot run end in one line, refused before anything is written
   to its workdir."""

@@ -223,6 +223,7 @@ def test_native_convolution_matches_lax_with_gradients(channels_in, features, sh
   np.testing.assert_allclose(half.astype(jnp.float32), reference(x, kernel), rtol=1e-2, atol=0.1)
 
 
+@pytest.mark.slow
 def test_native_convolution_builds_once_and_falls_back_without_a_compiler(tmp_path):
   """A fresh cache is filled with one library, which a second build reuses; with no compiler
   `available()` is False, logs why, and `auto` still convolves (with XLA's formulations)."""
@@ -256,6 +257,7 @@ def test_native_convolution_builds_once_and_falls_back_without_a_compiler(tmp_pa
   assert "native CPU kernels unavailable" in run.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(2, 3, 4, 5, 3), (1, 8, 8, 8, 16), (2, 15, 6, 1, 12)])
 def test_native_upsampling_is_jax_trilinear_resize_with_its_gradient(shape):
   """kernels.upsample2 (which the decoder and U-Net use on CPU to double sides) against
@@ -321,6 +323,7 @@ def test_scale_gradient_hand_computed():
                              rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradient_routing():
   model = models.model_from_config(small_config())
   density = random_density()
@@ -456,6 +459,7 @@ _DOTS_ONLY = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVID
     (True, {"CRYSTAL_VAE_KEEP_FREED_MEMORY": "0"}, True, False),
     (True, {"CRYSTAL_VAE_PROCESS_SETTINGS": "0"}, False, False),
 ])
+@pytest.mark.slow
 def test_process_settings_take_effect_when_applied_and_not_on_import(apply, environment,
                                                                      flag_added, memory_kept):
   """`process_settings.apply()` keeps YNNPACK to dots (its CPU convolutions are the slow path
@@ -501,6 +505,7 @@ def test_the_ynnpack_flag_joins_the_users_xla_flags(before, after, monkeypatch):
   assert os.environ["XLA_FLAGS"] == after
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_native", [True, False])
 def test_batch_norm_is_flax_batch_norm_with_its_gradients(use_native, monkeypatch):
   """models.BatchNorm against nn.BatchNorm: the same variables, training outputs, running

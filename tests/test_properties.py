@@ -97,6 +97,7 @@ def judge_workdir(tmp_path_factory) -> pathlib.Path:
   return _train_property_model(tmp_path_factory.mktemp("judge"), seed=1)
 
 
+@pytest.mark.slow
 def test_property_scaling_is_the_training_splits(property_workdir):
   model = inference.TrainedModel.restore(property_workdir)
   chosen = generation.split_crystals(model.config, "train", -1)
@@ -117,6 +118,7 @@ def test_the_head_learns_a_function_of_the_structure(property_workdir):
   assert r2 > 0.3, r2  # the training mean scores 0
 
 
+@pytest.mark.slow
 def test_evaluate_reports_the_properties_beside_the_baseline(property_workdir):
   config = inference.TrainedModel.restore(property_workdir).config
   config.eval.num_batches = 1
@@ -175,6 +177,7 @@ def test_a_judge_that_is_or_shares_the_optimised_model_is_refused(property_workd
     modes.run("optimize", config, property_workdir)
 
 
+@pytest.mark.slow
 def test_optimize_mode_writes_crystals_figure_and_success_rates(property_workdir,
                                                                  judge_workdir):
   config = inference.TrainedModel.restore(property_workdir).config
@@ -208,6 +211,7 @@ def test_property_values_of_records_and_crystals():
   np.testing.assert_array_equal(crystals.property_values(record, ["a", "b"]), [np.nan, 3.5])
 
 
+@pytest.mark.slow
 def test_fit_head_learns_a_smooth_function_of_the_latent_and_masks_missing_values():
   """`head_fit.fit_head` of a property head on synthetic latents: a smooth function of z is
   learnt (held-out R² > 0.9, the mean scores 0); rows without a value (NaN) do not reach the
@@ -249,6 +253,7 @@ def headless_workdir(property_workdir) -> pathlib.Path:
   return workdir
 
 
+@pytest.mark.slow
 def test_fit_property_head_adds_or_replaces_a_head_of_a_frozen_model(headless_workdir):
   out = headless_workdir.parent / "headless_mean_z"
   summary = head_fit.fit_property_head(headless_workdir, out, ["mean_z"], steps=300,

@@ -26,6 +26,7 @@ def _atoms(species, positions, on_boundary=None) -> segmentation.Atoms:
                    else np.asarray(on_boundary)))
 
 
+@pytest.mark.slow
 def test_repeat_oracle_recovers_prototypes_at_any_origin():
   cells = representative_prototypes()
   assert len(cells) >= 10

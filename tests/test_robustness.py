@@ -175,6 +175,7 @@ def _decoded_cubes(draw, representation: str, grid: int) -> dict[str, np.ndarray
 @pytest.mark.parametrize("representation, atoms_from", PATHS)
 @hypothesis.settings(max_examples=25, deadline=None, derandomize=True,
                      suppress_health_check=[hypothesis.HealthCheck.too_slow])
+@pytest.mark.slow
 @hypothesis.given(data=st.data())
 def test_any_decoded_cube_gives_a_crystal_or_a_named_reason(representation, atoms_from, data):
   grid = GRID if atoms_from == "density" else SEGMENTED_GRID
@@ -348,6 +349,7 @@ def cif_dir(tmp_path_factory):
   return directory
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("representation", ["repeat", "unit_cell"])
 def test_evaluate_counts_broken_cubes_in_its_summary_and_invalid_csv(representation, cif_dir,

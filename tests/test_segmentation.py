@@ -117,6 +117,7 @@ def test_random_unit_cells_are_recovered_exactly():
     assert_same_atoms(atoms, crystal.atomic_numbers, unit_cell_positions(crystal))
 
 
+@pytest.mark.slow
 def test_prototype_unit_cells_are_recovered_exactly():
   usable = [c for c in prototypes() if min_same_species_distance(c) > 1.4
             and np.all((unit_cell_positions(c) > 0.7) & (unit_cell_positions(c) < SPEC.box - 0.7))]

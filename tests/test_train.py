@@ -88,6 +88,7 @@ def trained_workdir(tmp_path_factory, tfds_dir) -> pathlib.Path:
   return workdir
 
 
+@pytest.mark.slow
 def test_end_to_end_run_writes_metrics_checkpoints_and_events(trained_workdir):
   records = [json.loads(line) for line in (trained_workdir / "metrics.jsonl").read_text().splitlines()]
   train_steps = [r["step"] for r in records if r["split"] == "train"]
@@ -115,6 +116,7 @@ def test_a_finished_run_run_again_changes_nothing(trained_workdir, tfds_dir, tmp
   assert after == before  # no new TensorBoard file, metrics or checkpoint
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_equals_the_uninterrupted_run(trained_workdir, tfds_dir, tmp_path,
                                                            monkeypatch):
   real_batches = input_pipeline.train_batches
@@ -138,6 +140,7 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(trained_workdir, tfds
                    for r in map(json.loads, (trained_workdir / "metrics.jsonl").open())]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tfds_dir, tmp_path, monkeypatch):
   real_voxelized = train.Trainer.voxelized
   calls = []
@@ -175,6 +178,7 @@ def test_warmup_cosine_learning_rate_against_hand_computed_values(tfds_dir):
     adam.learning_rate_schedule(config)
 
 
+@pytest.mark.slow
 def test_teacher_forcing_adds_the_weighted_loss_on_the_true_density(tfds_dir):
   config = tiny_config(tfds_dir)
   config.loss.teacher_forcing = 0.5
@@ -194,6 +198,7 @@ def test_teacher_forcing_adds_the_weighted_loss_on_the_true_density(tfds_dir):
               + 0.5 * terms["seg_true"]), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_export_keeps_the_model_and_drops_the_adam_moments(trained_workdir, tmp_path):
   out = tmp_path / "pretrained"
   repo = pathlib.Path(__file__).parent.parent
@@ -218,6 +223,7 @@ def test_export_keeps_the_model_and_drops_the_adam_moments(trained_workdir, tmp_
   assert (out / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_export_with_a_config_of_another_model_is_refused(trained_workdir, tmp_path):
   repo = pathlib.Path(__file__).parent.parent
   result = subprocess.run(
@@ -289,6 +295,7 @@ def test_composition_loss_is_added_with_its_weight(tfds_dir):
       + 0.25 * terms["composition_ce"][0], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_head_added_to_a_trained_model_starts_from_its_weights(trained_workdir, tfds_dir):
   config = tiny_config(tfds_dir)
   config.model.composition_head = True
@@ -377,6 +384,7 @@ def test_native_adam_steps_are_optax_steps(grad_clip_norm, lr_mults, lr_schedule
                fused_state, reference[2])
 
 
+@pytest.mark.slow
 def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(trained_workdir, tfds_dir,
                                                                       tmp_path, caplog):
   workdir = tmp_path / "run"
@@ -396,6 +404,7 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(trained_wo
   assert (workdir / "checkpoints" / "4.unrestorable").is_dir()
 
 
+@pytest.mark.slow
 def test_a_failed_checkpoint_write_stops_with_the_last_one_intact(trained_workdir, tfds_dir,
                                                                   tmp_path, monkeypatch):
   workdir = tmp_path / "run"
@@ -415,6 +424,7 @@ def test_a_failed_checkpoint_write_stops_with_the_last_one_intact(trained_workdi
   _assert_trees_close(_params(workdir), _params(trained_workdir), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("representation", ["repeat", "unit_cell"])
 def test_a_model_without_a_segmenter_trains_without_the_unet(representation, tfds_dir, tmp_path):
   """model.segmenter=False (both `cpu` recipes): no U-Net parameters, no species loss (the loss

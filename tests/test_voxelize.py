@@ -315,6 +315,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
                         capture_output=True, text=True, timeout=120, check=False)
 
 
+@pytest.mark.slow
 def test_cli_writes_npz_and_png(tmp_path):
   cif = tmp_path / "calcite.cif"
   _prototype_structures()["ABC3_hR10_167_a_b_e"].to(filename=str(cif))
