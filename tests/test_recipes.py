@@ -62,14 +62,14 @@ def test_the_cpu_recipe_trains_on_a_materials_project_like_csv(representation, t
 
 @pytest.mark.slow
 def test_a_short_quick_run_beats_the_mean_density_on_held_out_crystals(tmp_path, tfds_dir):
-  """The quick recipe on the embedded perov_5, 200 steps: on validation crystals it never saw, the
+  """The quick recipe on the embedded perov_5, 100 steps: on validation crystals it never saw, the
   decoded density is closer to the true one than each cube's own mean density (the best a model
   that learned nothing of the structure can do), measured here with a numpy reference."""
   config = recipes.get_config("unit_cell", "quick")
   config.dataset.data_dir = tfds_dir
-  config.num_train_steps = 200
-  config.warmup_steps = 50
-  config.eval_every_steps = config.checkpoint_every_steps = 200
+  config.num_train_steps = 100  # measured: 0.36 of the mean-density error (0.8 asserted)
+  config.warmup_steps = 25
+  config.eval_every_steps = config.checkpoint_every_steps = 100
   config.eval.after_training = 0
   config.eval.refine_steps = 0  # the encoder's mean itself, not refined towards the truth
   train.train_and_evaluate(config, str(tmp_path / "run"))
