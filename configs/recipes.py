@@ -30,6 +30,15 @@ def get_config(representation: str, recipe: str | None = None) -> ml_collections
   return config
 
 
+def for_command_line(representation: str, recipe: str | None) -> ml_collections.ConfigDict:
+  """`get_config` for a config file: a wrong recipe ends the command in one line (flag parsing
+  would otherwise print the ValueError inside a traceback)."""
+  try:
+    return get_config(representation, recipe)
+  except ValueError as error:
+    raise SystemExit(f"error: --config=configs/{representation}.py:{recipe}: {error}") from None
+
+
 def learns_on_cpu(config: ml_collections.ConfigDict) -> None:
   """What makes the model learn within a CPU budget (docs/training.md, "What makes the model learn"): the
   mask + Z species head, a balanced species loss, the U-Net also trained on the true density,

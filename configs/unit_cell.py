@@ -8,4 +8,4 @@ from crystal_vae.configs import recipes
 
 
 def get_config(recipe: str | None = None) -> ml_collections.ConfigDict:
-  return recipes.get_config("unit_cell", recipe)
+  return recipes.for_command_line("unit_cell", recipe)

@@ -82,3 +82,14 @@ def test_the_installed_package_finds_its_defaults_outside_the_repository(tmp_pat
        "print(default.get_config('unit_cell').model.latent_dim)"],
       cwd=tmp_path, capture_output=True, text=True, check=True, timeout=120)
   assert run.stdout.split() == ["300"]
+
+
+def test_an_unknown_recipe_on_the_command_line_is_one_line():
+  run = subprocess.run([sys.executable, "-m", "crystal_vae.main", "--config=configs/repeat.py:fast",
+                        "--workdir=unused"], cwd=CONFIGS.parent, capture_output=True, text=True,
+                       timeout=120, check=False)
+  assert run.returncode != 0
+  assert run.stderr.strip().splitlines()[-1] == (
+      "error: --config=configs/repeat.py:fast: unknown recipe 'fast'; use one of ('paper', "
+      "'quick', 'cpu', 'gpu', 'mp_cpu', 'mp_gpu') or nothing")
+  assert "Traceback" not in run.stderr
