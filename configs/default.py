@@ -125,7 +125,7 @@ def get_config(representation: str = "repeat") -> ml_collections.ConfigDict:
   # Atoms of a decoded cube: "segmenter" (the paper: components of the U-Net's species grid, species
   # by majority vote) or "density" (least squares on the decoded density alone: for a repeat cube
   # the lattice, sites and Z, density_fit.py; for a unit cell the atoms and Z, the lattice from
-  # the lattice head, segmentation.atoms_from_density).
+  # the lattice head, density_fit.atoms_from_density).
   config.eval.atoms_from = "segmenter"
   # atoms_from=density: sites (atoms) fitted with Z below this are noise of the decoded density.
   config.eval.min_site_z = 0.5

@@ -66,7 +66,7 @@ def learns_on_cpu(config: ml_collections.ConfigDict) -> None:
   config.eval.min_site_z = 6.0
   if config.representation == "unit_cell":
     config.loss.lattice_weight = 0.1  # the lattice head gives every unit cell's lattice
-    # One cell's atoms, no lattice to read (segmentation.atoms_from_density): at 3 the shipped
+    # One cell's atoms, no lattice to read (density_fit.atoms_from_density): at 3 the shipped
     # unit cell reads 94.2% of the first 1,024 perov_5 validation cells with their atom count.
     config.eval.min_site_z = 3.0
 

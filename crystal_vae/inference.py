@@ -330,11 +330,11 @@ class TrainedModel:
 
   def atoms(self, grids: dict[str, np.ndarray]) -> list[segmentation.Atoms]:
     """The atoms of each cube: for a unit cell fitting the density, read off the density alone
-    (`segmentation.atoms_from_density`); else the connected components (of at least
+    (`density_fit.atoms_from_density`); else the connected components (of at least
     `eval.min_component_size` voxels) of the species grids, at their density-weighted centres."""
     if self.fits_density and self.config.representation == "unit_cell":
       with _one_blas_thread():
-        return [segmentation.atoms_from_density(density, self.spec.box, self.spec.sigma,
+        return [density_fit.atoms_from_density(density, self.spec.box, self.spec.sigma,
                                                 self.config.dataset.max_z,
                                                 min_z=self.config.eval.min_site_z)
                 for density in grids["density"]]

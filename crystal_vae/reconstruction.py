@@ -179,7 +179,7 @@ def reconstruct_unit_cell(atoms: Atoms, lattice: np.ndarray, box: float, *,
   `symprec` > 0 the cell is symmetrised (`symmetry.symmetrize`) and each decoded atom moves with
   its site.
 
-  `fitted_z`: the atoms' species are Z fitted to the density (`segmentation.atoms_from_density`).
+  `fitted_z`: the atoms' species are Z fitted to the density (`density_fit.atoms_from_density`).
   An atom on a face of the cell (frac 0 or 1: perov_5's corner and face sites) is decoded as a
   share of it at each of the two faces; so copies closer than `FITTED_MERGE_TOLERANCE` (periodic)
   are one atom, its Z the sum of theirs and its position their Z-weighted mean.

@@ -2,6 +2,7 @@
 trained tiny checkpoint, the AFLOW prototypes as crystals, voxelisation of a batch, matching."""
 
 import gzip
+import itertools
 import json
 import os
 import pathlib
@@ -30,10 +31,12 @@ import pytest
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Lattice
 from pymatgen.util.provenance import StructureNL
+from scipy import optimize
 
 from crystal_vae import crystals
 from crystal_vae.configs import recipes
 from crystal_vae import reconstruction
+from crystal_vae import segmentation
 from crystal_vae import train
 from crystal_vae import voxelize
 from crystal_vae.native import kernels
@@ -187,3 +190,29 @@ def trained_checkpoint(tmp_path_factory, tfds_dir: str, conditional_model: bool 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: trains or runs whole modes (minutes); "
                           "`pytest -m 'not slow'` leaves them out")
+
+
+HALF_VOXEL = 0.5 * SPEC.voxel_size
+
+
+def unit_cell_positions(crystal):
+  """Cube coordinates of the atoms of the unrotated unit-cell placement: each atom's image
+  nearest the cell centre, the cell centre at the cube centre."""
+  lattice = crystal.lattice.astype(np.float32).astype(np.float64)
+  frac = crystal.frac_coords.astype(np.float32)  # As voxelize wraps them: 1 - 1e-9 -> 0.
+  frac = (frac - np.floor(frac)).astype(np.float64)
+  shifts = np.array([(0, 0, 0)] + [n for n in itertools.product((-1, 0, 1), repeat=3) if any(n)])
+  candidates = frac[:, None] + shifts[None]
+  distance = np.linalg.norm((candidates - 0.5) @ lattice, axis=-1)
+  best = np.argmax(distance <= distance.min(axis=1, keepdims=True) + 1e-3, axis=1)
+  frac = candidates[np.arange(len(frac)), best]
+  return frac @ lattice + SPEC.box / 2 - 0.5 * lattice.sum(axis=0)
+
+
+def assert_same_atoms(found: segmentation.Atoms, species, positions):
+  """Counts equal, and a one-to-one assignment with equal species within half a voxel."""
+  assert len(found) == len(species)
+  distance = np.linalg.norm(found.positions[:, None] - positions[None], axis=-1)
+  rows, cols = optimize.linear_sum_assignment(distance)
+  np.testing.assert_array_equal(found.species[rows], np.asarray(species)[cols])
+  assert distance[rows, cols].max() < HALF_VOXEL

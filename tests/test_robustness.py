@@ -17,6 +17,7 @@ import threadpoolctl
 
 from conftest import MATCHER
 from crystal_vae import crystals
+from crystal_vae import density_fit
 from crystal_vae.configs import recipes
 from crystal_vae import inference
 from crystal_vae import modes
@@ -278,7 +279,7 @@ def test_a_fitted_z_of_122_is_named_not_raised():
 def test_a_cell_of_more_sites_than_max_atoms_is_named(max_atoms, valid):
   """Rock salt's primitive cell has 2 sites: at most 1 allowed, each path says too many atoms."""
   repeat = _true_grids("repeat", 30)
-  fit = reconstruction.density_fit.DensityFit(repeat["density"][0], BOX, 1.0, 5.0)
+  fit = density_fit.DensityFit(repeat["density"][0], BOX, 1.0, 5.0)
   atoms = segmentation.segment(repeat["species"][0], BOX)
   unit_cell = _true_grids("unit_cell", 30)
   unit_atoms = segmentation.segment(unit_cell["species"][1], BOX)  # CsCl: 2 sites
@@ -307,7 +308,7 @@ def test_a_cube_of_noise_with_too_many_atoms_is_named_at_once():
   result = reconstruction.reconstruct_repeat(atoms, BOX)
   assert result.reason == reconstruction.TOO_MANY_ATOMS and "2250 atoms" in result.detail
   density = np.ones((16, 16, 16))
-  atoms = segmentation.atoms_from_density(density, BOX, 1.0, 100, min_z=3.0)
+  atoms = density_fit.atoms_from_density(density, BOX, 1.0, 100, min_z=3.0)
   assert len(atoms) == 0 and atoms.reason == segmentation.TOO_MANY_ATOMS
   (result,) = _model("unit_cell", "density", grid=16).to_crystals(
       _one_cube("unit_cell", density, grid=16))
@@ -318,7 +319,7 @@ def test_noise_whose_atoms_are_all_too_light_has_no_atoms():
   """Weak noise: every atom fitted to it is lighter than min_z and dropped in the first round
   (before, the refit of no atoms raised `cannot reshape array of size 0`)."""
   density = np.random.default_rng(1).random((12, 12, 12)) * 0.1
-  atoms = segmentation.atoms_from_density(density, BOX, 1.0, 100, min_z=3.0)
+  atoms = density_fit.atoms_from_density(density, BOX, 1.0, 100, min_z=3.0)
   assert len(atoms) == 0 and atoms.reason is None
 
 

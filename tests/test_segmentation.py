@@ -1,40 +1,12 @@
 """Segmentation: hand-made grids, and true species grids of random and real crystals."""
 
-import itertools
-
 import numpy as np
 import pytest
 from pymatgen.core import Lattice, Structure
 from scipy import optimize
 
-from conftest import SPEC, prototypes, voxelize_crystals
+from conftest import SPEC, assert_same_atoms, prototypes, unit_cell_positions, voxelize_crystals
 from crystal_vae import crystals, segmentation, voxelize
-
-HALF_VOXEL = 0.5 * SPEC.voxel_size
-
-
-def unit_cell_positions(crystal):
-  """Cube coordinates of the atoms of the unrotated unit-cell placement: each atom's image
-  nearest the cell centre, the cell centre at the cube centre."""
-  lattice = crystal.lattice.astype(np.float32).astype(np.float64)
-  frac = crystal.frac_coords.astype(np.float32)  # As voxelize wraps them: 1 - 1e-9 -> 0.
-  frac = (frac - np.floor(frac)).astype(np.float64)
-  shifts = np.array([(0, 0, 0)] + [n for n in itertools.product((-1, 0, 1), repeat=3) if any(n)])
-  candidates = frac[:, None] + shifts[None]
-  distance = np.linalg.norm((candidates - 0.5) @ lattice, axis=-1)
-  best = np.argmax(distance <= distance.min(axis=1, keepdims=True) + 1e-3, axis=1)
-  frac = candidates[np.arange(len(frac)), best]
-  return frac @ lattice + SPEC.box / 2 - 0.5 * lattice.sum(axis=0)
-
-
-def assert_same_atoms(found: segmentation.Atoms, species, positions):
-  """Counts equal, and a one-to-one assignment with equal species within half a voxel."""
-  assert len(found) == len(species)
-  distance = np.linalg.norm(found.positions[:, None] - positions[None], axis=-1)
-  rows, cols = optimize.linear_sum_assignment(distance)
-  np.testing.assert_array_equal(found.species[rows], np.asarray(species)[cols])
-  assert distance[rows, cols].max() < HALF_VOXEL
-
 
 def min_same_species_distance(crystal) -> float:
   structure = crystal.to_structure()
@@ -153,42 +125,6 @@ def test_repeat_grid_interior_atoms_are_recovered(random_offset):
   np.testing.assert_array_equal(atoms.species, numbers[inside][distance.argmin(axis=1)])
   # Atoms cut by a face have their centre pulled inwards, by less than the species radius.
   assert np.all(distance.min(axis=1) < SPEC.species_radius)
-
-
-def _perovskite(a: float = 3.905) -> crystals.Crystal:
-  """Cubic SrTiO3: Sr at the corner, Ti at the centre, O at the face centres."""
-  structure = Structure(Lattice.cubic(a), ["Sr", "Ti", "O", "O", "O"],
-                        [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
-  return crystals.crystal_from_structure(structure, "srtio3")
-
-
-def test_atoms_read_off_the_density_of_a_unit_cell_are_its_atoms():
-  """No segmentation: SrTiO3's O (Z 8) sits 1.95 Å from Ti (Z 22), a saddle of the density that
-  becomes a peak of the residual once Sr and Ti are fitted."""
-  crystal = _perovskite()
-  grids = voxelize_crystals([crystal], voxelize.UNIT_CELL)
-  atoms = segmentation.atoms_from_density(grids["density"][0], SPEC.box, SPEC.sigma, max_z=100)
-  true_positions = unit_cell_positions(crystal)
-  assert_same_atoms(atoms, crystal.atomic_numbers, true_positions)
-  distance = np.linalg.norm(atoms.positions[:, None] - true_positions[None], axis=-1).min(1)
-  assert distance.max() < 0.01  # Å
-
-
-def test_atoms_read_off_a_noisy_density_keep_count_and_species():
-  """Gaussian noise of voxel MSE 1e-4 (the `gpu` unit-cell model's validation MSE is 2.7e-4)."""
-  crystal = _perovskite()
-  density = voxelize_crystals([crystal], voxelize.UNIT_CELL)["density"][0]
-  noisy = density + np.random.default_rng(0).normal(0.0, 0.01, density.shape)
-  atoms = segmentation.atoms_from_density(noisy, SPEC.box, SPEC.sigma, max_z=100, min_z=3.0)
-  assert sorted(atoms.species.tolist()) == sorted(crystal.atomic_numbers.tolist())
-  distance = np.linalg.norm(atoms.positions[:, None] - unit_cell_positions(crystal)[None],
-                            axis=-1).min(1)
-  assert distance.max() < 0.1  # Å
-
-
-def test_atoms_read_off_an_empty_cube_are_none():
-  atoms = segmentation.atoms_from_density(np.zeros((30, 30, 30)), SPEC.box, SPEC.sigma, 100)
-  assert len(atoms) == 0 and atoms.positions.shape == (0, 3)
 
 
 def test_species_grid_of_atoms_draws_spheres_of_the_species_radius():
