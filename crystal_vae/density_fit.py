@@ -316,6 +316,30 @@ def keep_strongest(fit: DensityFit, basis: np.ndarray, site_frac: np.ndarray, co
   return _prune(fit, basis, site_frac, -np.inf, max_sites=count)
 
 
+def add_sites(fit: DensityFit, basis: np.ndarray, site_frac: np.ndarray, count: int, *,
+              min_z: float, min_separation: float = 1.0
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Z, fractional positions and lattice of the given sites and up to `count` more: the highest
+  peaks of the folded residual (of any height) at least `min_separation` Å from every site, all
+  refitted (`fit_sites`); an added site fitted at Z < `min_z` is dropped again. For atoms known
+  to be there (`species_choice.light_atoms_missing`) but too faint to pass `find_sites`' bar."""
+  density = np.asarray(fit.density, np.float64)
+  values = site_images(fit, site_frac @ basis, basis)
+  residual = density - (values @ _least_squares(values, density.reshape(-1))).reshape(density.shape)
+  sites = np.asarray(site_frac, np.float64)
+  found = len(sites)
+  for peak in _periodic_peaks(fold(residual, basis, fit.box), -np.inf):
+    if len(sites) >= found + count:
+      break
+    if len(sites) == 0 or _periodic_distances(peak[None], sites, basis).min() >= min_separation:
+      sites = np.vstack([sites, peak])
+  z, fitted, refined = fit_sites(fit, basis, sites, iterations=3)
+  keep = (np.arange(len(z)) < found) | (z >= min_z)
+  if keep.all():
+    return z, fitted, refined
+  return fit_sites(fit, refined, fitted[keep], iterations=3)
+
+
 def find_sites(fit: DensityFit, basis: np.ndarray, *, min_z: float, min_separation: float = 1.0,
                rounds: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The cell's sites (see module doc): unrounded Z, fractional positions and the refined

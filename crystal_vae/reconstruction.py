@@ -304,7 +304,9 @@ def reconstruct_repeat_from_density(fit: density_fit.DensityFit, *, max_z: int, 
   `species_choice.species_from_composition` (with `site_z_sigma`); with it, sites beyond the
   `species_choice.atom_count` the density and the composition agree on are dropped, weakest first
   (on the first 1,024 perov_5 validation cubes of the `cpu` model: lattice and positions right for
-  79.4% instead of 71.6%; docs/evaluation.md, "Atom count from the composition"). With
+  79.4% instead of 71.6%; docs/evaluation.md, "Atom count from the composition"), and atoms
+  lighter than `min_z` that the composition asks for (`species_choice.light_atoms_missing`) are
+  added at the residual's highest peaks (`density_fit.add_sites`). With
   `symprec` > 0 the crystal is symmetrised (`symmetry.symmetrize`) before its images are placed.
   `cube_atoms` holds the crystal's atoms inside the cube (those within `boundary` Å of a face
   marked `on_boundary`). A density (or composition) with NaN or infinite values, a lattice of the
@@ -331,6 +333,9 @@ def reconstruct_repeat_from_density(fit: density_fit.DensityFit, *, max_z: int, 
   count = None if composition is None else species_choice.atom_count(z, composition)
   if count is not None and z.size > count:
     z, site_frac = density_fit.keep_strongest(fit, basis, site_frac, count)
+  missing = 0 if composition is None else species_choice.light_atoms_missing(z, composition, min_z)
+  if missing:
+    z, site_frac, basis = density_fit.add_sites(fit, basis, site_frac, missing, min_z=0.5 * min_z)
   species = (np.clip(np.rint(z), 1, max_z).astype(np.int32) if composition is None
              else species_choice.species_from_composition(z, composition, site_z_sigma))
   basis, site_frac = symmetry.symmetrize(basis, species, site_frac, symprec)

@@ -3,6 +3,7 @@
 A model with a composition head predicts the fraction of the cell's atoms that are each element;
 the density (or the segmenter) gives each site a Z. `species_from_composition` names the sites'
 elements for the whole cell at once from both, `atom_count` is the number of atoms they agree on,
+`light_atoms_missing` the atoms too light for the density's bar that the composition asks for,
 and `composition_counts` / `composition_is_exact` round a composition to whole atoms.
 """
 
@@ -100,3 +101,23 @@ def atom_count(site_z: np.ndarray, composition: np.ndarray) -> int | None:
   estimate = float(np.sum(site_z)) / mean_z
   count = int(round(estimate))
   return count if count >= 1 and abs(estimate - count) < _COUNT_TOLERANCE else None
+
+
+# `light_atoms_missing`: a site fitted this much above `min_z` is surely not one of the light atoms.
+_LIGHT_MARGIN = 2.0
+
+
+def light_atoms_missing(site_z: np.ndarray, composition: np.ndarray, min_z: float) -> int:
+  """How many atoms of Z <= `min_z` (fitted below the bar that tells atoms from noise, e.g. Li
+  or Be on a perovskite's B site) a predicted composition (fractions per Z) implies beyond the
+  sites found: f / (1 − f) light atoms per other atom (f the light elements' fraction), times the
+  sites fitted at Z >= `min_z` + 2, less the sites fitted below that (which may be light atoms),
+  rounded; at least 0."""
+  fractions = np.asarray(composition, np.float64).copy()
+  fractions[0] = 0.0
+  fractions /= max(fractions.sum(), 1e-12)
+  light = float(fractions[1:int(np.floor(min_z)) + 1].sum())
+  if light <= 0.0 or light >= 1.0:
+    return 0
+  heavy = np.asarray(site_z) >= min_z + _LIGHT_MARGIN
+  return max(0, int(np.rint(light / (1.0 - light) * heavy.sum() - (~heavy).sum())))

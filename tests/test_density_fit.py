@@ -126,6 +126,39 @@ def test_atom_count_is_the_density_electrons_over_the_composition_mean_z():
   assert species_choice.atom_count(np.array([38, 22, 8.0]), np.eye(101)[0]) is None
 
 
+def test_light_atoms_missing_counts_the_compositions_light_atoms_per_heavy_site():
+  """Ba Li F3 (Li on the B site): light fraction f = 0.2 (Z <= 4), f / (1 - f) = 0.25 light
+  atoms per other atom."""
+  composition = np.zeros(101)
+  composition[[0, 56, 3, 9]] = [0.5, 0.1, 0.1, 0.3]
+  missing = lambda site_z: species_choice.light_atoms_missing(np.array(site_z), composition, 4.0)
+  assert missing([56, 9, 9, 9.0]) == 1  # 0.25 * 4 heavy sites
+  assert missing([56, 9, 9, 9, 3.5]) == 0  # the light site was found (below 4 + 2)
+  assert missing([56, 9.0]) == 0  # 0.5 rounds to 0
+  assert missing([56, 9, 9, 9, 56, 9, 9, 9.0]) == 2  # two formula units
+  assert species_choice.light_atoms_missing(np.array([56, 9.0]), np.eye(101)[9], 4.0) == 0
+
+
+@pytest.mark.slow
+def test_a_light_atom_below_the_bar_is_added_when_the_composition_asks_for_it():
+  """Inverse perovskite Ba Li F3 (a = 3.95 Å): Li (Z 3) is below min Z 4 and left out of the
+  density's sites; with the composition Ba Li F3 the residual's highest peak beside the four
+  sites is the Li, added back, and the crystal is Ba Li F3 again."""
+  crystal = crystals.Crystal("BaLiF3", np.eye(3) * 3.95,
+                             np.array([[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5],
+                                       [0, 0.5, 0.5]]), np.array([56, 3, 9, 9, 9]))
+  density = voxelize_crystals([crystal], voxelize.REPEAT, seed=2)["density"][0]
+  alone = reconstruction.reconstruct_repeat_from_density(_fit(density), max_z=100, min_z=4)
+  assert len(alone.structure) == 4 and 3 not in [s.Z for s in alone.structure.species]
+  composition = np.zeros(101)
+  composition[[56, 3, 9]] = [0.2, 0.2, 0.6]
+  result = reconstruction.reconstruct_repeat_from_density(_fit(density), max_z=100, min_z=4,
+                                                          composition=composition,
+                                                          site_z_sigma=2.0)
+  assert sorted(s.Z for s in result.structure.species) == [3, 9, 9, 9, 56]
+  assert MATCHER.fit(result.structure, crystal.to_structure())
+
+
 @pytest.mark.slow
 def test_a_spurious_site_beyond_the_compositions_atom_count_is_dropped():
   """Rock salt (conventional cell, a = 5.64 Å) with a light spurious site, Be in one tetrahedral
