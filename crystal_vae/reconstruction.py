@@ -182,7 +182,9 @@ def reconstruct_unit_cell(atoms: Atoms, lattice: np.ndarray, box: float, *,
   `fitted_z`: the atoms' species are Z fitted to the density (`density_fit.atoms_from_density`).
   An atom on a face of the cell (frac 0 or 1: perov_5's corner and face sites) is decoded as a
   share of it at each of the two faces; so copies closer than `FITTED_MERGE_TOLERANCE` (periodic)
-  are one atom, its Z the sum of theirs and its position their Z-weighted mean.
+  are one atom, its Z the sum of theirs and its position their Z-weighted mean. With a
+  `composition` too, sites beyond the `species_choice.atom_count` the sites' Z and the composition
+  agree on are dropped, lightest first, with their decoded atoms.
   """
   unreadable = _unreadable_atoms(atoms, max_atoms) or _non_finite("composition", composition)
   if unreadable is not None:
@@ -199,7 +201,16 @@ def reconstruct_unit_cell(atoms: Atoms, lattice: np.ndarray, box: float, *,
     weights = atoms.species.astype(np.float64)
     _, site_frac, cluster = _merge_sites(lattice, frac, atoms.species, weights,
                                          FITTED_MERGE_TOLERANCE)
-    species = np.bincount(cluster, weights=weights).round().astype(np.int32)
+    site_z = np.bincount(cluster, weights=weights)
+    count = None if composition is None else species_choice.atom_count(site_z, composition)
+    if count is not None and len(site_z) > count:  # the lightest sites beyond it are spurious
+      kept = np.sort(np.argsort(-site_z, kind="stable")[:count])
+      renumber = np.full(len(site_z), -1)
+      renumber[kept] = np.arange(count)
+      member = np.isin(cluster, kept)
+      atoms, cartesian = atoms.subset(member), cartesian[member]
+      cluster, site_z, site_frac = renumber[cluster[member]], site_z[kept], site_frac[kept]
+    species = site_z.round().astype(np.int32)
   else:
     species, site_frac, cluster = _merge_sites(lattice, frac, atoms.species,
                                                np.ones(len(atoms)), 0.3)

@@ -73,6 +73,11 @@ class Atoms:
   def __len__(self) -> int:
     return int(self.species.shape[0])
 
+  def subset(self, keep: np.ndarray) -> "Atoms":
+    """The atoms where `keep` (n,) is true."""
+    return dataclasses.replace(self, species=self.species[keep], positions=self.positions[keep],
+                               voxels=self.voxels[keep], on_boundary=self.on_boundary[keep])
+
 
 def no_atoms(reason: str, detail: str) -> Atoms:
   """The `Atoms` of a cube that could not be read, with the reason."""

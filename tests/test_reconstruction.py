@@ -120,6 +120,28 @@ def test_fitted_atom_split_between_two_faces_of_the_cell_is_one_atom():
   assert not (voted.valid and MATCHER.fit(voted.structure, srtio3))
 
 
+def test_fitted_unit_cell_sites_beyond_the_compositions_atom_count_are_dropped():
+  """SrTiO3 read off a unit-cell density with a spurious Z 5 atom 1.9 Å from Ti: the sites' 89
+  electrons over the composition's mean Z 16.8 are 5.3 atoms, so the lightest site goes (with
+  its decoded atom) and the cell is SrTiO3; without a composition it stays."""
+  a = 4.0
+  corner = SPEC.box / 2 - a / 2
+  frac = np.array([[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0, 0.5, 0.5], [0.5, 0, 0.5],
+                   [0.25, 0.25, 0.75]])
+  atoms = _atoms([38, 22, 8, 8, 8, 5], corner + a * frac)
+  composition = np.zeros(101)
+  composition[[38, 22, 8]] = [0.2, 0.2, 0.6]
+  result = reconstruction.reconstruct_unit_cell(atoms, a * np.eye(3), SPEC.box, fitted_z=True,
+                                                composition=composition, site_z_sigma=2.0)
+  srtio3 = Structure(Lattice.cubic(a), ["Sr", "Ti", "O", "O", "O"],
+                     [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0, 0.5, 0.5], [0.5, 0, 0.5]])
+  assert result.valid and MATCHER.fit(result.structure, srtio3)
+  np.testing.assert_array_equal(result.cube_atoms.species, [38, 22, 8, 8, 8])
+  np.testing.assert_array_equal(result.cube_atoms.positions, atoms.positions[:5])
+  alone = reconstruction.reconstruct_unit_cell(atoms, a * np.eye(3), SPEC.box, fitted_z=True)
+  assert len(alone.structure) == 6
+
+
 def test_a_symmetrised_unit_cell_moves_each_decoded_atom_with_its_site():
   """SrTiO3 decoded with its O up to 0.3 Å off the face centres and a lattice head's cell 3.9 ±
   0.05 Å: symmetrised within 0.8 Å, the cell is a cube (Pm-3m at 1e-5 Å) centred in the cube,
