@@ -30,7 +30,6 @@ import dataclasses
 import itertools
 
 import numpy as np
-
 from scipy import ndimage
 
 from crystal_vae import segmentation
