@@ -158,6 +158,9 @@ def get_config(representation: str = "repeat") -> ml_collections.ConfigDict:
   # A fitted prior is saved in the workdir (latent_prior/) and reused with the same checkpoint.
   config.sample.prior = "learned"
   config.sample.prior_crystals = 5000  # -1 = every training crystal
+  # The fraction of them the prior is fitted to: those whose latent mean decodes closest to their
+  # own density (voxel MSE), so that draws fall where the model reconstructs well (1 = all).
+  config.sample.prior_best_fraction = 1.0
   config.sample.prior_components = 32  # mixture
   config.sample.prior_features = 256  # learned: the denoiser's width,
   config.sample.prior_blocks = 3  # its residual blocks,

@@ -103,12 +103,35 @@ def training_crystals(config: ml_collections.ConfigDict, num: int, seed: int
   return [datasets.record_to_crystal(source[int(i)]) for i in np.sort(chosen)]
 
 
+def best_reconstructed(model: inference.TrainedModel, chosen: Sequence[crystals.Crystal],
+                       fraction: float, batch_size: int) -> np.ndarray:
+  """The latent means of the `fraction` of `chosen` crystals (all when it is 1) whose means decode
+  closest to their own density (voxel MSE), in their order: a prior fitted to them draws where
+  the model reconstructs crystals well."""
+  if fraction >= 1:
+    return model.encode_crystals(chosen, batch_size)[0]
+  means, errors = [], []
+  counter = progress.Progress("latent prior: reconstructed", len(chosen), unit="crystals")
+  for begin in range(0, len(chosen), batch_size):
+    grids = model.voxelize(chosen[begin:begin + batch_size])
+    condition = model.condition(grids["density"])
+    mean, _ = model.encode(grids["density"], condition, grids["composition"])
+    decoded = model.decode(mean, None if condition is None else np.asarray(condition))
+    means.append(mean)
+    errors.append(metrics.voxel_mse(decoded["density"], grids["density"]))
+    counter.advance(len(mean))
+  means, errors = np.concatenate(means), np.concatenate(errors)
+  kept = np.argsort(errors, kind="stable")[:max(1, int(round(fraction * len(errors))))]
+  return means[np.sort(kept)]
+
+
 def prior_of(model: inference.TrainedModel, settings: ml_collections.ConfigDict
              ) -> tuple[latent_prior.Prior, dict]:
   """The prior `settings.prior` over `model`'s latents and its record: N(0, I), or a prior
-  fitted to the latent means of `settings.prior_crystals` training crystals (-1: all), restored
-  from the model's workdir (`latent_prior/`) when it was saved there for this checkpoint with
-  these settings, else fitted and saved there."""
+  fitted to the latent means of `settings.prior_crystals` training crystals (-1: all), the
+  fraction `settings.prior_best_fraction` of them that the model reconstructs best
+  (`best_reconstructed`), restored from the model's workdir (`latent_prior/`) when it was saved
+  there for this checkpoint with these settings, else fitted and saved there."""
   try:
     description = latent_prior.description(settings)
   except ValueError as error:
@@ -123,10 +146,11 @@ def prior_of(model: inference.TrainedModel, settings: ml_collections.ConfigDict
       print(f"latent prior: {description['kind']}, restored from {directory}", flush=True)
       return restored, expected
   chosen = training_crystals(model.config, settings.prior_crystals, settings.seed)
+  latents = best_reconstructed(model, chosen, settings.prior_best_fraction, settings.batch_size)
   print(f"latent prior: fitting the {description['kind']} prior to the latent means of"
-        f" {len(chosen)} training crystals", flush=True)
-  prior, extra = latent_prior.fit(settings, model.encode_crystals(chosen)[0])
-  record = {"description": expected, "num_crystals": len(chosen),
+        f" {len(latents)} of {len(chosen)} training crystals", flush=True)
+  prior, extra = latent_prior.fit(settings, latents)
+  record = {"description": expected, "num_crystals": len(latents),
             "dataset": model.config.dataset.name, **extra}
   if directory is not None:
     try:

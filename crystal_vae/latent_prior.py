@@ -271,6 +271,11 @@ def description(settings: ml_collections.ConfigDict) -> dict[str, Any]:
   if kind == "standard":
     return result
   result.update(crystals=settings.prior_crystals, seed=settings.seed)
+  fraction = settings.prior_best_fraction
+  if not 0 < fraction <= 1:
+    raise ValueError(f"sample.prior_best_fraction must be in (0, 1], got {fraction}")
+  if fraction < 1:  # (absent from priors fitted to every crystal, as before it existed)
+    result["best_fraction"] = fraction
   if kind == "mixture":
     result["components"] = settings.prior_components
   if kind == "learned":

@@ -79,7 +79,7 @@ def test_learned_prior_recovers_a_known_mixture():
 def _settings(**overrides) -> ml_collections.ConfigDict:
   settings = ml_collections.ConfigDict(dict(
       prior="learned", prior_crystals=100, seed=0, prior_components=2, prior_features=16,
-      prior_blocks=1, prior_train_steps=20, prior_sampling_steps=5))
+      prior_blocks=1, prior_train_steps=20, prior_sampling_steps=5, prior_best_fraction=1.0))
   settings.update(overrides)
   return settings
 
@@ -106,3 +106,13 @@ def test_a_saved_prior_restores_with_its_settings_only(kind, tmp_path):
 def test_an_unknown_prior_is_refused():
   with pytest.raises(ValueError, match="sample.prior must be one of"):
     latent_prior.description(_settings(prior="uniform"))
+
+
+def test_a_prior_of_the_best_reconstructed_crystals_is_another_prior():
+  """A fraction below 1 is part of the description (a prior saved for another fraction is fitted
+  again); at 1 the description is the one priors were saved with before the setting existed."""
+  assert "best_fraction" not in latent_prior.description(_settings())
+  assert latent_prior.description(_settings(prior_best_fraction=0.8))["best_fraction"] == 0.8
+  for fraction in (0.0, 1.5):
+    with pytest.raises(ValueError, match="prior_best_fraction must be in"):
+      latent_prior.description(_settings(prior_best_fraction=fraction))
