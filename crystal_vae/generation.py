@@ -116,7 +116,7 @@ def best_reconstructed(model: inference.TrainedModel, chosen: Sequence[crystals.
     grids = model.voxelize(chosen[begin:begin + batch_size])
     condition = model.condition(grids["density"])
     mean, _ = model.encode(grids["density"], condition, grids["composition"])
-    decoded = model.decode(mean, None if condition is None else np.asarray(condition))
+    decoded = model.decode(mean, condition)
     means.append(mean)
     errors.append(metrics.voxel_mse(decoded["density"], grids["density"]))
     counter.advance(len(mean))
