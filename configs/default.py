@@ -213,14 +213,20 @@ def get_config(representation: str = "repeat") -> ml_collections.ConfigDict:
   config.optimize = ml_collections.ConfigDict()  # --mode=optimize (optimize.py)
   config.optimize.property = ""  # a name in model.properties; "" = the first
   config.optimize.direction = "minimize"  # minimize | maximize
-  config.optimize.start = "encoded"  # encoded (the first crystals of `split`) | prior
-  config.optimize.split = "validation"
+  # screen: `screen_draws` latents of the model's prior (`sample.prior`), the `screen_rebuilt` its
+  # head ranks best rebuilt and read again by the model, the best `num` kept; gradient: CDVAE's
+  # protocol, Adam from `num` starts (optimize.py).
+  config.optimize.method = "screen"
   config.optimize.num = 16
   config.optimize.seed = 0  # of the prior draws
+  config.optimize.judge = ""  # workdir of an independently trained property model
+  config.optimize.batch_size = 16
+  config.optimize.screen_draws = 16000
+  config.optimize.screen_rebuilt = 300
+  config.optimize.start = "encoded"  # gradient: encoded (the first crystals of `split`) | prior
+  config.optimize.split = "validation"
   config.optimize.steps = 200
   config.optimize.learning_rate = 0.01  # Adam on the latents
   config.optimize.prior_weight = 0.01  # weight of |z|² / 2 beside the standardised property
   config.optimize.num_saved = 5  # steps decoded, rebuilt and judged
-  config.optimize.judge = ""  # workdir of an independently trained property model
-  config.optimize.batch_size = 16
   return config

@@ -116,9 +116,8 @@ def best_reconstructed(model: inference.TrainedModel, chosen: Sequence[crystals.
     grids = model.voxelize(chosen[begin:begin + batch_size])
     condition = model.condition(grids["density"])
     mean, _ = model.encode(grids["density"], condition, grids["composition"])
-    decoded = model.decode(mean, condition)
     means.append(mean)
-    errors.append(metrics.voxel_mse(decoded["density"], grids["density"]))
+    errors.append(metrics.voxel_mse(model.decode_density(mean, condition), grids["density"]))
     counter.advance(len(mean))
   means, errors = np.concatenate(means), np.concatenate(errors)
   kept = np.argsort(errors, kind="stable")[:max(1, int(round(fraction * len(errors))))]

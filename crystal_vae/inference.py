@@ -296,12 +296,17 @@ class TrainedModel:
     (_, predictions), gradient = self._property_gradient(jnp.asarray(z, jnp.float32), index)
     return np.asarray(predictions), np.asarray(gradient)
 
-  def _decode(self, z: np.ndarray, condition: np.ndarray | None) -> dict[str, np.ndarray]:
-    z = jnp.asarray(z, jnp.float32)
+  def decode_density(self, z: np.ndarray, condition: np.ndarray | None = None) -> np.ndarray:
+    """Latents (N, L) -> the decoded density alone (N, G, G, G): `decode` without the segmenter
+    and the heads."""
     if self.config.model.conditional and condition is None:
       raise ValueError("a conditional model needs a condition (target maximum density)")
     condition = None if condition is None else jnp.asarray(condition, jnp.float32)
-    density = self._apply(self.variables, z, train=False, condition=condition, method="decode")
+    return np.asarray(self._apply(self.variables, jnp.asarray(z, jnp.float32), train=False,
+                                  condition=condition, method="decode"))
+
+  def _decode(self, z: np.ndarray, condition: np.ndarray | None) -> dict[str, np.ndarray]:
+    density = self.decode_density(z, condition)
     if self.config.model.segmenter:
       species = np.asarray(self._apply(self.variables, density, method="segment_species"))
     else:  # nothing segmented: the atoms are read off the density (`species_to_show`)

@@ -385,6 +385,31 @@ def plot_optimisation(predictions: np.ndarray, saved_steps: Sequence[int], judge
   _save(figure, path)
 
 
+def plot_screening(reread: np.ndarray, judged: np.ndarray, training_values: np.ndarray,
+                   name: str, path: pathlib.Path) -> None:
+  """The kept crystals of a screening: the optimised model's own reading of each rebuilt crystal
+  against the judge's, over the training split's 5/10/15th and 50th percentiles."""
+  plt = pyplot()
+  figure, axis = plt.subplots(figsize=(5, 4.5))
+  shown = np.isfinite(reread) & np.isfinite(judged)
+  if shown.any():
+    axis.scatter(reread[shown], judged[shown], s=14, color="tab:red", zorder=3,
+                 label="a kept crystal")
+    low = float(min(reread[shown].min(), judged[shown].min()))
+    high = float(max(reread[shown].max(), judged[shown].max()))
+    axis.plot([low, high], [low, high], "k--", linewidth=0.8, label="judge = model")
+  else:
+    _say(axis, "no crystal kept")
+  if training_values.size:
+    for percent, style in ((5, ":"), (10, "-."), (15, ":"), (50, "--")):
+      axis.axhline(np.percentile(training_values, percent), color="tab:grey", linestyle=style,
+                   linewidth=0.8, label=f"training {percent}th percentile")
+  axis.set_xlabel(f"{name}: the optimised model's reading of the rebuilt crystal")
+  axis.set_ylabel(f"{name}: the judge's reading")
+  axis.legend(fontsize=7, loc="best")
+  _save(figure, path)
+
+
 def plot_conditional(targets: np.ndarray, maxima: np.ndarray,
                      decoded: list[dict[str, np.ndarray]], spec: Grid,
                      path: pathlib.Path) -> None:

@@ -5,6 +5,8 @@ import csv
 import json
 import pathlib
 import shutil
+import subprocess
+import sys
 import types
 
 from flax import traverse_util
@@ -12,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from pymatgen.core import Structure
 
 from conftest import prototypes, tiny_config, trained_checkpoint
 from crystal_vae import crystals
@@ -181,6 +184,7 @@ def test_a_judge_that_is_or_shares_the_optimised_model_is_refused(property_workd
 def test_optimize_mode_writes_crystals_figure_and_success_rates(property_workdir,
                                                                  judge_workdir):
   config = inference.TrainedModel.restore(property_workdir).config
+  config.optimize.method = "gradient"
   config.optimize.num = 3
   config.optimize.steps = 6
   config.optimize.num_saved = 2
@@ -195,6 +199,53 @@ def test_optimize_mode_writes_crystals_figure_and_success_rates(property_workdir
       assert len(written) + len(handle.readlines()) - 1 == 3
   assert (out_dir / "trajectory.png").read_bytes()[:4] == b"\x89PNG"
   assert json.loads((out_dir / "summary.json").read_text())["judge"] == str(judge_workdir)
+
+
+def _gaussian_prior(config) -> None:
+  config.sample.prior = "fitted"  # a Gaussian of the training latents, fitted in a second
+  config.sample.prior_crystals = -1
+
+
+def test_screening_keeps_the_draws_the_head_ranks_best_within_the_training_range(
+    property_workdir):
+  model = inference.TrainedModel.restore(property_workdir)
+  _gaussian_prior(model.config)
+  prior, _ = generation.prior_of(model, model.config.sample)
+  every = model.predict_properties(prior.sample(64, 3))[:, 0]
+  bounds = (float(np.percentile(every, 10)), float(np.percentile(every, 90)))
+  for direction in ("minimize", "maximize"):
+    z, predicted = optimize.ranked_draws(model, 64, 5, 3, 0, direction, bounds)
+    inside = every[(every >= bounds[0]) & (every <= bounds[1])]
+    expected = np.sort(inside)[:5] if direction == "minimize" else np.sort(inside)[::-1][:5]
+    np.testing.assert_allclose(predicted, expected, rtol=1e-6)
+    np.testing.assert_allclose(model.predict_properties(z)[:, 0], predicted, rtol=1e-5)
+
+
+def test_an_unknown_optimisation_method_is_refused_in_one_line(property_workdir):
+  config = inference.TrainedModel.restore(property_workdir).config
+  config.optimize.method = "anneal"
+  with pytest.raises(inference.SettingsError, match=r"^optimize.method 'anneal' not in"):
+    modes.run("optimize", config, property_workdir)
+
+
+@pytest.mark.slow
+def test_optimize_by_screening_keeps_the_crystals_the_model_reads_best(property_workdir,
+                                                                       judge_workdir):
+  config = inference.TrainedModel.restore(property_workdir).config
+  _gaussian_prior(config)
+  config.optimize.update(method="screen", screen_draws=32, screen_rebuilt=8, num=3,
+                         judge=str(judge_workdir))
+  results = modes.run("optimize", config, property_workdir)
+  out_dir = property_workdir / "optimize"
+  written = sorted((out_dir / "cifs" / "screened").glob("rank_*.cif"))
+  assert results["method"] == "screen" and results["rebuilt"] == 8
+  assert len(written) == results["kept"] <= 3
+  assert 0 <= results["sr5"] <= results["sr10"] <= results["sr15"] <= 1
+  # Kept best first by the model's own reading of the written crystals.
+  model = inference.TrainedModel.restore(property_workdir)
+  read = optimize.read_properties(model, [Structure.from_file(p) for p in written], 0)
+  assert np.all(np.diff(read) >= -1e-3), read
+  assert (out_dir / "screening.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_model_without_a_property_head_cannot_optimise(tmp_path_factory, tfds_dir):
@@ -306,3 +357,22 @@ def test_property_distance_of_draws_is_the_wasserstein_distance(property_workdir
   distances = generation.property_distances(model, z, rebuilt, reference)
   assert distances["wasserstein_mean_z"] == pytest.approx(expected, rel=1e-6)
   assert "wasserstein_sparse" not in distances  # no reference crystal has a value
+
+
+@pytest.mark.slow
+def test_the_judges_ceiling_reads_the_validation_crystals_in_the_best_percent(property_workdir,
+                                                                               judge_workdir):
+  config = inference.TrainedModel.restore(property_workdir).config
+  training = [np.mean(c.atomic_numbers) for c in generation.split_crystals(config, "train", -1)]
+  validation = [np.mean(c.atomic_numbers)
+                for c in generation.split_crystals(config, "validation", -1)]
+  expected = sum(value <= np.percentile(training, 50) for value in validation)
+  assert expected > 0
+  script = pathlib.Path(__file__).resolve().parents[1] / "launch" / "judge_ceiling.py"
+  printed = subprocess.run(
+      [sys.executable, str(script), f"--workdir={property_workdir}",
+       f"--judge={judge_workdir}", "--property=mean_z", "--percent=50", "--num=100"],
+      capture_output=True, text=True, check=True).stdout
+  assert printed.startswith(f"{expected} validation crystals in the best 50% of mean_z")
+  rates = [float(word) for word in printed.split("SR")[1:] for word in word.split()[1:2]]
+  assert len(rates) == 3 and 0 <= rates[0] <= rates[1] <= rates[2] <= 1
