@@ -28,7 +28,8 @@ SMALL = {
     "conditional": {"num_targets": 2, "num_samples": 2, "batch_size": 2},
     "discriminator": {"num_train_steps": 4, "num_real": 8, "num_eval": 4, "batch_size": 4,
                       "log_every_steps": 2},
-    "optimize": {"num": 2, "steps": 3, "num_saved": 2, "batch_size": 2},
+    "optimize": {"num": 2, "screen_draws": 16, "screen_rebuilt": 4, "steps": 3, "num_saved": 2,
+                 "batch_size": 2},
 }
 
 
