@@ -250,30 +250,37 @@ def _formula(structure: Structure) -> str:
   return structure.composition.reduced_formula
 
 
-def uniqueness_and_novelty(generated: Sequence[Structure | None],
-                           training: Sequence[Structure]) -> dict[str, float]:
-  """Among the generated crystals that are not None: the fraction that match no earlier one
-  (`uniqueness`), the fraction that match no training crystal (`novelty`) and the fraction that
-  are both (`unique_and_novel`), with CDVAE's StructureMatcher."""
+def unique_and_novel_flags(generated: Sequence[Structure], training: Sequence[Structure]
+                           ) -> tuple[np.ndarray, np.ndarray]:
+  """For each generated crystal, with CDVAE's StructureMatcher: whether no earlier one matches
+  it (unique) and whether no training crystal matches it (novel)."""
   matcher = metrics.structure_matcher()
-  built = [s for s in generated if s is not None]
-  if not built:
-    return {"uniqueness": float("nan"), "novelty": float("nan"),
-            "unique_and_novel": float("nan")}
   known: dict[str, list[Structure]] = {}
   for structure in training:
     known.setdefault(_formula(structure), []).append(structure)
   seen: dict[str, list[Structure]] = {}
   unique, novel = [], []
-  counter = progress.Progress("uniqueness and novelty:", len(built))
+  counter = progress.Progress("uniqueness and novelty:", len(generated))
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    for structure in built:
+    for structure in generated:
       formula = _formula(structure)
       unique.append(not any(matcher.fit(structure, other) for other in seen.get(formula, ())))
       novel.append(not any(matcher.fit(structure, other) for other in known.get(formula, ())))
       seen.setdefault(formula, []).append(structure)
       counter.advance()
-  unique, novel = np.array(unique), np.array(novel)
+  return np.array(unique, bool), np.array(novel, bool)
+
+
+def uniqueness_and_novelty(generated: Sequence[Structure | None],
+                           training: Sequence[Structure]) -> dict[str, float]:
+  """Among the generated crystals that are not None: the fraction that match no earlier one
+  (`uniqueness`), the fraction that match no training crystal (`novelty`) and the fraction that
+  are both (`unique_and_novel`), with CDVAE's StructureMatcher."""
+  built = [s for s in generated if s is not None]
+  if not built:
+    return {"uniqueness": float("nan"), "novelty": float("nan"),
+            "unique_and_novel": float("nan")}
+  unique, novel = unique_and_novel_flags(built, training)
   return {"uniqueness": float(unique.mean()), "novelty": float(novel.mean()),
           "unique_and_novel": float((unique & novel).mean())}

@@ -4,7 +4,9 @@ draws would buy.
 Reads a workdir after `--mode=sample` (its `sample/cifs/` and `sample/reference_fingerprints.npz`)
 and prints: of the draws, how many are near no reference crystal in structure only, in
 composition only or in both (CDVAE's cutoffs); the atoms per cell of all draws and of those that
-miss in structure; and, re-encoding each rebuilt crystal (voxelised as at evaluation) and taking
+miss in structure; the precision (the share near a reference crystal, COV-P's test) of the
+CDVAE-valid draws that match a training crystal, of the novel ones with a training crystal's
+formula and with a new formula, and by atoms per cell; and, re-encoding each rebuilt crystal (voxelised as at evaluation) and taking
 its distance to the draw's own latent (RMS over the latent's dimensions), COV-R / COV-P,
 uniqueness and novelty of the draws that are kept when the least self-consistent ones are
 dropped. The draws' latents are drawn again from the workdir's saved prior with the sample
@@ -27,6 +29,7 @@ from crystal_vae import crystals
 from crystal_vae import generation
 from crystal_vae import generation_metrics
 from crystal_vae import inference
+from crystal_vae import metrics
 from crystal_vae import process_settings
 from crystal_vae import quiet_logging
 
@@ -59,6 +62,25 @@ def main(argv):
   for name, chosen in (("all draws", atoms), ("structure misses", atoms[~structure_hit])):
     print(f"atoms per cell, {name}:", dict(sorted(collections.Counter(chosen.tolist()).items())))
 
+  training = [c.to_structure() for c in generation.split_crystals(model.config, "train", -1)]
+  precise = structure_hit & composition_hit
+  valid = np.array([metrics.cdvae_valid(s) for s in structures])
+  _, novel = generation_metrics.unique_and_novel_flags(
+      [s for s, ok in zip(structures, valid) if ok], training)
+  formulas = {s.composition.reduced_formula for s in training}
+  new_formula = np.array([s.composition.reduced_formula not in formulas
+                          for s, ok in zip(structures, valid) if ok])
+  precise_valid, atoms_valid = precise[valid], atoms[valid]
+  print(f"{valid.sum()} CDVAE-valid draws, {100 * novel.mean():.1f}% novel; precision:")
+  for name, chosen in (("match a training crystal", ~novel),
+                       ("novel, a training crystal's formula", novel & ~new_formula),
+                       ("novel, a new formula", novel & new_formula)):
+    print(f"  {name}: {chosen.sum()} draws, {100 * precise_valid[chosen].mean():.1f}% precise")
+  for count in sorted(set(atoms_valid.tolist())):
+    chosen = atoms_valid == count
+    print(f"  {count} atoms: {chosen.sum()} draws, {100 * precise_valid[chosen].mean():.1f}% "
+          f"precise, {100 * novel[chosen].mean():.1f}% novel")
+
   run = json.loads((workdir / "sample" / "summary.json").read_text())
   prior, _ = generation.prior_of(model, settings)
   z = prior.sample(run["num_samples"], run["seed"], run["temperature"])[indices]
@@ -68,7 +90,6 @@ def main(argv):
              for s, path in zip(structures, paths)]
   means, _ = model.encode_crystals(rebuilt)
   distance = np.linalg.norm(means - z, axis=1) / np.sqrt(z.shape[1])
-  training = [c.to_structure() for c in generation.split_crystals(model.config, "train", -1)]
   for fraction in map(float, _KEEP.value):
     kept = np.flatnonzero(distance <= np.quantile(distance, fraction))
     coverage = generation_metrics.coverage(

@@ -109,3 +109,7 @@ def test_uniqueness_and_novelty_of_hand_made_duplicates():
   # Nothing in training: every unique crystal is novel.
   alone = generation_metrics.uniqueness_and_novelty(generated, [])
   assert alone["novelty"] == 1.0 and alone["unique_and_novel"] == pytest.approx(3 / 5)
+  # Per crystal, in order: which are unique and which novel.
+  unique, novel = generation_metrics.unique_and_novel_flags(generated[:5], [_rock_salt()])
+  assert unique.tolist() == [True, False, False, True, True]
+  assert novel.tolist() == [False, False, False, True, True]
