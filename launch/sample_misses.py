@@ -6,8 +6,9 @@ and prints: of the draws, how many are near no reference crystal in structure on
 composition only or in both (CDVAE's cutoffs); the atoms per cell of all draws and of those that
 miss in structure; the precision (the share near a reference crystal, COV-P's test) of the
 CDVAE-valid draws that match a training crystal, of the novel ones with a training crystal's
-formula and with a new formula, and by atoms per cell; and, re-encoding each rebuilt crystal (voxelised as at evaluation) and taking
-its distance to the draw's own latent (RMS over the latent's dimensions), COV-R / COV-P,
+formula and with a new formula, and by atoms per cell; and, re-encoding each rebuilt crystal
+(voxelised as at evaluation) and taking its distance to the draw's own latent (RMS over the
+latent's dimensions), COV-R / COV-P,
 uniqueness and novelty of the draws that are kept when the least self-consistent ones are
 dropped. The draws' latents are drawn again from the workdir's saved prior with the sample
 run's number, seed and temperature (its `summary.json`).
@@ -65,8 +66,8 @@ def main(argv):
   training = [c.to_structure() for c in generation.split_crystals(model.config, "train", -1)]
   precise = structure_hit & composition_hit
   valid = np.array([metrics.cdvae_valid(s) for s in structures])
-  _, novel = generation_metrics.unique_and_novel_flags(
-      [s for s, ok in zip(structures, valid) if ok], training)
+  _, novel_all = generation_metrics.unique_and_novel_flags(structures, training)
+  novel = novel_all[valid]
   formulas = {s.composition.reduced_formula for s in training}
   new_formula = np.array([s.composition.reduced_formula not in formulas
                           for s, ok in zip(structures, valid) if ok])
@@ -94,10 +95,10 @@ def main(argv):
     kept = np.flatnonzero(distance <= np.quantile(distance, fraction))
     coverage = generation_metrics.coverage(
         (structure_fp[kept], composition_fp[kept]), reference_fingerprints, cutoffs)
-    novelty = generation_metrics.uniqueness_and_novelty([structures[i] for i in kept], training)
+    unique, _ = generation_metrics.unique_and_novel_flags([structures[i] for i in kept], [])
     print(f"keep {fraction:.2f} ({kept.size} draws): COV-R {100 * coverage['cov_recall']:.2f}"
           f"  COV-P {100 * coverage['cov_precision']:.2f}  unique"
-          f" {100 * novelty['uniqueness']:.1f}  novel {100 * novelty['novelty']:.1f}")
+          f" {100 * unique.mean():.1f}  novel {100 * novel_all[kept].mean():.1f}")
 
 
 if __name__ == "__main__":
